@@ -1,0 +1,56 @@
+"""The declarative map between HF tensor names and jlora variables.
+
+HF `...q_proj.weight` [out, in]  <->  jlora `...q_proj.kernel` [in, out]   (transposed)
+HF `...q_proj.bias`, `*norm.weight`, `embed_tokens.weight`  <->  same layout
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+
+from flax import nnx
+
+from jlora.llama_config import LlamaConfig
+
+# Buffers some older checkpoints carry that are recomputed, never loaded (transformers ignores them too).
+IGNORED = re.compile(r".*\.rotary_emb\.inv_freq$")
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+    path: tuple  # attribute path in the jlora model, e.g. ("model", "layers", 0, "mlp", "up_proj", "kernel")
+    transpose: bool
+
+    def hf_shape(self, jlora_shape: tuple[int, ...]) -> tuple[int, ...]:
+        return tuple(reversed(jlora_shape)) if self.transpose else tuple(jlora_shape)
+
+
+def tensor_map(config: LlamaConfig) -> dict[str, Entry]:
+    """HF tensor name -> Entry, for every tensor a checkpoint of `config` must hold."""
+    m: dict[str, Entry] = {"model.embed_tokens.weight": Entry(("model", "embed_tokens", "weight"), False),
+                           "model.norm.weight": Entry(("model", "norm", "weight"), False)}
+    if not config.tie_word_embeddings:
+        m["lm_head.weight"] = Entry(("lm_head", "kernel"), True)
+    for i in range(config.num_hidden_layers):
+        base = ("model", "layers", i)
+        for norm in ("input_layernorm", "post_attention_layernorm"):
+            m[f"model.layers.{i}.{norm}.weight"] = Entry(base + (norm, "weight"), False)
+        for parent, names, has_bias in (("self_attn", ("q_proj", "k_proj", "v_proj"), config.qkv_bias),
+                                        ("self_attn", ("o_proj",), config.o_bias),
+                                        ("mlp", ("gate_proj", "up_proj", "down_proj"), config.mlp_bias)):
+            for name in names:
+                prefix = f"model.layers.{i}.{parent}.{name}"
+                m[f"{prefix}.weight"] = Entry(base + (parent, name, "kernel"), True)
+                if has_bias:
+                    m[f"{prefix}.bias"] = Entry(base + (parent, name, "bias"), False)
+    return m
+
+
+def get_attr_path(obj, path: tuple):
+    for p in path:
+        obj = obj[p] if isinstance(p, int) else getattr(obj, p)
+    return obj
+
+
+def variable_at(model: nnx.Module, path: tuple) -> nnx.Variable:
+    return get_attr_path(model, path)

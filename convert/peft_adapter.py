@@ -1,0 +1,162 @@
+"""PEFT-format adapters out of and into jlora (shared/REFERENCE.md sections 1-2).
+
+Keys: `base_model.model.<HF module>.lora_A.weight` = A^T [r, in] and `.lora_B.weight` = B^T [out, r].
+The config holds only fields PEFT 0.13 knew, with an explicit `target_modules` list.
+"""
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jlora.convert.safetensors_io import CheckpointError, iter_tensors, write_atomic, write_text_atomic
+from jlora.llama import LlamaForCausalLM
+from jlora.lora_config import ALL_LINEAR, LoraConfig
+from jlora.peft_model import adapted_modules, get_peft_model, linear_modules
+
+PREFIX = "base_model.model."
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+# What PEFT uses when target_modules is null, for the Llama family (TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING).
+PEFT_DEFAULT_TARGETS = ["q_proj", "v_proj"]
+
+
+def explicit_targets(model: LlamaForCausalLM) -> list[str]:
+    """Module-name suffixes when every layer is adapted alike, else the full module names."""
+    adapted = [n for n, _ in adapted_modules(model)]
+    suffixes = sorted({n.rsplit(".", 1)[1] for n in adapted}, key=ALL_LINEAR.index)
+    everywhere = [n for n, _ in linear_modules(model) if n.rsplit(".", 1)[1] in suffixes]
+    return suffixes if everywhere == adapted else adapted
+
+
+def adapter_config(model: LlamaForCausalLM, base_model_name_or_path: str | None = None) -> dict:
+    """The adapter_config.json dict, checked to reproduce every module's rank and scaling."""
+    cfg: LoraConfig = getattr(model, "lora_config", None) or LoraConfig()
+    modules = list(adapted_modules(model))
+    if not modules:
+        raise ValueError("the model has no LoRA adapters to save: call jlora.get_peft_model first")
+    ranks = Counter(m.lora.r for _, m in modules)
+    out = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM",
+        "r": cfg.r, "lora_alpha": cfg.lora_alpha, "lora_dropout": cfg.lora_dropout,
+        "target_modules": explicit_targets(model), "bias": "none", "use_rslora": cfg.use_rslora,
+        "use_dora": False, "modules_to_save": None, "init_lora_weights": True,
+        "rank_pattern": dict(cfg.rank_pattern), "alpha_pattern": dict(cfg.alpha_pattern),
+        "fan_in_fan_out": False,
+        "base_model_name_or_path": base_model_name_or_path or getattr(model, "source_dir", None),
+        "inference_mode": True, "layers_to_transform": None, "layers_pattern": None, "revision": None,
+    }
+    check = LoraConfig(r=out["r"], lora_alpha=out["lora_alpha"], use_rslora=out["use_rslora"],
+                       rank_pattern=out["rank_pattern"], alpha_pattern=out["alpha_pattern"])
+    for name, m in modules:
+        if check.rank_for(name) != m.lora.r or not np.isclose(check.scaling_for(name), m.lora.scaling, rtol=1e-6):
+            raise ValueError(f"{name}: adapter r={m.lora.r}, scaling={m.lora.scaling} is not what the config "
+                             f"reproduces (r={check.rank_for(name)}, scaling={check.scaling_for(name)}); "
+                             f"the model's lora_config no longer describes its adapters ({dict(ranks)})")
+    return out
+
+
+def adapter_tensors(model: LlamaForCausalLM) -> dict[str, np.ndarray]:
+    """PEFT key -> float32 array in torch orientation."""
+    out = {}
+    for name, m in adapted_modules(model):
+        out[f"{PREFIX}{name}.lora_A.weight"] = np.asarray(m.lora.a[...], np.float32).T
+        out[f"{PREFIX}{name}.lora_B.weight"] = np.asarray(m.lora.b[...], np.float32).T
+    return out
+
+
+def save_pretrained(model: LlamaForCausalLM, out_dir, *, base_model_name_or_path: str | None = None) -> Path:
+    """Writes `adapter_config.json` + `adapter_model.safetensors` that PEFT loads and vLLM serves."""
+    out_dir = Path(out_dir)
+    config = adapter_config(model, base_model_name_or_path)
+    write_atomic(out_dir / WEIGHTS_FILE, adapter_tensors(model), metadata={"format": "pt"})
+    write_text_atomic(out_dir / CONFIG_FILE, json.dumps(config, indent=2) + "\n")
+    return out_dir
+
+
+def _read_adapter_config(adapter_dir: Path) -> dict:
+    path = adapter_dir / CONFIG_FILE
+    if not path.exists():
+        raise CheckpointError(f"{adapter_dir}: no {CONFIG_FILE} (expected a PEFT LoRA adapter dir)")
+    d = json.loads(path.read_text())
+    problems = []
+    if d.get("peft_type", "LORA") != "LORA":
+        problems.append(f"peft_type={d.get('peft_type')!r} (only LORA is supported)")
+    if d.get("use_dora"):
+        problems.append("use_dora=true (DoRA is not supported)")
+    if d.get("bias", "none") != "none":
+        problems.append(f"bias={d['bias']!r} (only 'none')")
+    if d.get("modules_to_save"):
+        problems.append(f"modules_to_save={d['modules_to_save']} (full trained modules are not supported)")
+    if d.get("layers_to_transform") is not None:
+        problems.append("layers_to_transform is set (not supported)")
+    if d.get("fan_in_fan_out"):
+        problems.append("fan_in_fan_out=true (not a Llama-family layout)")
+    if problems:
+        raise CheckpointError(f"{path}: unsupported adapter: " + "; ".join(problems))
+    return d
+
+
+def config_from_peft(d: dict) -> LoraConfig:
+    targets = d.get("target_modules")
+    if targets is None:
+        targets = PEFT_DEFAULT_TARGETS
+    elif targets == "all-linear":
+        targets = list(ALL_LINEAR)
+    return LoraConfig(r=int(d.get("r", 8)), lora_alpha=d.get("lora_alpha", 8), lora_dropout=0.0,
+                      target_modules=targets, use_rslora=bool(d.get("use_rslora", False)),
+                      rank_pattern=dict(d.get("rank_pattern") or {}), alpha_pattern=dict(d.get("alpha_pattern") or {}))
+
+
+def _read_adapter_weights(adapter_dir: Path, allow_pickle: bool) -> dict[str, np.ndarray]:
+    st = adapter_dir / WEIGHTS_FILE
+    if st.exists():
+        return dict(iter_tensors(st))
+    binf = adapter_dir / "adapter_model.bin"
+    if binf.exists():
+        if not allow_pickle:
+            raise CheckpointError(f"{binf}: pickle adapter weights; pass allow_pickle=True if you trust this file")
+        import torch
+        return {k: v.float().numpy() for k, v in torch.load(binf, map_location="cpu", weights_only=True).items()}
+    raise CheckpointError(f"{adapter_dir}: no {WEIGHTS_FILE}")
+
+
+def _normalise_key(key: str) -> str:
+    """PEFT key -> `<HF module>.lora_A.weight`, tolerating an adapter name (`.default.`) as in memory."""
+    if key.startswith(PREFIX):
+        key = key[len(PREFIX):]
+    return key.replace(".lora_A.default.", ".lora_A.").replace(".lora_B.default.", ".lora_B.")
+
+
+def load_adapter(model: LlamaForCausalLM, adapter_dir, *, allow_pickle: bool = False,
+                 rngs: nnx.Rngs | None = None) -> LlamaForCausalLM:
+    """Adds the adapter PEFT, Unsloth or jlora saved in `adapter_dir` to `model` (in place) and returns it."""
+    adapter_dir = Path(adapter_dir)
+    d = _read_adapter_config(adapter_dir)
+    tensors = {_normalise_key(k): v for k, v in _read_adapter_weights(adapter_dir, allow_pickle).items()}
+    config = config_from_peft(d)
+    model = get_peft_model(model, config, rngs=rngs or nnx.Rngs(0))
+    used = set()
+    for name, m in adapted_modules(model):
+        for part, var, want in (("lora_A", m.lora.a, (m.lora.r, m.in_features)),
+                                ("lora_B", m.lora.b, (m.out_features, m.lora.r))):
+            key = f"{name}.{part}.weight"
+            if key not in tensors:
+                raise CheckpointError(f"{adapter_dir}: adapter lacks {PREFIX}{key} that its config targets")
+            t = tensors[key]
+            if tuple(t.shape) != want:
+                raise CheckpointError(f"{adapter_dir}: {PREFIX}{key} has shape {tuple(t.shape)}, the model "
+                                      f"needs {want} (r={m.lora.r}, in={m.in_features}, out={m.out_features}); "
+                                      f"was it trained on another base model?")
+            var.set_value(jnp.asarray(np.asarray(t, np.float32).T))
+            used.add(key)
+    extra = sorted(set(tensors) - used)
+    if extra:
+        raise CheckpointError(f"{adapter_dir}: tensors this model has no place for: {extra[:10]}"
+                              f"{' ...' if len(extra) > 10 else ''}")
+    model.adapter_source = str(adapter_dir)
+    return model

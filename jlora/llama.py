@@ -1,0 +1,203 @@
+"""Llama-family causal LM in Flax NNX, with module names that mirror transformers'.
+
+The NNX path `model/layers/0/self_attn/q_proj/kernel` is the HF tensor `model.layers.0.self_attn.q_proj.weight`
+(transposed), so converters and target matching use HF names directly.
+
+    h = embed(ids);  for each layer: h += attn(rms(h));  h += mlp(rms(h));  logits = rms(h) @ W_head
+    attn: softmax(q k^T / sqrt(d) + mask) v with rotary q, k and grouped kv heads
+    mlp:  down(silu(gate(x)) * up(x))
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from flax import nnx
+
+from jlora.llama_config import LlamaConfig
+from jlora.lora_layer import LoRA
+from jlora.rope import apply_rotary, cos_sin, inverse_frequencies
+
+Dtype = jnp.dtype
+
+
+class Linear(nnx.Module):
+    """A frozen projection `x @ kernel + bias` (kernel [in, out]) with an optional LoRA adapter."""
+
+    def __init__(self, in_features: int, out_features: int, *, use_bias: bool, dtype: Dtype,
+                 param_dtype: Dtype, init_std: float, rngs: nnx.Rngs):
+        self.in_features, self.out_features = in_features, out_features
+        kernel = jax.random.normal(rngs.params(), (in_features, out_features), jnp.float32) * init_std
+        self.kernel = nnx.Param(kernel.astype(param_dtype))
+        self.bias = nnx.data(nnx.Param(jnp.zeros((out_features,), param_dtype)) if use_bias else None)
+        self.dtype = dtype
+        self.lora: LoRA | None = nnx.data(None)
+
+    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        x = x.astype(self.dtype)
+        y = x @ self.kernel[...].astype(self.dtype)
+        if self.bias is not None:
+            y = y + self.bias[...].astype(self.dtype)
+        if self.lora is not None:
+            y = y + self.lora(x)
+        return y
+
+
+class RMSNorm(nnx.Module):
+    """weight * (x / sqrt(mean(x^2) + eps)), normalised in float32 as transformers does."""
+
+    def __init__(self, features: int, *, eps: float, dtype: Dtype, param_dtype: Dtype):
+        self.weight = nnx.Param(jnp.ones((features,), param_dtype))
+        self.eps, self.dtype = eps, dtype
+
+    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return self.weight[...].astype(self.dtype) * x32.astype(self.dtype)
+
+
+class Embedding(nnx.Module):
+    def __init__(self, vocab: int, features: int, *, dtype: Dtype, param_dtype: Dtype, init_std: float,
+                 rngs: nnx.Rngs):
+        emb = jax.random.normal(rngs.params(), (vocab, features), jnp.float32) * init_std
+        self.weight = nnx.Param(emb.astype(param_dtype))
+        self.dtype = dtype
+
+    def __call__(self, ids: jnp.ndarray) -> jnp.ndarray:
+        return jnp.take(self.weight[...], ids, axis=0).astype(self.dtype)
+
+    def attend(self, x: jnp.ndarray) -> jnp.ndarray:
+        """Tied output head: x @ weight^T."""
+        return x @ self.weight[...].astype(self.dtype).T
+
+
+def attention_mask(segment_ids: jnp.ndarray, sliding_window: int | None) -> jnp.ndarray:
+    """bool [batch, 1, 1, q, k]: causal, same packed segment, inside the sliding window if any."""
+    t = segment_ids.shape[1]
+    q_idx = jnp.arange(t)[:, None]
+    k_idx = jnp.arange(t)[None, :]
+    mask = k_idx <= q_idx
+    if sliding_window is not None:
+        mask = mask & (q_idx - k_idx < sliding_window)
+    same = segment_ids[:, :, None] == segment_ids[:, None, :]
+    return (mask[None] & same)[:, None, None]
+
+
+class Attention(nnx.Module):
+    def __init__(self, config: LlamaConfig, *, dtype: Dtype, param_dtype: Dtype, rngs: nnx.Rngs):
+        c = config
+        kw = dict(dtype=dtype, param_dtype=param_dtype, init_std=c.initializer_range, rngs=rngs)
+        self.q_proj = Linear(c.hidden_size, c.q_features, use_bias=c.qkv_bias, **kw)
+        self.k_proj = Linear(c.hidden_size, c.kv_features, use_bias=c.qkv_bias, **kw)
+        self.v_proj = Linear(c.hidden_size, c.kv_features, use_bias=c.qkv_bias, **kw)
+        self.o_proj = Linear(c.q_features, c.hidden_size, use_bias=c.o_bias, **kw)
+        self.heads, self.kv_heads, self.head_dim = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+        self.dtype = dtype
+
+    def __call__(self, x, cos, sin, mask):
+        b, t, _ = x.shape
+        q = self.q_proj(x).reshape(b, t, self.heads, self.head_dim)
+        k = self.k_proj(x).reshape(b, t, self.kv_heads, self.head_dim)
+        v = self.v_proj(x).reshape(b, t, self.kv_heads, self.head_dim)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        group = self.heads // self.kv_heads
+        q = q.reshape(b, t, self.kv_heads, group, self.head_dim)
+        scores = jnp.einsum("btkgd,bskd->bkgts", q, k) * jnp.asarray(self.head_dim ** -0.5, self.dtype)
+        scores = jnp.where(mask, scores.astype(jnp.float32), jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
+        out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, self.heads * self.head_dim)
+        return self.o_proj(out)
+
+
+class MLP(nnx.Module):
+    def __init__(self, config: LlamaConfig, *, dtype: Dtype, param_dtype: Dtype, rngs: nnx.Rngs):
+        c = config
+        kw = dict(use_bias=c.mlp_bias, dtype=dtype, param_dtype=param_dtype, init_std=c.initializer_range,
+                  rngs=rngs)
+        self.gate_proj = Linear(c.hidden_size, c.intermediate_size, **kw)
+        self.up_proj = Linear(c.hidden_size, c.intermediate_size, **kw)
+        self.down_proj = Linear(c.intermediate_size, c.hidden_size, **kw)
+
+    def __call__(self, x):
+        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, config: LlamaConfig, *, dtype: Dtype, param_dtype: Dtype, rngs: nnx.Rngs):
+        norm = dict(eps=config.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
+        self.input_layernorm = RMSNorm(config.hidden_size, **norm)
+        self.self_attn = Attention(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, **norm)
+        self.mlp = MLP(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+    def __call__(self, h, cos, sin, mask):
+        h = h + self.self_attn(self.input_layernorm(h), cos, sin, mask)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class LlamaModel(nnx.Module):
+    def __init__(self, config: LlamaConfig, *, dtype: Dtype, param_dtype: Dtype, rngs: nnx.Rngs):
+        self.embed_tokens = Embedding(config.vocab_size, config.hidden_size, dtype=dtype, param_dtype=param_dtype,
+                                      init_std=config.initializer_range, rngs=rngs)
+        self.layers = nnx.List([DecoderLayer(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+                                for _ in range(config.num_hidden_layers)])
+        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
+
+
+class LlamaForCausalLM(nnx.Module):
+    """`model(input_ids, positions=None, segment_ids=None) -> logits [batch, seq, vocab]`.
+
+    positions restart at 0 for each packed example; segment_ids (0 = padding) keep packed examples
+    from attending to each other. `remat=True` recomputes each decoder layer in the backward pass.
+    """
+
+    def __init__(self, config: LlamaConfig, *, dtype="float32", param_dtype=None, rngs: nnx.Rngs):
+        dtype = jnp.dtype(dtype)
+        param_dtype = jnp.dtype(param_dtype or dtype)
+        self.config = config
+        self.dtype = dtype
+        self.remat = False
+        self.model = LlamaModel(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        if config.tie_word_embeddings:
+            self.lm_head = nnx.data(None)
+        else:
+            self.lm_head = Linear(config.hidden_size, config.vocab_size, use_bias=False, dtype=dtype,
+                                  param_dtype=param_dtype, init_std=config.initializer_range, rngs=rngs)
+
+    def hidden_states(self, input_ids, positions=None, segment_ids=None):
+        """Final-normed hidden states [batch, seq, hidden]."""
+        input_ids = jnp.asarray(input_ids)
+        b, t = input_ids.shape
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        if segment_ids is None:
+            segment_ids = jnp.ones((b, t), jnp.int32)
+        cos, sin = cos_sin(jnp.asarray(positions), inverse_frequencies(self.config))
+        mask = attention_mask(jnp.asarray(segment_ids), self.config.sliding_window)
+        h = self.model.embed_tokens(input_ids)
+        for layer in self.model.layers:
+            if self.remat:
+                h = nnx.remat(lambda lyr, x, c, s, m: lyr(x, c, s, m))(layer, h, cos, sin, mask)
+            else:
+                h = layer(h, cos, sin, mask)
+        return self.model.norm(h)
+
+    def logits_from_hidden(self, h):
+        if self.lm_head is None:
+            return self.model.embed_tokens.attend(h)
+        return self.lm_head(h)
+
+    def __call__(self, input_ids, positions=None, segment_ids=None):
+        return self.logits_from_hidden(self.hidden_states(input_ids, positions, segment_ids))
+
+
+def init_random(config: LlamaConfig, *, dtype="float32", seed: int = 0) -> LlamaForCausalLM:
+    """A randomly initialised model (normal(0, initializer_range) weights, unit norms)."""
+    return LlamaForCausalLM(config, dtype=dtype, rngs=nnx.Rngs(seed))
+
+
+def abstract_model(config: LlamaConfig, *, dtype="float32") -> LlamaForCausalLM:
+    """The model with ShapeDtypeStruct leaves: no memory, for loading and for real-size shape checks."""
+    return nnx.eval_shape(lambda: LlamaForCausalLM(config, dtype=dtype, rngs=nnx.Rngs(0)))
+
+

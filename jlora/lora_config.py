@@ -1,0 +1,76 @@
+"""`LoraConfig`: PEFT's field names with Unsloth's defaults, and PEFT's matching rules.
+
+- `target_modules` as a list matches module name m when m == entry or m ends with "." + entry;
+  as a string it is a full regex match (`re.fullmatch`), except the presets below.
+- `rank_pattern` / `alpha_pattern`: key k applies to m when `re.match(rf"(.*\\.)?({k})$", m)`; first key wins.
+- scaling = alpha / r, or alpha / sqrt(r) with `use_rslora`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Sequence
+
+from jlora.lora_layer import lora_scaling
+
+ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+TARGET_PRESETS: dict[str, tuple[str, ...]] = {
+    "all-linear": ALL_LINEAR,
+    "attention": ("q_proj", "k_proj", "v_proj", "o_proj"),
+    "qv": ("q_proj", "v_proj"),
+    "mlp": ("gate_proj", "up_proj", "down_proj"),
+}
+
+
+@dataclasses.dataclass
+class LoraConfig:
+    r: int = 16
+    lora_alpha: float = 16
+    lora_dropout: float = 0.0
+    bias: str = "none"
+    target_modules: Sequence[str] | str = dataclasses.field(default_factory=lambda: list(ALL_LINEAR))
+    use_rslora: bool = False
+    rank_pattern: dict[str, int] = dataclasses.field(default_factory=dict)
+    alpha_pattern: dict[str, float] = dataclasses.field(default_factory=dict)
+    init_lora_weights: bool | str = True
+
+    def __post_init__(self):
+        _check_rank(self.r, "r")
+        for key, r in self.rank_pattern.items():
+            _check_rank(r, f"rank_pattern[{key!r}]")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if self.bias != "none":
+            raise ValueError(f"bias={self.bias!r} is not supported: jlora (and vLLM) train no biases; use bias='none'")
+        if self.init_lora_weights not in (True, False, "gaussian"):
+            raise ValueError(f"init_lora_weights must be True, False or 'gaussian', got {self.init_lora_weights!r}")
+        if isinstance(self.target_modules, str) and self.target_modules in TARGET_PRESETS:
+            self.target_modules = list(TARGET_PRESETS[self.target_modules])
+
+    def matches(self, module_name: str) -> bool:
+        """PEFT's target rule on an HF module name such as `model.layers.0.self_attn.q_proj`."""
+        t = self.target_modules
+        if isinstance(t, str):
+            return re.fullmatch(t, module_name) is not None
+        return any(module_name == e or module_name.endswith("." + e) for e in t)
+
+    def rank_for(self, module_name: str) -> int:
+        return _pattern_value(self.rank_pattern, module_name, self.r)
+
+    def alpha_for(self, module_name: str) -> float:
+        return _pattern_value(self.alpha_pattern, module_name, self.lora_alpha)
+
+    def scaling_for(self, module_name: str) -> float:
+        return lora_scaling(self.rank_for(module_name), self.alpha_for(module_name), self.use_rslora)
+
+
+def _check_rank(r, what):
+    if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
+        raise ValueError(f"LoRA rank {what} must be a positive integer, got {r!r}")
+
+
+def _pattern_value(pattern: dict, module_name: str, default):
+    for key, value in pattern.items():
+        if re.match(rf"(.*\.)?({key})$", module_name):
+            return value
+    return default

@@ -1,0 +1,64 @@
+"""The LoRA adapter of one projection, numerically as PEFT's `lora.Linear`.
+
+    y = x W + b + scaling * (dropout(x) A) B,     A [in, r], B [r, out]   (Flax orientation)
+
+scaling = lora_alpha / r, or lora_alpha / sqrt(r) with rsLoRA (arXiv 2312.03732).
+A and B are `LoRAParam`s stored in float32 (`param_dtype`) and cast to the compute dtype.
+Init as PEFT: True -> A ~ U(-1/sqrt(in), 1/sqrt(in)) (kaiming-uniform, a=sqrt(5)), B = 0;
+"gaussian" -> A ~ N(0, (1/r)^2), B = 0; False -> A as True and B ~ U(-1/sqrt(r), 1/sqrt(r)).
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from flax.nnx import LoRAParam
+
+__all__ = ["LoRA", "LoRAParam", "lora_scaling"]
+
+
+def lora_scaling(r: int, lora_alpha: float, use_rslora: bool) -> float:
+    """alpha / r, or alpha / sqrt(r) with rsLoRA."""
+    return lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
+
+
+def _uniform(key, shape, bound):
+    return jax.random.uniform(key, shape, jnp.float32, -bound, bound)
+
+
+class LoRA(nnx.Module):
+    """The low-rank update `scaling * dropout(x) @ A @ B` added to a frozen projection."""
+
+    def __init__(self, in_features: int, out_features: int, r: int, *, scaling: float,
+                 dropout: float = 0.0, init_weights: bool | str = True,
+                 param_dtype=jnp.float32, rngs: nnx.Rngs):
+        if not isinstance(r, int) or r <= 0:
+            raise ValueError(f"LoRA rank must be a positive integer, got r={r!r}")
+        key_a, key_b = jax.random.split(rngs.params())
+        if init_weights is True or init_weights is False:
+            a = _uniform(key_a, (in_features, r), 1.0 / math.sqrt(in_features))
+        elif init_weights == "gaussian":
+            a = jax.random.normal(key_a, (in_features, r), jnp.float32) / r
+        else:
+            raise ValueError(f"init_lora_weights must be True, False or 'gaussian', got {init_weights!r}")
+        if init_weights is False:
+            b = _uniform(key_b, (r, out_features), 1.0 / math.sqrt(r))
+        else:
+            b = jnp.zeros((r, out_features), jnp.float32)
+        self.a = LoRAParam(a.astype(param_dtype))
+        self.b = LoRAParam(b.astype(param_dtype))
+        self.r = r
+        self.scaling = float(scaling)
+        self.dropout = nnx.data(nnx.Dropout(dropout, deterministic=True, rngs=rngs) if dropout > 0 else None)
+
+    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        if self.dropout is not None:
+            x = self.dropout(x)
+        h = x @ self.a[...].astype(x.dtype)
+        return (h @ self.b[...].astype(x.dtype)) * jnp.asarray(self.scaling, x.dtype)
+
+    def delta_kernel(self) -> jnp.ndarray:
+        """scaling * A @ B in float32: the update of the Flax kernel [in, out] (PEFT's B @ A transposed)."""
+        return self.scaling * (self.a[...].astype(jnp.float32) @ self.b[...].astype(jnp.float32))

@@ -1,0 +1,70 @@
+"""Attach LoRA adapters to a Llama model's projections and count parameters as PEFT does."""
+from __future__ import annotations
+
+from typing import Iterator
+
+import jax
+import numpy as np
+from flax import nnx
+
+from jlora.llama import Linear, LlamaForCausalLM
+from jlora.lora_config import LoraConfig
+from jlora.lora_layer import LoRA, LoRAParam
+
+
+def linear_modules(model: LlamaForCausalLM) -> Iterator[tuple[str, Linear]]:
+    """(HF module name, module) for each adaptable projection, e.g. `model.layers.3.mlp.up_proj`."""
+    for i, layer in enumerate(model.model.layers):
+        prefix = f"model.layers.{i}"
+        for sub, names in (("self_attn", ("q_proj", "k_proj", "v_proj", "o_proj")),
+                           ("mlp", ("gate_proj", "up_proj", "down_proj"))):
+            parent = getattr(layer, sub)
+            for name in names:
+                yield f"{prefix}.{sub}.{name}", getattr(parent, name)
+
+
+def adapted_modules(model: LlamaForCausalLM) -> Iterator[tuple[str, Linear]]:
+    """(HF module name, module) for each projection that carries a LoRA adapter."""
+    return ((n, m) for n, m in linear_modules(model) if m.lora is not None)
+
+
+def get_peft_model(model: LlamaForCausalLM, config: LoraConfig, *, rngs: nnx.Rngs) -> LlamaForCausalLM:
+    """Adds a LoRA adapter to every projection `config` targets (in place) and returns the model.
+
+    The model is left in eval mode (dropout off); call `model.train()` to enable dropout.
+    """
+    names = [n for n, _ in linear_modules(model)]
+    targets = [(n, m) for n, m in linear_modules(model) if config.matches(n)]
+    if not targets:
+        suffixes = sorted({n.rsplit(".", 1)[1] for n in names})
+        raise ValueError(
+            f"target_modules={config.target_modules!r} matches no module of this model; "
+            f"it has {suffixes} (e.g. {names[0]!r}; lm_head and embed_tokens cannot be adapted)"
+        )
+    if not isinstance(config.target_modules, str):
+        have = {n.rsplit(".", 1)[1] for n in names}
+        unknown = [t for t in config.target_modules if not any(n == t or n.endswith("." + t) for n in names)]
+        if unknown:
+            raise ValueError(f"target_modules {unknown} are not modules of this model; it has {sorted(have)}")
+    for name, module in targets:
+        if module.lora is not None:
+            raise ValueError(f"{name} already has a LoRA adapter")
+        module.lora = LoRA(module.in_features, module.out_features, config.rank_for(name),
+                           scaling=config.scaling_for(name), dropout=config.lora_dropout,
+                           init_weights=config.init_lora_weights, rngs=rngs)
+    model.lora_config = config
+    model.eval()
+    return model
+
+
+def trainable_parameters(model: nnx.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts: trainable = LoRA A and B; total = every Param, as PEFT counts."""
+    trainable = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, LoRAParam)))
+    total = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    return trainable, total
+
+
+def print_trainable_parameters(model: nnx.Module) -> None:
+    """Prints PEFT's line: `trainable params: N || all params: M || trainable%: P`."""
+    trainable, total = trainable_parameters(model)
+    print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")

@@ -1,0 +1,75 @@
+"""Shared fixtures: tiny Llama / Mistral / Qwen2 checkpoints built with transformers (the independent
+reference) from a config and saved with `save_pretrained`."""
+import os
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")  # a libtpu install must not make tests look for a TPU
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+
+TINY = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5)
+
+FAMILIES = {
+    "llama": ("LlamaConfig", dict(rope_theta=10000.0)),
+    "llama3": ("LlamaConfig", dict(rope_theta=500000.0, rope_scaling=dict(
+        rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+        original_max_position_embeddings=16))),
+    "llama-linear": ("LlamaConfig", dict(rope_scaling=dict(rope_type="linear", factor=2.0))),
+    "llama-tied": ("LlamaConfig", dict(tie_word_embeddings=True, num_key_value_heads=4)),
+    "mistral": ("MistralConfig", dict(sliding_window=8, head_dim=16)),
+    "qwen2": ("Qwen2Config", dict(rope_theta=1000000.0)),
+}
+
+
+def make_checkpoint(family: str, out_dir, seed: int = 0):
+    """A random transformers model of `family` (non-trivial norms and biases), saved as safetensors."""
+    import torch
+    import transformers
+
+    cls_name, extra = FAMILIES[family]
+    config = getattr(transformers, cls_name)(**{**TINY, **extra})
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight") or name.endswith(".bias"):
+                p.copy_(torch.randn_like(p) * 0.1 + (1.0 if "norm" in name else 0.0))
+    model.save_pretrained(out_dir, safe_serialization=True)
+    return out_dir
+
+
+@pytest.fixture(scope="session")
+def checkpoint(tmp_path_factory):
+    """checkpoint(family) -> path of a tiny HF checkpoint dir, built once per session."""
+    cache = {}
+
+    def get(family: str = "llama"):
+        if family not in cache:
+            cache[family] = make_checkpoint(family, tmp_path_factory.mktemp(f"hf-{family}"))
+        return cache[family]
+
+    return get
+
+
+@pytest.fixture
+def hf_model():
+    """hf_model(path) -> the transformers model in float32, eval mode."""
+    def load(path):
+        import torch
+        import transformers
+        return transformers.AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32).eval()
+    return load
+
+
+def rel_err(a, b) -> float:
+    """max |a - b| / max |b|."""
+    import numpy as np
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+@pytest.fixture
+def rel():
+    return rel_err

@@ -1,0 +1,101 @@
+"""jlora adapters and PEFT adapters move both ways with identical logits (PEFT is the reference)."""
+import json
+
+import numpy as np
+import peft
+import pytest
+import torch
+from flax import nnx
+
+import jlora
+from jlora.vllm_rules import check_vllm_adapter
+
+CASES = [
+    # (family, LoraConfig kwargs)
+    ("llama", dict(r=1, lora_alpha=2)),
+    ("llama", dict(r=8, lora_alpha=16, use_rslora=True)),
+    ("llama", dict(r=64, lora_alpha=16)),
+    ("llama", dict(r=64, lora_alpha=128, use_rslora=True)),
+    ("llama", dict(r=8, lora_alpha=8, rank_pattern={"down_proj": 4, "layers.1.self_attn.q_proj": 2},
+                   alpha_pattern={"v_proj": 32})),
+    ("llama", dict(r=8, lora_alpha=16, target_modules="qv")),
+    ("llama", dict(r=4, lora_alpha=8, target_modules=r"model\.layers\.1\.mlp\.(up|down)_proj")),
+    ("llama-tied", dict(r=8, lora_alpha=16, target_modules="attention")),
+    ("mistral", dict(r=8, lora_alpha=16)),
+    ("qwen2", dict(r=8, lora_alpha=16, use_rslora=True, rank_pattern={"k_proj": 2})),
+]
+
+
+def _ids(seed=3):
+    return np.random.RandomState(seed).randint(0, 96, (2, 20))
+
+
+@pytest.mark.parametrize("family,kwargs", CASES)
+def test_jlora_export_loads_in_peft(family, kwargs, checkpoint, hf_model, rel, tmp_path):
+    path = checkpoint(family)
+    cfg = jlora.LoraConfig(init_lora_weights=False, **kwargs)  # random, non-zero B
+    model = jlora.get_peft_model(jlora.load_hf(path), cfg, rngs=nnx.Rngs(7))
+    ours = np.asarray(model(_ids()))
+    jlora.save_pretrained(model, tmp_path / "adapter")
+
+    saved = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert isinstance(saved["target_modules"], list) and saved["base_model_name_or_path"]
+    check_vllm_adapter(tmp_path / "adapter", max_lora_rank=64)
+
+    ref = peft.PeftModel.from_pretrained(hf_model(path), tmp_path / "adapter").eval()
+    with torch.no_grad():
+        want = ref(torch.tensor(_ids())).logits.numpy()
+        base = ref.get_base_model()
+        with ref.disable_adapter():
+            plain = ref(torch.tensor(_ids())).logits.numpy()
+    assert rel(plain, want) > 1e-4, "the adapter must change the logits, or this test proves nothing"
+    assert rel(ours, want) <= 1e-5
+    assert base is not None
+
+
+@pytest.mark.parametrize("family,kwargs", [CASES[1], CASES[4], CASES[9]])
+def test_peft_saved_adapter_loads_in_jlora(family, kwargs, checkpoint, hf_model, rel, tmp_path):
+    path = checkpoint(family)
+    targets = jlora.LoraConfig(**kwargs).target_modules
+    pcfg = peft.LoraConfig(r=kwargs["r"], lora_alpha=kwargs["lora_alpha"], target_modules=targets,
+                           use_rslora=kwargs.get("use_rslora", False), rank_pattern=kwargs.get("rank_pattern", {}),
+                           alpha_pattern=kwargs.get("alpha_pattern", {}), init_lora_weights=False,
+                           task_type="CAUSAL_LM")
+    torch.manual_seed(0)
+    ref = peft.get_peft_model(hf_model(path), pcfg).eval()
+    ref.save_pretrained(tmp_path / "peft")
+    with torch.no_grad():
+        want = ref(torch.tensor(_ids())).logits.numpy()
+    model = jlora.load_adapter(jlora.load_hf(path), tmp_path / "peft")
+    assert rel(model(_ids()), want) <= 1e-5
+
+
+def test_trainable_parameters_equal_peft(checkpoint, hf_model):
+    path = checkpoint("qwen2")
+    kwargs = dict(r=8, lora_alpha=16, rank_pattern={"down_proj": 2})
+    ref = peft.get_peft_model(hf_model(path), peft.LoraConfig(target_modules=list(jlora.LoraConfig().target_modules),
+                                                              task_type="CAUSAL_LM", **kwargs))
+    model = jlora.get_peft_model(jlora.load_hf(path), jlora.LoraConfig(**kwargs), rngs=nnx.Rngs(0))
+    assert jlora.trainable_parameters(model) == tuple(ref.get_nb_trainable_parameters())
+
+
+def test_merged_export_loads_in_transformers(checkpoint, hf_model, rel, tmp_path):
+    path = checkpoint("qwen2")
+    model = jlora.get_peft_model(jlora.load_hf(path), jlora.LoraConfig(r=8, init_lora_weights=False),
+                                 rngs=nnx.Rngs(1))
+    ours = np.asarray(model(_ids()))
+    jlora.save_merged(model, tmp_path / "merged")
+    with torch.no_grad():
+        merged = hf_model(tmp_path / "merged")(torch.tensor(_ids())).logits.numpy()
+        base = hf_model(path)(torch.tensor(_ids())).logits.numpy()
+    assert rel(base, ours) > 1e-4
+    assert rel(merged, ours) <= 1e-5
+
+
+def test_merged_sharded_export_reloads(checkpoint, rel, tmp_path):
+    path = checkpoint("llama")
+    model = jlora.get_peft_model(jlora.load_hf(path), jlora.LoraConfig(r=4, init_lora_weights=False),
+                                 rngs=nnx.Rngs(1))
+    jlora.save_merged(model, tmp_path / "merged", shard_bytes=20_000)
+    assert (tmp_path / "merged" / "model.safetensors.index.json").exists()
+    assert rel(jlora.load_hf(tmp_path / "merged")(_ids()), model(_ids())) <= 1e-6

@@ -1,0 +1,241 @@
+"""`Trainer`: the whole fine-tuning job, from a checkpoint dir and JSONL to a PEFT adapter, resumable.
+
+    trainer = Trainer(TrainConfig(model="path/to/llama", data="train.jsonl", out="runs/x", steps=100))
+    result = trainer.run()      # {"losses": [...], "adapter": "runs/x/adapter", ...}
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jlora.data import BatchIterator, DataError, load_examples, read_jsonl, split_holdout, tokenize_records
+from jlora.lora_config import TARGET_PRESETS, LoraConfig
+from jlora.peft_model import get_peft_model, trainable_parameters
+from jlora.train.checkpoints import Checkpoints
+from jlora.train.config import TrainConfig
+from jlora.train.metrics import MetricsLog, plot_losses
+from jlora.train.optimizer import learning_rate_schedule, make_optimizer
+from jlora.train.placement import opt_state_shardings, put_batch, shard_state
+from jlora.train.sharding import flat_shardings, make_mesh, shard_flat
+from jlora.train.state import SplitModel, unflatten
+from jlora.train.step import make_eval_step, make_train_step
+
+
+class RunDirError(RuntimeError):
+    """The output directory holds another run."""
+
+
+class NonFiniteLoss(RuntimeError):
+    """Training stopped because the loss stopped being finite."""
+
+
+def maybe_initialize_distributed() -> None:
+    """jax.distributed.initialize() when the environment describes several hosts (TPU pod or coordinator)."""
+    hosts = [h for h in os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",") if h.strip()]
+    if os.environ.get("JAX_COORDINATOR_ADDRESS") or len(hosts) > 1 or os.environ.get("JLORA_DISTRIBUTED") == "1":
+        jax.distributed.initialize()
+
+
+def _targets(spec: str):
+    return spec if spec in TARGET_PRESETS else [t.strip() for t in spec.split(",") if t.strip()]
+
+
+class Trainer:
+    def __init__(self, config: TrainConfig, *, log=print):
+        self.config = config
+        self.out = Path(config.out)
+        self.log = log if jax.process_index() == 0 else (lambda *a, **k: None)
+
+    # -- setup -------------------------------------------------------------------------------------
+    def _prepare_out_dir(self):
+        c, out = self.config, self.out
+        previous = [p for p in ("metrics.jsonl", "checkpoints", "run_config.json") if (out / p).exists()]
+        if previous and not c.resume:
+            if not c.overwrite:
+                raise RunDirError(f"{out} holds another run ({', '.join(previous)}); pass --resume to continue "
+                                  f"it or --overwrite to replace it")
+            for p in ("metrics.jsonl", "checkpoints", "run_config.json", "adapter", "merged", "loss.png"):
+                target = out / p
+                shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
+        out.mkdir(parents=True, exist_ok=True)
+
+    def _model_dir(self) -> Path:
+        if self.config.model:
+            return Path(self.config.model)
+        from jlora.default.checkpoint import build_default_base
+        return build_default_base(self.out / "base")
+
+    def _data(self, tokenizer):
+        c = self.config
+        if c.data is None and c.model is None:
+            from jlora.default import dataset_paths
+            train_path, eval_path = dataset_paths()
+        elif c.data is None:
+            raise DataError("--data is required with --model (a JSONL file of text, prompt+completion or messages)")
+        else:
+            train_path, eval_path = Path(c.data), (Path(c.eval) if c.eval else None)
+        records = read_jsonl(train_path)
+        if eval_path is None and c.eval_fraction > 0 and len(records) >= 20:
+            records, eval_records = split_holdout(records, fraction=c.eval_fraction, seed=c.seed)
+        else:
+            eval_records = read_jsonl(eval_path) if eval_path else []
+        train, stats = tokenize_records(records, tokenizer, seq_len=c.seq_len)
+        evals = tokenize_records(eval_records, tokenizer, seq_len=c.seq_len)[0] if eval_records else []
+        return train, evals, stats
+
+    # -- the run -----------------------------------------------------------------------------------
+    def run(self) -> dict:
+        from transformers import AutoTokenizer
+
+        from jlora.convert.hf_checkpoint import load_hf
+        from jlora.convert.merged import save_merged
+        from jlora.convert.peft_adapter import save_pretrained
+
+        c = self.config
+        maybe_initialize_distributed()
+        self._prepare_out_dir()
+        model_dir = self._model_dir()
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        train_examples, eval_examples, stats = self._data(tokenizer)
+        self.log(f"data: {stats}" + (f"; {stats.truncated:,} examples cut to --seq-len {c.seq_len}"
+                                     if stats.truncated else ""))
+
+        model = load_hf(model_dir, dtype=c.dtype, quantize=c.quantize)
+        lora_config = LoraConfig(r=c.r, lora_alpha=c.lora_alpha, lora_dropout=c.lora_dropout,
+                                 use_rslora=c.use_rslora, target_modules=_targets(c.targets))
+        model = get_peft_model(model, lora_config, rngs=nnx.Rngs(params=c.seed, dropout=c.seed + 1))
+        model.remat = c.remat
+        trainable, total = trainable_parameters(model)
+        self.log(f"model: {model_dir} ({c.dtype}); LoRA r={c.r} alpha={c.lora_alpha} on {c.targets}: "
+                 f"trainable params: {trainable:,d} || all params: {total:,d} || "
+                 f"trainable%: {100 * trainable / total:.4f}")
+
+        rows_per_step = c.batch_size * c.grad_accum
+        it = BatchIterator(train_examples, seq_len=c.seq_len, batch_size=rows_per_step, packing=c.packing,
+                           seed=c.seed, pad_id=tokenizer.pad_token_id or 0,
+                           process_index=jax.process_index(), process_count=jax.process_count())
+        steps = c.steps or max(1, math.ceil(c.epochs * it.steps_per_epoch))
+
+        mesh = make_mesh(c.mesh)
+        model.train()
+        split = SplitModel.of(model)
+        model.eval()
+        eval_split = SplitModel.of(model)
+        schedule = learning_rate_schedule(c.lr, steps, c.warmup_steps, c.lr_schedule)
+        tx = make_optimizer(schedule, weight_decay=c.weight_decay, max_grad_norm=c.max_grad_norm)
+        params = shard_flat(split.params(), mesh)
+        frozen = shard_state(split.frozen, mesh)
+        opt_state = tx.init(params)
+        opt_shard = opt_state_shardings(opt_state, mesh)
+        opt_state = jax.device_put(opt_state, opt_shard)
+        param_shard = flat_shardings(params, mesh)
+        train_step = jax.jit(make_train_step(split, tx, schedule=schedule), donate_argnums=(0, 1),
+                             out_shardings=(param_shard, opt_shard, None))
+        eval_step = jax.jit(make_eval_step(eval_split))
+        key = jax.random.key(c.seed)
+
+        ckpt = Checkpoints(self.out / "checkpoints", keep=c.keep_checkpoints)
+        start = 0
+        if c.resume and ckpt.latest_step() is not None:
+            start = ckpt.latest_step()
+            restored, meta = ckpt.restore(start, {"params": params, "opt_state": opt_state})
+            params, opt_state = restored["params"], restored["opt_state"]
+            it.restore(meta["data"])
+            self.log(f"resumed from {ckpt.directory / str(start)} at step {start}")
+        elif c.resume:
+            self.log(f"--resume: no checkpoint in {ckpt.directory}; starting from step 0")
+        metrics_log = MetricsLog(self.out / "metrics.jsonl", resume_from_step=start if c.resume else None)
+        (self.out / "run_config.json").write_text(json.dumps(c.to_dict(), indent=2) + "\n")
+
+        def save(step):
+            ckpt.save(step, {"params": params, "opt_state": opt_state},
+                      {"step": step, "data": it.state(), "seed": c.seed, "config": c.to_dict()})
+
+        def evaluate():
+            if not eval_examples:
+                return None
+            ev = BatchIterator(eval_examples, seq_len=c.seq_len, batch_size=c.batch_size, shuffle=False,
+                               epochs=1, pad_id=tokenizer.pad_token_id or 0,
+                               process_index=jax.process_index(), process_count=jax.process_count())
+            total_loss, count = 0.0, 0.0
+            for b in ev:
+                s, n = eval_step(params, frozen, put_batch(b, mesh, 0))
+                total_loss, count = total_loss + float(s), count + float(n)
+            return total_loss / max(count, 1.0)
+
+        from tqdm.auto import tqdm
+        bar = tqdm(total=steps, initial=start, disable=not c.progress or jax.process_index() != 0,
+                   desc="train", unit="step", dynamic_ncols=True,
+                   mininterval=0.5 if sys.stderr.isatty() else 5.0)
+        losses = []
+        last_saved = start if start else None
+        for step in range(start, steps):
+            batch = next(it)
+            batch = {k: v.reshape(c.grad_accum, -1, v.shape[-1]) for k, v in batch.items()}
+            tokens = int((batch["segment_ids"] > 0).sum()) * jax.process_count()
+            t0 = time.perf_counter()
+            params, opt_state, m = train_step(params, opt_state, frozen, put_batch(batch, mesh, 1), key,
+                                              jnp.asarray(step, jnp.int32))
+            loss = float(m["loss"])
+            dt = time.perf_counter() - t0
+            if not math.isfinite(loss):
+                bar.close()
+                where = (f"the last good checkpoint is step {last_saved} in {ckpt.directory}"
+                         if last_saved is not None else "no checkpoint was saved yet")
+                raise NonFiniteLoss(f"loss became {loss} at step {step + 1}: training stopped; {where} "
+                                    f"(try a lower --lr or --max-grad-norm)")
+            losses.append(loss)
+            record = {"step": step + 1, "loss": loss, "lr": float(m["lr"]), "grad_norm": float(m["grad_norm"]),
+                      "tokens_per_sec": tokens / dt, "target_tokens": int(m["target_tokens"])}
+            if c.eval_every and ((step + 1) % c.eval_every == 0 or step + 1 == steps):
+                ev = evaluate()
+                if ev is not None:
+                    record.update(eval_loss=ev, eval_ppl=math.exp(min(ev, 50)))
+            if (step + 1) % c.log_every == 0 or "eval_loss" in record or step + 1 == steps:
+                if jax.process_index() == 0:
+                    metrics_log.write(record)
+            bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens / dt:,.0f}", refresh=False)
+            bar.update(1)
+            if c.save_every and (step + 1) % c.save_every == 0:
+                save(step + 1)
+                last_saved = step + 1
+        bar.close()
+        if last_saved != steps:
+            save(steps)
+        ckpt.close()
+
+        nnx.update(model, unflatten(split.lora_template, jax.device_get(params)))
+        adapter_dir = save_pretrained(model, self.out / "adapter", base_model_name_or_path=str(model_dir.resolve()))
+        result = {"losses": losses, "adapter": str(adapter_dir), "steps": steps, "model_dir": str(model_dir)}
+        if c.merge:
+            result["merged"] = str(save_merged(model, self.out / "merged"))
+        records = metrics_log.records()
+        result["plot"] = str(plot_losses(records, self.out / "loss.png", title=f"jlora: {self.out.name}"))
+        result["records"] = records
+        self._print_next_steps(adapter_dir, model_dir, records)
+        return result
+
+    def _print_next_steps(self, adapter_dir: Path, model_dir: Path, records: list[dict]):
+        from jlora.vllm_rules import smallest_max_lora_rank
+        first, last = records[0]["loss"], records[-1]["loss"]
+        evals = [r["eval_loss"] for r in records if "eval_loss" in r]
+        max_rank = smallest_max_lora_rank(self.config.r)
+        self.log(f"\nloss {first:.4f} -> {last:.4f}" + (f"; eval loss {evals[-1]:.4f}" if evals else ""))
+        self.log(f"adapter (PEFT format): {adapter_dir}\nloss curve: {self.out / 'loss.png'}\n")
+        self.log("Load it in PEFT:\n"
+                 "  from transformers import AutoModelForCausalLM\n  from peft import PeftModel\n"
+                 f"  base = AutoModelForCausalLM.from_pretrained({str(model_dir.resolve())!r})\n"
+                 f"  model = PeftModel.from_pretrained(base, {str(adapter_dir.resolve())!r})\n"
+                 "Serve it with vLLM:\n"
+                 f"  vllm serve {model_dir.resolve()} --enable-lora --max-lora-rank {max_rank} "
+                 f"--lora-modules jlora={adapter_dir.resolve()}")

@@ -73,3 +73,10 @@ def rel_err(a, b) -> float:
 @pytest.fixture
 def rel():
     return rel_err
+
+
+@pytest.fixture(scope="session")
+def default_base(tmp_path_factory):
+    """The embedded default base checkpoint (tiny Llama + tokenizer), built once per session."""
+    from jlora.default import build_default_base
+    return build_default_base(tmp_path_factory.mktemp("default-base"))

@@ -46,12 +46,13 @@ class SplitModel:
 
     def model(self, params: dict[str, jax.Array], frozen: nnx.State, key: jax.Array | None = None) -> nnx.Module:
         """The NNX model with `params` as its adapters; dropout streams reseeded from `key` (distinct per stream)."""
-        rng = self.rng_state
-        if key is not None and len(nnx.to_flat_state(rng)):
-            items = []
-            for i, (p, v) in enumerate(nnx.to_flat_state(rng)):
-                if isinstance(v, nnx.RngKey):
-                    v = v.replace(jax.random.fold_in(key, i))
-                items.append((p, v))
-            rng = nnx.from_flat_state(items)
+        # Fresh Variables built inside the trace: dropout updates its RngCount, which NNX only allows
+        # on Variables of the current trace level.
+        items = []
+        for i, (p, v) in enumerate(nnx.to_flat_state(self.rng_state)):
+            if key is not None and isinstance(v, nnx.RngKey):
+                items.append((p, v.replace(jax.random.fold_in(key, i))))
+            else:
+                items.append((p, v.replace(v.get_value())))
+        rng = nnx.from_flat_state(items)
         return nnx.merge(self.graphdef, unflatten(self.lora_template, params), rng, frozen)

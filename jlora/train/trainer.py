@@ -9,6 +9,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import sys
 import time
 from pathlib import Path
@@ -111,6 +112,9 @@ class Trainer:
                                      if stats.truncated else ""))
 
         model = load_hf(model_dir, dtype=c.dtype, quantize=c.quantize)
+        if len(tokenizer) > model.config.vocab_size:
+            raise ValueError(f"{model_dir}: the tokenizer has {len(tokenizer):,} tokens but the model's vocab_size "
+                             f"is {model.config.vocab_size:,}: ids past the embedding would be read silently")
         lora_config = LoraConfig(r=c.r, lora_alpha=c.lora_alpha, lora_dropout=c.lora_dropout,
                                  use_rslora=c.use_rslora, target_modules=_targets(c.targets))
         model = get_peft_model(model, lora_config, rngs=nnx.Rngs(params=c.seed, dropout=c.seed + 1))
@@ -127,6 +131,10 @@ class Trainer:
         steps = c.steps or max(1, math.ceil(c.epochs * it.steps_per_epoch))
 
         mesh = make_mesh(c.mesh)
+        row_shards = mesh.shape["data"] * mesh.shape["fsdp"]
+        if c.batch_size % row_shards:
+            raise ValueError(f"--batch-size {c.batch_size} must be a multiple of data x fsdp = {row_shards} "
+                             f"(mesh {dict(mesh.shape)})")
         model.train()
         split = SplitModel.of(model)
         model.eval()
@@ -209,6 +217,8 @@ class Trainer:
             if c.save_every and (step + 1) % c.save_every == 0:
                 save(step + 1)
                 last_saved = step + 1
+                if os.environ.get("JLORA_KILL_AFTER_SAVE") == str(step + 1):  # for the resume test only
+                    os.kill(os.getpid(), signal.SIGKILL)
         bar.close()
         if last_saved != steps:
             save(steps)

@@ -1,0 +1,1 @@
+"""One module per `jlora` subcommand, each with `register(subparsers)` that sets `func`."""

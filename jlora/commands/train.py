@@ -1,0 +1,44 @@
+"""`jlora train`: fine-tune a LoRA adapter (no --model: the embedded tiny default)."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+
+from jlora.train.config import TrainConfig
+
+
+def register(sub):
+    p = sub.add_parser("train", help="fine-tune a LoRA adapter (no --model: the embedded tiny default)",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--config", help="YAML file of settings; flags given here override it")
+    types = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    for name, f in types.items():
+        flag = "--" + name.replace("_", "-")
+        default = f.default if f.default is not dataclasses.MISSING else None
+        if f.type in ("bool",) or isinstance(default, bool):
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=f"(default {default})")
+        else:
+            kind = {"int": int, "float": float, "int | None": int, "float | None": float}.get(str(f.type), str)
+            p.add_argument(flag, type=kind, default=None, help=f"(default {default})")
+    p.set_defaults(func=run)
+    return p
+
+
+def run(args) -> int:
+    from jlora.data import DataError
+    from jlora.train.trainer import NonFiniteLoss, RunDirError, Trainer
+    from jlora.convert.safetensors_io import CheckpointError
+
+    given = {k: v for k, v in vars(args).items() if k not in ("command", "config", "func") and v is not None}
+    config = TrainConfig.from_yaml(args.config, **given) if args.config else TrainConfig(**given)
+    if config.model is None and config.data is None:
+        demo = dict(r=16, lora_alpha=32, lr=3e-3, steps=150, batch_size=16, seq_len=64, packing=True,
+                    dtype="float32", eval_every=25, save_every=50, warmup_steps=10)
+        config = dataclasses.replace(config, **{k: v for k, v in demo.items() if k not in given})
+    try:
+        Trainer(config).run()
+    except (RunDirError, DataError, CheckpointError, NonFiniteLoss, ValueError) as e:
+        print(f"jlora train: error: {e}", file=sys.stderr)
+        return 2 if not isinstance(e, NonFiniteLoss) else 3
+    return 0

@@ -1,0 +1,58 @@
+"""dequantize: NF4Tensor -> dense [out_features, in_features] weight.
+
+    absmax[b]  = nested_code[absmax[b]] * nested_absmax[b // 256] + offset    (double quant)
+    W.flat[i]  = NF4_CODE[nibble i] * absmax[i // blocksize]                  (float32)
+    W          = W.astype(dtype)                                              (round to nearest even)
+
+Equal to bitsandbytes' `dequantize_4bit` in float32 and bfloat16 output, bit for bit, with the
+blocks taken over the flattened weight as the CUDA kernel and bitsandbytes' torch kernel do (the
+AVX-512 CPU kernel of bitsandbytes 0.50 mis-indexes absmax when in_features is not a multiple of
+blocksize).
+"""
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from jlora.nf4.codebook import NF4_CODE
+from jlora.nf4.double_quant import dequantize_absmax
+from jlora.nf4.tensor import NF4Tensor
+
+
+def unpack_nibbles(packed: jnp.ndarray) -> jnp.ndarray:
+    """uint8 bytes [m] -> uint8 codes [2m], the high nibble first."""
+    return jnp.stack([packed >> 4, packed & 0xF], axis=-1).reshape(-1)
+
+
+def absmax_f32(q: NF4Tensor) -> jnp.ndarray:
+    """The per-block float32 scales of q (dequantizing the nested statistics if present)."""
+    if not q.double_quant:
+        return q.absmax
+    return dequantize_absmax(q.absmax, q.nested_absmax, q.offset, q.nested_code, q.nested_blocksize)
+
+
+@functools.partial(jax.jit, static_argnames=("dtype",))
+def _dequantize(q: NF4Tensor, dtype: jnp.dtype) -> jax.Array:
+    n = q.size
+    blocks = -(-n // q.blocksize)
+    values = jnp.asarray(NF4_CODE)[unpack_nibbles(q.codes).astype(jnp.int32)]
+    values = jnp.pad(values[:n], (0, blocks * q.blocksize - n)).reshape(blocks, q.blocksize)
+    weight = values * absmax_f32(q)[:, None]
+    return weight.reshape(-1)[:n].reshape(q.shape).astype(dtype)
+
+
+def dequantize(q: NF4Tensor, dtype=jnp.bfloat16) -> jax.Array:
+    """Dense weight [out_features, in_features] in `dtype`: NF4_CODE[code] * absmax in float32, then cast.
+
+    Jittable; bit-identical to bitsandbytes' `dequantize_4bit(..., quant_type="nf4")` for float32 and
+    bfloat16 outputs.
+
+    Example:
+      >>> from jlora import nf4
+      >>> w = jnp.linspace(-1, 1, 128, dtype=jnp.float32).reshape(2, 64)
+      >>> nf4.dequantize(nf4.quantize(w, double_quant=False), jnp.float32)[0, 0]
+      Array(-1., dtype=float32)
+    """
+    if not isinstance(q, NF4Tensor):
+        raise TypeError(f"dequantize takes an NF4Tensor, got {type(q).__name__}")
+    return _dequantize(q, dtype=jnp.dtype(dtype))

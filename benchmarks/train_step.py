@@ -1,0 +1,265 @@
+"""One LoRA training step, jlora against transformers + PEFT, on the same checkpoint, batch and LoRA config.
+
+    python benchmarks/train_step.py                    # bf16 and f32, ~4 minutes on 2 idle CPU cores
+    python benchmarks/train_step.py --quick            # a smaller model, a few steps
+    python benchmarks/train_step.py --dtype f32 --steps 20
+
+The Llama checkpoint is built once by transformers (`torch.manual_seed(0)`, `from_config`, safetensors)
+and read by both sides. LoRA r=16, alpha=16 on all seven projections; AdamW over the adapters only,
+with global-norm clipping at 1.0 on both sides (jlora's `make_optimizer` default).
+
+- jlora: `load_hf` -> `get_peft_model` -> `SplitModel` -> the jitted, donated `make_train_step`
+  (the step `jlora train` runs), one micro-batch of [B, T].
+- baseline: `AutoModelForCausalLM.from_pretrained` -> `peft.get_peft_model` -> forward with labels,
+  backward, `clip_grad_norm_`, `AdamW.step`, `zero_grad`; `torch.set_num_threads(os.cpu_count())`.
+
+Each side is warmed up (jit compile / first allocations), then N steps of each are timed, alternating
+one jlora step and one PEFT step so that load from other processes on a shared CPU hits both alike,
+and the median is reported. Printed: tokens/s of each, the ratio jlora / PEFT, an achieved-TFLOP/s
+estimate, and the device.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+# Run as `python benchmarks/train_step.py`, this folder is sys.path[0] and benchmarks/kernels.py would
+# shadow the `kernels` package that bitsandbytes (imported by peft) looks for.
+if sys.path and os.path.abspath(sys.path[0] or ".") == os.path.dirname(os.path.abspath(__file__)):
+    sys.path.pop(0)
+
+DTYPES = {"bf16": "bfloat16", "f32": "float32"}
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def hf_config(args):
+    import transformers
+    return transformers.LlamaConfig(
+        vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
+        num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
+        max_position_embeddings=max(2048, args.seq), tie_word_embeddings=False, use_cache=False)
+
+
+def write_checkpoint(config, out_dir):
+    import torch
+    import transformers
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.save_pretrained(out_dir, safe_serialization=True)
+
+
+def step_flops(config, lora_params: int, tokens: int, seq: int) -> float:
+    """FLOPs of one LoRA step (an estimate, counted the same for both sides).
+
+    A frozen matmul weight costs 2 FLOPs per token forward and 2 backward (the input gradient only;
+    frozen weights get no weight gradient): 4 * N_base. Adapters get both gradients: 6 * N_lora.
+    Attention (QK^T and PV, computed over the full T x T, 4 * T * q_features per token per layer
+    forward) costs 3x that forward + backward. Embedding lookup, norms, softmax and the optimizer
+    are left out.
+    """
+    c = config
+    head_dim = c.hidden_size // c.num_attention_heads
+    q, kv = c.num_attention_heads * head_dim, c.num_key_value_heads * head_dim
+    per_layer = c.hidden_size * (q + 2 * kv) + q * c.hidden_size + 3 * c.hidden_size * c.intermediate_size
+    n_base = c.num_hidden_layers * per_layer + c.hidden_size * c.vocab_size  # + lm_head
+    attention = 3 * 4 * seq * q * c.num_hidden_layers
+    return tokens * (4 * n_base + 6 * lora_params + attention)
+
+
+def timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def interleaved(sides: dict, warmup: int, steps: int) -> tuple[dict, dict]:
+    """First-call seconds and per-step seconds of each side, timed alternately one step each.
+
+    Alternating (A, B, A, B, ...) rather than all of A then all of B means a change in machine load
+    (a shared CPU) hits both sides alike, so the ratio stays meaningful even when absolute numbers move.
+    """
+    first = {name: timed(fn) for name, fn in sides.items()}
+    for _ in range(warmup):
+        for fn in sides.values():
+            fn()
+    times = {name: [] for name in sides}
+    for _ in range(steps):
+        for name, fn in sides.items():
+            times[name].append(timed(fn))
+    return first, times
+
+
+def make_jlora(ckpt, dtype, tokens_np, args):
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    import jlora
+    from jlora.train.optimizer import learning_rate_schedule, make_optimizer
+    from jlora.train.state import SplitModel
+    from jlora.train.step import make_train_step
+
+    model = jlora.load_hf(ckpt, dtype=dtype)
+    model = jlora.get_peft_model(model, jlora.LoraConfig(r=16, lora_alpha=16, target_modules=TARGETS),
+                                 rngs=nnx.Rngs(0))
+    lora_params, _ = jlora.trainable_parameters(model)
+    split = SplitModel.of(model)
+    params, frozen = split.params(), split.frozen
+    del model
+    tx = make_optimizer(learning_rate_schedule(2e-4, 1000, 0))
+    opt = tx.init(params)
+    step = jax.jit(make_train_step(split, tx), donate_argnums=(0, 1))
+
+    b, t = args.batch, args.seq
+    ids = jnp.asarray(tokens_np, jnp.int32)
+    batch = {  # [grad_accum=1, B, T]
+        "inputs": ids[None, :, :t],
+        "targets": ids[None, :, 1:],
+        "loss_mask": jnp.ones((1, b, t), jnp.int32),
+        "positions": jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (1, b, t)),
+        "segment_ids": jnp.ones((1, b, t), jnp.int32),
+    }
+    key = jax.random.key(0)
+    state = {"params": params, "opt": opt, "i": 0, "loss": None}
+
+    def run_one():
+        p, o, m = step(state["params"], state["opt"], frozen, batch, key, jnp.asarray(state["i"], jnp.int32))
+        state["loss"] = float(m["loss"])  # blocks
+        state.update(params=p, opt=o, i=state["i"] + 1)
+
+    return run_one, state, lora_params
+
+
+def make_peft(ckpt, dtype, tokens_np, args):
+    import peft
+    import torch
+    import transformers
+
+    torch.set_num_threads(os.cpu_count())
+    model = transformers.AutoModelForCausalLM.from_pretrained(ckpt, dtype=getattr(torch, dtype))
+    model.config.use_cache = False
+    model = peft.get_peft_model(model, peft.LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0,
+                                                       target_modules=TARGETS, bias="none"))
+    model.train()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable, lr=2e-4, weight_decay=0.0)
+    # The same T input tokens as jlora; HF shifts labels itself, so its loss covers T - 1 of them.
+    ids = torch.from_numpy(tokens_np[:, :args.seq].astype(np.int64))
+    state = {"loss": None}
+
+    def run_one():
+        out = model(input_ids=ids, labels=ids)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        state["loss"] = float(out.loss.detach())
+
+    return run_one, state
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def device_line() -> str:
+    import jax
+    import torch
+    d = jax.devices()[0]
+    load = " ".join(f"{x:.1f}" for x in os.getloadavg())
+    return (f"jax {jax.__version__} on {d.platform} ({d.device_kind}), torch {torch.__version__} "
+            f"({torch.get_num_threads()} threads); cpu: {cpu_model()}, {os.cpu_count()} cores; "
+            f"load average {load}")
+
+
+def busy_warning() -> None:
+    load, cores = os.getloadavg()[0], os.cpu_count() or 1
+    if load > 1.5 * cores:
+        print(f"WARNING: load average {load:.1f} on {cores} cores: other processes share the CPU, "
+              f"so absolute numbers are low and noisy; the interleaved ratio is the number to read, "
+              f"and OpenMP (torch) suffers more from oversubscription than XLA's thread pool.")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--dtype", default="bf16,f32", help="comma list of bf16, f32")
+    ap.add_argument("--quick", action="store_true", help="small model, few steps")
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--seq", type=int, default=256)
+    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--warmup", type=int, default=1, help="untimed steps after the first (compile) step")
+    ap.add_argument("--hidden", type=int, default=512)
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--heads", type=int, default=8)
+    ap.add_argument("--kv-heads", type=int, default=2)
+    ap.add_argument("--intermediate", type=int, default=1408)
+    ap.add_argument("--vocab", type=int, default=8192)
+    args = ap.parse_args()
+    if args.quick:
+        args.hidden, args.layers, args.intermediate, args.vocab = 256, 4, 704, 4096
+        args.seq, args.steps, args.warmup = 128, 3, 0
+    dtypes = [d.strip() for d in args.dtype.split(",") if d.strip()]
+    for d in dtypes:
+        if d not in DTYPES:
+            raise SystemExit(f"--dtype: expected a comma list of {sorted(DTYPES)}, found {d!r}")
+
+    import torch
+    torch.set_num_threads(os.cpu_count())
+    config = hf_config(args)
+    tokens_np = np.random.default_rng(0).integers(0, args.vocab, (args.batch, args.seq + 1), dtype=np.int32)
+    tokens = args.batch * args.seq
+    print(f"Llama: hidden {args.hidden}, {args.layers} layers, {args.heads} heads / {args.kv_heads} kv, "
+          f"intermediate {args.intermediate}, vocab {args.vocab}; batch {args.batch} x seq {args.seq} "
+          f"= {tokens} tokens/step; LoRA r=16 alpha=16 on 7 projections; {args.steps} timed steps (median)")
+    print(f"device: {device_line()}", flush=True)
+    busy_warning()
+
+    rows = []
+    with tempfile.TemporaryDirectory() as ckpt:
+        write_checkpoint(config, ckpt)
+        for d in dtypes:
+            dtype = DTYPES[d]
+            j_run, j_state, lora_params = make_jlora(ckpt, dtype, tokens_np, args)
+            p_run, p_state = make_peft(ckpt, dtype, tokens_np, args)
+            first, times = interleaved({"jlora": j_run, "peft": p_run}, args.warmup, args.steps)
+            j_times, p_times = times["jlora"], times["peft"]
+            j_compile, p_first = first["jlora"], first["peft"]
+            j_loss, p_loss = j_state["loss"], p_state["loss"]
+            del j_run, p_run, j_state, p_state
+            gc.collect()
+            j_s, p_s = statistics.median(j_times), statistics.median(p_times)
+            flops = step_flops(config, lora_params, tokens, args.seq)
+            rows.append((d, tokens / j_s, tokens / p_s, p_s / j_s, min(p_times) / min(j_times),
+                         flops / j_s / 1e12, flops / p_s / 1e12))
+            print(f"  {d}: jlora {j_s * 1e3:.0f} ms/step (compile+first {j_compile:.1f} s, "
+                  f"loss {j_loss:.4f}, min {min(j_times) * 1e3:.0f} max {max(j_times) * 1e3:.0f}); "
+                  f"PEFT {p_s * 1e3:.0f} ms/step (first {p_first:.1f} s, loss {p_loss:.4f}, "
+                  f"min {min(p_times) * 1e3:.0f} max {max(p_times) * 1e3:.0f})", flush=True)
+
+    print(f"\nstep FLOPs (estimate, see step_flops): {flops / 1e9:.1f} GFLOP; LoRA params {lora_params:,d}")
+    print("| dtype | jlora tokens/s | PEFT tokens/s | jlora / PEFT (median) | jlora / PEFT (best step) "
+          "| jlora TFLOP/s | PEFT TFLOP/s |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for d, jt, pt, ratio, best, jf, pf in rows:
+        print(f"| {d} | {jt:,.0f} | {pt:,.0f} | {ratio:.2f}x | {best:.2f}x | {jf:.3f} | {pf:.3f} |")
+    print(f"device: {device_line()}")
+    busy_warning()
+
+
+if __name__ == "__main__":
+    main()

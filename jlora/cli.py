@@ -8,6 +8,10 @@ import sys
 # Subcommand modules, in the order `jlora --help` lists them.
 COMMANDS = [
     "jlora.commands.train",
+    "jlora.commands.ranks",
+    "jlora.commands.sweep",
+    "jlora.commands.inspect",
+    "jlora.commands.export",
 ]
 
 

@@ -1,0 +1,57 @@
+"""`jlora inspect ADAPTER_DIR`: per adapted module, |delta W|, its singular values and effective rank."""
+from __future__ import annotations
+
+import json
+import sys
+
+
+def register(sub):
+    p = sub.add_parser("inspect", help="norms, singular values and effective rank of each module's delta W "
+                                       "(jlora, PEFT or Unsloth adapters)")
+    p.add_argument("adapter", metavar="ADAPTER_DIR", help="adapter dir, or a `jlora train` run dir")
+    p.add_argument("--json", action="store_true",
+                   help="print only a JSON list: module, layer, kind, r, scale, norm, singular_values, "
+                        "effective_rank_90, effective_rank_99")
+    p.add_argument("--plot", default=None, help="heat map PNG (default: effective_rank.png in the given dir; "
+                                                "with --json only when given)")
+    p.add_argument("--allow-pickle", action="store_true", help="read adapter_model.bin (pickle)")
+    p.set_defaults(func=run)
+    return p
+
+
+def run(args) -> int:
+    from pathlib import Path
+
+    from jlora.convert.safetensors_io import CheckpointError
+    from jlora.ranks.adapter import read_adapter
+    from jlora.ranks.plots import rank_heatmap
+    from jlora.ranks.usage import rank_usage, usage_summary
+
+    try:
+        adapter = read_adapter(args.adapter, allow_pickle=args.allow_pickle)
+    except (CheckpointError, ValueError) as e:
+        print(f"jlora inspect: error: {e}", file=sys.stderr)
+        return 2
+    rows = rank_usage(adapter)
+    plot = Path(args.plot) if args.plot else (None if args.json else Path(args.adapter) / "effective_rank.png")
+    if plot is not None and any(r["layer"] is not None for r in rows):
+        rank_heatmap(rows, plot, title=f"{Path(args.adapter).name}: effective rank")
+    else:
+        plot = None
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    width = max(len(r["module"]) for r in rows)
+    print(f"{adapter.path}: {len(rows)} adapted modules")
+    print(f"{'module':<{width}}  {'r':>4}  {'scale':>7}  {'|delta W|':>10}  {'rank90':>6}  {'rank99':>6}  "
+          f"top singular values")
+    for r in rows:
+        top = ", ".join(f"{x:.3g}" for x in r["singular_values"][:4])
+        print(f"{r['module']:<{width}}  {r['r']:>4}  {r['scale']:>7.4g}  {r['norm']:>10.4g}  "
+              f"{r['effective_rank_90']:>6}  {r['effective_rank_99']:>6}  {top}")
+    print()
+    for line in usage_summary(rows):
+        print(line)
+    if plot is not None:
+        print(f"heat map: {plot}")
+    return 0

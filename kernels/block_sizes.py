@@ -11,6 +11,7 @@ N; M may be ragged (the last row block is padded on read and masked on write).
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 
@@ -67,6 +68,39 @@ class BlockSizes:
             return None
         return BlockSizes(**sizes)
 
+    def fit_nf4(self, m: int, k: int, n: int, *, blocksize: int,
+                itemsize: int) -> BlockSizes | None:
+        """Like ``fit`` for the NF4 kernels (nf4_matmul.py), or None.
+
+        K blocks (block_k, block_k_dx) are multiples of ``lcm(256, blocksize)``
+        that divide K (a kernel tile is whole NF4 blocks and whole 128-lane
+        nibble-plane chunks), at most 128 NF4 blocks; N blocks follow ``fit``.
+        When M spans more than one row block the kernels keep a band of
+        dequantized tiles in VMEM (K x block_n forward, N x block_k_dx for dx);
+        those blocks are halved (down to the unit) until the band fits
+        ``NF4_CACHE_BYTES``, so each weight is dequantized once per pass.
+        """
+        unit = math.lcm(2 * LANE, blocksize)
+        if k % unit or n % LANE and n > self.block_n:
+            return None
+        sizes = dict(
+            block_m=_clip_rows(self.block_m, m),
+            block_n=_divisor_block(self.block_n, n),
+            block_k=_nf4_k_block(self.block_k, k, unit, blocksize),
+            block_m_dx=_clip_rows(self.block_m_dx, m),
+            block_k_dx=_nf4_k_block(self.block_k_dx, k, unit, blocksize),
+            block_n_dx=_divisor_block(self.block_n_dx, n),
+        )
+        if any(v is None for v in sizes.values()):
+            return None
+        if m > sizes["block_m"]:
+            sizes["block_n"] = _shrink_for_cache(sizes["block_n"], k * itemsize,
+                                                 n, LANE)
+        if m > sizes["block_m_dx"]:
+            sizes["block_k_dx"] = _shrink_for_cache(sizes["block_k_dx"],
+                                                    n * itemsize, k, unit)
+        return BlockSizes(**sizes)
+
 
 def _clip_rows(block: int, dim: int) -> int:
     return dim if dim <= block else block
@@ -83,6 +117,29 @@ def _divisor_block(block: int, dim: int) -> int | None:
     return None
 
 
+def _nf4_k_block(block: int, k: int, unit: int, blocksize: int) -> int | None:
+    """Largest multiple of unit dividing k, at most max(block, unit) and 128 NF4 blocks."""
+    limit = min(max(block, unit), 128 * blocksize)
+    best = None
+    for b in range(unit, min(limit, k) + 1, unit):
+        if k % b == 0:
+            best = b
+    return best
+
+
+def _shrink_for_cache(block: int, band_bytes_per_unit: int, dim: int,
+                      unit: int) -> int:
+    """Halves block (keeping it a divisor of dim) until the cached band fits."""
+    while (block * band_bytes_per_unit > NF4_CACHE_BYTES and block // 2 >= unit
+           and (block // 2) % unit == 0 and dim % (block // 2) == 0):
+        block //= 2
+    return block
+
+
+# VMEM for the NF4 kernels' band of dequantized tiles (see fit_nf4), leaving
+# room for the pipelined blocks under the 16 MiB scoped-VMEM default of v4/v5.
+NF4_CACHE_BYTES = 8 * 1024 * 1024
+
 # Per-generation starting points, keyed by ``device.device_kind``. Sized so that
 # the double-buffered bf16 tiles plus the fp32 accumulator stay well inside the
 # default scoped VMEM (16 MiB on v4/v5e/v5p, 32 MiB on v6e); they compile for
@@ -95,3 +152,10 @@ _DEFAULTS: dict[str, BlockSizes] = {
     "TPU v6 lite": BlockSizes(block_m=512, block_n=1024, block_k=512,
                               block_m_dx=512, block_k_dx=1024, block_n_dx=512),
 }
+
+# Tiles of the Triton GPU kernels (triton_lora.py, triton_nf4.py) when
+# impl="triton" gets no block_sizes: (M, N, K) of the forward and (M, K, N) of
+# dx, in BlockSizes' field order. Powers of two (tl.arange); every shape is
+# masked, so nothing needs to divide. A common Hopper/Ampere bf16 tile.
+TRITON_BLOCK_SIZES = BlockSizes(block_m=128, block_n=128, block_k=64,
+                                block_m_dx=128, block_k_dx=128, block_n_dx=64)

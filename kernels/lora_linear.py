@@ -29,6 +29,9 @@ import jax.numpy as jnp
 from jlora.kernels.block_sizes import LANE
 from jlora.kernels.block_sizes import SUBLANE
 from jlora.kernels.block_sizes import BlockSizes
+from jlora.kernels.dispatch import auto_impl
+from jlora.kernels.dispatch import require_triton
+from jlora.kernels.dispatch import triton_blocks
 from jlora.kernels.lora_vjp import lora_matmul
 
 IMPLS = ("auto", "xla", "pallas", "triton")
@@ -65,15 +68,17 @@ def lora_linear(x, w, a, b, *, scale, impl: str = "auto",
       scale: scalar, lora_alpha / r (or / sqrt(r) for rsLoRA); may be traced.
         It gets no gradient.
       impl: "pallas" (TPU Mosaic kernel; any backend with ``interpret=True``),
-        "xla" (two XLA dots, same custom backward), "triton" (GPU; needs
-        jax-triton, not implemented yet) or "auto": Pallas on TPU (or whenever
-        ``interpret``) when the shapes tile and the dtype is float32/bfloat16,
-        otherwise XLA.
+        "xla" (two XLA dots, same custom backward), "triton" (GPU Triton kernel
+        for y and dx through jax-triton: the ``gpu`` extra) or "auto": Pallas on
+        TPU (or whenever ``interpret``) when the shapes tile and the dtype is
+        float32/bfloat16; Triton on GPU when jax-triton imports; else XLA.
       interpret: run the Pallas kernels in interpret mode (CPU tests).
       block_sizes: explicit tiles (K and N blocks must divide K and N; M may be
         ragged); default ``BlockSizes.get_default()`` for the first local device,
         shrunk to fit (see ``BlockSizes.fit``). Pass them explicitly when
-        compiling ahead of time for another device.
+        compiling ahead of time for another device. For impl="triton" they are
+        the Triton tiles (powers of two, any shape; default
+        ``TRITON_BLOCK_SIZES``).
 
     Returns:
       y [..., N] in x's dtype.
@@ -118,13 +123,21 @@ def _check_args(x, w, a, b, scale, impl):
 
 
 def _resolve(impl, dtype, m, k, n, block_sizes, interpret):
-    """Picks the backend and the tiles: ("xla", None) or ("pallas", BlockSizes)."""
+    """Picks the backend and the tiles: ("xla", None), ("pallas" | "triton", BlockSizes)."""
     if impl == "xla" or 0 in (m, k, n):
         return "xla", None  # (an empty product has nothing to tile)
+    if impl == "auto":
+        impl = auto_impl(interpret)
+        auto = True
+    else:
+        auto = False
     if impl == "triton":
-        raise NotImplementedError(_triton_message())
+        require_triton()
+        return "triton", triton_blocks(block_sizes)
+    if impl == "xla":
+        return "xla", None
     pallas_ok_dtype = jnp.dtype(dtype) in PALLAS_DTYPES
-    if impl == "pallas":
+    if not auto:  # impl == "pallas"
         if not pallas_ok_dtype:
             raise TypeError(f"impl='pallas' supports {[d.name for d in PALLAS_DTYPES]},"
                             f" got x.dtype={jnp.dtype(dtype).name}; use impl='xla'")
@@ -137,8 +150,8 @@ def _resolve(impl, dtype, m, k, n, block_sizes, interpret):
                              f"must be multiples of {LANE} (or at most one block); "
                              "use impl='auto' to fall back to XLA")
         return "pallas", blocks
-    # impl == "auto"
-    if not pallas_ok_dtype or not (interpret or jax.default_backend() == "tpu"):
+    # impl == "auto" resolved to pallas: fall back to XLA where it cannot run.
+    if not pallas_ok_dtype:
         return "xla", None
     if block_sizes is not None:
         try:
@@ -175,13 +188,3 @@ def _clip_rows(bs: BlockSizes, m: int) -> BlockSizes:
     """A row block larger than M becomes the whole of M (always a legal block)."""
     return dataclasses.replace(bs, block_m=min(bs.block_m, m),
                                block_m_dx=min(bs.block_m_dx, m))
-
-
-def _triton_message() -> str:
-    try:
-        import jax_triton  # noqa: F401  pylint: disable=import-outside-toplevel
-    except ImportError:
-        return ("impl='triton' needs jax-triton, which is not installed "
-                "(pip install 'jlora[cuda]'); use impl='xla' on GPU")
-    return ("impl='triton': the Triton LoRA kernel is not implemented yet; use "
-            "impl='xla' on GPU")

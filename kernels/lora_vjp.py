@@ -7,7 +7,7 @@
     dw = 0        (w is frozen: never computed; a symbolic zero, like stop_gradient)
 
 The two [M, K] x [K, N]-sized products (y and dx) go through ``fused_matmul``
-(Pallas or XLA); the small rank-r products (xa, g, da, db) are plain XLA dots
+(Pallas, Triton or XLA); the small rank-r products (xa, g, da, db) are plain XLA dots
 with fp32 accumulation. Residuals are x, w, a, b, scale and xa; xa is saved
 rather than recomputed because it is only [M, r].
 """
@@ -44,6 +44,11 @@ def fused_matmul(lhs, rhs, lo, lo_rhs, *, transpose_rhs: bool, impl: str,
                           block_contract=bs.block_k)
         return fused_matmul_pallas(lhs, rhs, lo, lo_rhs, transpose_rhs=transpose_rhs,
                                    interpret=interpret, **blocks)
+    if impl == "triton":
+        from jlora.kernels import triton_lora  # pylint: disable=import-outside-toplevel
+        return triton_lora.fused_matmul_triton(
+            lhs, rhs, lo, lo_rhs, transpose_rhs=transpose_rhs,
+            block_sizes=block_sizes)
     raise ValueError(f"fused_matmul has no backend {impl=}")
 
 

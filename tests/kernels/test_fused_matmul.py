@@ -6,7 +6,6 @@ come back as NaN, out-of-bounds block rows included). A ragged last row block
 """
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.experimental.pallas import tpu as pltpu

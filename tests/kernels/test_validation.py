@@ -57,9 +57,3 @@ def test_option_errors():
     with pytest.raises(ValueError, match="multiple of 128"):
         kernels.lora_linear(x, w, a, b, scale=1.0, impl="pallas",
                             block_sizes=BlockSizes(16, 16, 32, 16, 32, 16))
-
-
-def test_triton_says_what_is_missing():
-    x, w, a, b = args()
-    with pytest.raises(NotImplementedError, match="impl='triton'"):
-        kernels.lora_linear(x, w, a, b, scale=1.0, impl="triton")

@@ -15,6 +15,11 @@ from jlora.llama_config import LlamaConfig
 # Buffers some older checkpoints carry that are recomputed, never loaded (transformers ignores them too).
 IGNORED = re.compile(r".*\.rotary_emb\.inv_freq$")
 
+# transformers + bitsandbytes store a 4-bit `P.weight` as `P.weight` (packed codes) plus these
+# `P.weight.<suffix>` tensors (jlora/nf4/bnb_layout.py).
+BNB_PART = re.compile(r"^(?P<weight>.+\.weight)(?:\.(?:absmax|quant_map|nested_absmax|nested_quant_map"
+                      r"|quant_state\..+))?$")
+
 
 @dataclasses.dataclass(frozen=True)
 class Entry:
@@ -44,6 +49,12 @@ def tensor_map(config: LlamaConfig) -> dict[str, Entry]:
                 if has_bias:
                     m[f"{prefix}.bias"] = Entry(base + (parent, name, "bias"), False)
     return m
+
+
+def bnb_weight_name(name: str) -> str | None:
+    """`P.weight` for any tensor of a bitsandbytes 4-bit weight (`P.weight`, `P.weight.absmax`, ...), else None."""
+    m = BNB_PART.match(name)
+    return m.group("weight") if m else None
 
 
 def get_attr_path(obj, path: tuple):

@@ -1,44 +1,63 @@
 """Merged export: a transformers checkpoint whose projections are W + scaling * B @ A.
 
-In Flax orientation kernel' = kernel + scaling * A @ B (computed in float32, cast to the model dtype),
-written as HF `weight = kernel'^T`, with config.json and the source's tokenizer files.
+In Flax orientation kernel' = kernel + scaling * A @ B (computed in float32, cast to the output dtype),
+written as HF `weight = kernel'^T`, with config.json and the source's tokenizer files. An NF4 projection
+is dequantized first, as bitsandbytes does (to the dtype it was quantized from), so a QLoRA model
+exports as a plain 16-bit checkpoint (Unsloth's `merged_16bit`) that transformers loads without
+bitsandbytes.
 """
 from __future__ import annotations
 
 import json
 import shutil
 from pathlib import Path
+from typing import Iterable
 
+import jax.numpy as jnp
 import numpy as np
 
+from jlora import nf4
 from jlora.convert.hf_names import tensor_map, variable_at
 from jlora.convert.safetensors_io import write_atomic, write_text_atomic
 from jlora.llama import LlamaForCausalLM
+from jlora.qlora import NF4Weight
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "generation_config.json")
 SHARD_BYTES = 5 * 1024**3
 
 
-def merged_tensors(model: LlamaForCausalLM):
-    """(HF name, numpy array in the model dtype) for every tensor, LoRA folded into its projection."""
+def merged_tensors(model: LlamaForCausalLM, dtype=None):
+    """(HF name, numpy array) for every tensor, LoRA folded into its projection and NF4 dequantized.
+
+    Arrays are in `dtype`, else in their variable's dtype (an NF4 projection: the model's dtype).
+    """
     for name, entry in tensor_map(model.config).items():
         var = variable_at(model, entry.path)
-        value = np.asarray(var[...])
-        if entry.path[-1] == "kernel":
-            linear = variable_at(model, entry.path[:-1])
+        linear = variable_at(model, entry.path[:-1]) if entry.path[-1] == "kernel" else None
+        if isinstance(var, NF4Weight):
+            q = var.get_value()
+            w = np.asarray(nf4.dequantize(q, jnp.dtype(q.dtype)).astype(jnp.float32))  # [out, in]
             if linear.lora is not None:
-                merged = value.astype(np.float32) + np.asarray(linear.lora.delta_kernel())
-                value = merged.astype(value.dtype)
+                w = w + np.asarray(linear.lora.delta_kernel()).T
+            yield name, w.astype(jnp.dtype(dtype or model.dtype))
+            continue
+        value = np.asarray(var[...])
+        out_dtype = jnp.dtype(dtype or value.dtype)
+        if linear is not None and linear.lora is not None:
+            value = value.astype(np.float32) + np.asarray(linear.lora.delta_kernel())
+        value = value.astype(out_dtype)
         yield name, value.T if entry.transpose else value
 
 
-def save_merged(model: LlamaForCausalLM, out_dir, *, shard_bytes: int = SHARD_BYTES) -> Path:
-    """Writes model.safetensors (sharded with an index above `shard_bytes`), config.json, tokenizer files."""
+def write_checkpoint(tensors: Iterable[tuple[str, np.ndarray]], hf_config: dict, out_dir, *,
+                     source_dir: str | None = None, shard_bytes: int = SHARD_BYTES) -> Path:
+    """model.safetensors (sharded with an index above `shard_bytes`), config.json and the tokenizer files
+    of `source_dir`."""
     out_dir = Path(out_dir)
     shards: list[dict[str, np.ndarray]] = [{}]
     size = 0
-    for name, value in merged_tensors(model):
+    for name, value in tensors:
         if size and size + value.nbytes > shard_bytes:
             shards.append({})
             size = 0
@@ -55,14 +74,29 @@ def save_merged(model: LlamaForCausalLM, out_dir, *, shard_bytes: int = SHARD_BY
         total = sum(v.nbytes for s in shards for v in s.values())
         write_text_atomic(out_dir / "model.safetensors.index.json",
                           json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    write_text_atomic(out_dir / "config.json", json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
+    if source_dir:
+        for f in TOKENIZER_FILES:
+            if (Path(source_dir) / f).exists():
+                shutil.copy2(Path(source_dir) / f, out_dir / f)
+    return out_dir
+
+
+def hf_config_with_dtype(model: LlamaForCausalLM, dtype) -> dict:
+    """The model's config.json dict with its dtype field set and any quantization_config removed."""
     hf = dict(model.config.hf_config)
     hf.pop("quantization_config", None)
-    dtype_name = np.dtype(model.dtype).name
-    hf["torch_dtype" if "torch_dtype" in hf else "dtype"] = dtype_name
-    write_text_atomic(out_dir / "config.json", json.dumps(hf, indent=2, sort_keys=True) + "\n")
-    source = getattr(model, "source_dir", None)
-    if source:
-        for f in TOKENIZER_FILES:
-            if (Path(source) / f).exists():
-                shutil.copy2(Path(source) / f, out_dir / f)
-    return out_dir
+    hf["torch_dtype" if "torch_dtype" in hf else "dtype"] = jnp.dtype(dtype).name
+    return hf
+
+
+def save_merged(model: LlamaForCausalLM, out_dir, *, dtype=None, shard_bytes: int = SHARD_BYTES) -> Path:
+    """Writes model.safetensors (sharded with an index above `shard_bytes`), config.json, tokenizer files.
+
+    `dtype` (default: the model's) is the dtype of every tensor written, e.g. "bfloat16" for a
+    16-bit export of a float32 or NF4 model. NF4 projections are dequantized; no quantization_config
+    is written, so the result loads in plain transformers.
+    """
+    dtype = jnp.dtype(dtype or model.dtype)
+    return write_checkpoint(merged_tensors(model, dtype), hf_config_with_dtype(model, dtype), out_dir,
+                            source_dir=getattr(model, "source_dir", None), shard_bytes=shard_bytes)

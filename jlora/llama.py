@@ -16,13 +16,19 @@ from flax import nnx
 
 from jlora.llama_config import LlamaConfig
 from jlora.lora_layer import LoRA
+from jlora.nf4 import NF4Tensor
+from jlora.qlora import nf4_matmul
 from jlora.rope import apply_rotary, cos_sin, inverse_frequencies
 
 Dtype = jnp.dtype
 
 
 class Linear(nnx.Module):
-    """A frozen projection `x @ kernel + bias` (kernel [in, out]) with an optional LoRA adapter."""
+    """A frozen projection `x @ kernel + bias` (kernel [in, out]) with an optional LoRA adapter.
+
+    `kernel` is an `nnx.Param` [in, out], or after `jlora.quantize_model` an `NF4Weight` holding the
+    weight in torch orientation [out, in] as bitsandbytes stores it (see jlora/qlora.py).
+    """
 
     def __init__(self, in_features: int, out_features: int, *, use_bias: bool, dtype: Dtype,
                  param_dtype: Dtype, init_std: float, rngs: nnx.Rngs):
@@ -35,7 +41,11 @@ class Linear(nnx.Module):
 
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
         x = x.astype(self.dtype)
-        y = x @ self.kernel[...].astype(self.dtype)
+        kernel = self.kernel.get_value()
+        if isinstance(kernel, NF4Tensor):
+            y = nf4_matmul(x, kernel)
+        else:
+            y = x @ kernel.astype(self.dtype)
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         if self.lora is not None:

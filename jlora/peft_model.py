@@ -10,6 +10,7 @@ from flax import nnx
 from jlora.llama import Linear, LlamaForCausalLM
 from jlora.lora_config import LoraConfig
 from jlora.lora_layer import LoRA, LoRAParam
+from jlora.qlora import NF4Weight
 
 
 def linear_modules(model: LlamaForCausalLM) -> Iterator[tuple[str, Linear]]:
@@ -58,13 +59,22 @@ def get_peft_model(model: LlamaForCausalLM, config: LoraConfig, *, rngs: nnx.Rng
 
 
 def trainable_parameters(model: nnx.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts: trainable = LoRA A and B; total = every Param, as PEFT counts."""
+    """(trainable, total) parameter counts as PEFT's `get_nb_trainable_parameters` gives them.
+
+    trainable = LoRA A and B; total = every Param plus the NF4 weights, each counted as PEFT counts a
+    bitsandbytes `Params4bit`: twice its packed uint8 bytes (2 * ceil(out * in / 2)).
+    """
     trainable = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, LoRAParam)))
     total = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    quantized = nnx.state(model, NF4Weight)
+    total += sum(2 * int(np.prod(v.get_value().codes.shape)) for _, v in nnx.to_flat_state(quantized))
     return trainable, total
 
 
 def print_trainable_parameters(model: nnx.Module) -> None:
-    """Prints PEFT's line: `trainable params: N || all params: M || trainable%: P`."""
+    """Prints PEFT's line `trainable params: N || all params: M || trainable%: P`, then bytes by kind."""
+    from jlora.memory import memory_report
+
     trainable, total = trainable_parameters(model)
     print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
+    print(memory_report(model))

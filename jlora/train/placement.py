@@ -6,16 +6,21 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from jlora.train.sharding import batch_sharding, param_spec
+from jlora.nf4 import NF4Tensor
+from jlora.train.sharding import batch_sharding, nf4_specs, param_spec
 from jlora.train.state import path_name
 
 
 def shard_state(state: nnx.State, mesh: Mesh) -> nnx.State:
-    """Each frozen array placed by its name's rule (kernels over fsdp/tensor, norms replicated)."""
+    """Each frozen array placed by its name's rule (kernels over fsdp/tensor, norms replicated, NF4 codes
+    split along their flat axis)."""
     items = []
     for p, v in nnx.to_flat_state(state):
         value = v.get_value()
-        if hasattr(value, "shape"):
+        if isinstance(value, NF4Tensor):
+            specs = nf4_specs(value, mesh)
+            value = jax.tree.map(lambda a, s: jax.device_put(a, NamedSharding(mesh, s)), value, specs)
+        elif hasattr(value, "shape"):
             value = jax.device_put(value, NamedSharding(mesh, param_spec(path_name(p), value.shape, mesh)))
         items.append((p, v.replace(value)))
     return nnx.from_flat_state(items)

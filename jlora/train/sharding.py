@@ -3,10 +3,13 @@
 Base kernels [in, out]: column-parallel projections (q, k, v, gate, up, lm_head) shard in over fsdp and
 out over tensor; row-parallel ones (o, down) shard in over tensor and out over fsdp. Adapters follow
 their base weight: A [in, r] takes W's input axis, B [r, out] its output axis, r replicated. Optimizer
-state mirrors the params; batches shard their rows over (data, fsdp).
+state mirrors the params; batches shard their rows over (data, fsdp). An NF4 kernel's packed codes and
+block scales are 1-D runs over the flattened [out, in] weight: they shard contiguously over
+(fsdp, tensor), which cuts the weight into row blocks; the small nested statistics replicate.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 
@@ -65,6 +68,15 @@ def param_spec(name: str, shape: tuple, mesh: Mesh) -> P:
     if name.endswith("embed_tokens.weight"):
         return _fit(("tensor", "fsdp"), shape, mesh)
     return P()  # norms, biases, scalars: replicated
+
+
+def nf4_specs(q, mesh: Mesh):
+    """The PartitionSpecs of an NF4Tensor's arrays (an NF4Tensor of specs): codes and absmax split along
+    their one axis over (fsdp, tensor) where each device gets whole blocks, the rest replicated."""
+    shards = mesh.shape["fsdp"] * mesh.shape["tensor"]
+    blocks, partial = divmod(q.size, q.blocksize)
+    flat = P(("fsdp", "tensor")) if shards > 1 and not partial and blocks % shards == 0 else P()
+    return dataclasses.replace(q, codes=flat, absmax=flat, nested_absmax=P(), offset=P(), nested_code=P())
 
 
 def shard_flat(flat: dict, mesh: Mesh) -> dict:

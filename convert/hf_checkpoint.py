@@ -79,7 +79,7 @@ def load_hf(model_dir, dtype="float32", *, allow_pickle: bool = False, quantize:
     hf = read_config(model_dir)
     if quantize is not None or hf.get("quantization_config"):
         from jlora.convert.quantized import load_quantized  # QLoRA path
-        return load_quantized(model_dir, hf, dtype=dtype, quantize=quantize)
+        return load_quantized(model_dir, hf, dtype=dtype, quantize=quantize, allow_pickle=allow_pickle)
     config = LlamaConfig.from_hf_dict(hf, where=str(model_dir / "config.json"))
     files = weight_files(model_dir, allow_pickle=allow_pickle)
     model = abstract_model(config, dtype=dtype)

@@ -154,6 +154,16 @@ class LlamaModel(nnx.Module):
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
 
 
+def _rematerialized(layer: DecoderLayer, h, cos, sin, mask):
+    """layer(h) whose activations are recomputed in the backward pass (jax.checkpoint over its state)."""
+    graphdef, state = nnx.split(layer)
+
+    def run(state, h, cos, sin, mask):
+        return nnx.merge(graphdef, state)(h, cos, sin, mask)
+
+    return jax.checkpoint(run)(state, h, cos, sin, mask)
+
+
 class LlamaForCausalLM(nnx.Module):
     """`model(input_ids, positions=None, segment_ids=None) -> logits [batch, seq, vocab]`.
 
@@ -187,7 +197,7 @@ class LlamaForCausalLM(nnx.Module):
         h = self.model.embed_tokens(input_ids)
         for layer in self.model.layers:
             if self.remat:
-                h = nnx.remat(lambda lyr, x, c, s, m: lyr(x, c, s, m))(layer, h, cos, sin, mask)
+                h = _rematerialized(layer, h, cos, sin, mask)
             else:
                 h = layer(h, cos, sin, mask)
         return self.model.norm(h)

@@ -7,12 +7,9 @@ import sys
 
 import yaml
 
+from jlora.train.config import DEMO_SETTINGS as DEMO
 from jlora.train.config import TrainConfig
 
-# Settings of the embedded-default demo (tiny random base, bundled data) unless the user chose otherwise:
-# a higher learning rate and alpha = 2r so the loss falls to well under half in ~1 minute on a CPU.
-DEMO = dict(r=16, lora_alpha=32, lr=3e-3, steps=150, batch_size=16, seq_len=64, packing=True, dtype="float32",
-            eval_every=25, save_every=50, warmup_steps=10)
 
 
 def register(sub):

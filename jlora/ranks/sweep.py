@@ -15,13 +15,11 @@ import json
 import math
 from pathlib import Path
 
+from jlora.train.config import DEMO_SETTINGS as DEMO_DEFAULTS
 from jlora.train.config import TrainConfig
 
 RISE = 1e-3   # relative change that counts as "rising" / "falling"
 RUN_FILES = ("metrics.jsonl", "checkpoints", "run_config.json")
-# `jlora train`'s settings for the embedded default (jlora/commands/train.py `run`).
-DEMO_DEFAULTS = dict(r=16, lora_alpha=32, lr=3e-3, steps=150, batch_size=16, seq_len=64, packing=True,
-                     dtype="float32", eval_every=25, save_every=50, warmup_steps=10)
 
 
 def parse_ranks(text: str) -> list[int]:

@@ -15,6 +15,7 @@ from jlora.lora_config import TARGET_PRESETS
 from jlora.llama import LlamaForCausalLM
 from jlora.llama import abstract_model
 from jlora.llama import init_random
+from jlora.llama import use_kernels
 from jlora import nf4
 from jlora.qlora import NF4Config
 from jlora.qlora import NF4Weight

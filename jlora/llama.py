@@ -38,10 +38,13 @@ class Linear(nnx.Module):
         self.bias = nnx.data(nnx.Param(jnp.zeros((out_features,), param_dtype)) if use_bias else None)
         self.dtype = dtype
         self.lora: LoRA | None = nnx.data(None)
+        self.kernel_impl: str | None = None  # set by `use_kernels`: "auto" | "xla" | "pallas" | "triton"
 
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
         x = x.astype(self.dtype)
         kernel = self.kernel.get_value()
+        if self.kernel_impl is not None and self.lora is not None and self.lora.dropout is None:
+            return self._fused(x, kernel)
         if isinstance(kernel, NF4Tensor):
             y = nf4_matmul(x, kernel)
         else:
@@ -50,6 +53,18 @@ class Linear(nnx.Module):
             y = y + self.bias[...].astype(self.dtype)
         if self.lora is not None:
             y = y + self.lora(x)
+        return y
+
+    def _fused(self, x: jnp.ndarray, kernel) -> jnp.ndarray:
+        """The same y through jlora.kernels (frozen matmul and low-rank path in one op, no dW)."""
+        from jlora import kernels
+
+        a, b = self.lora.a[...], self.lora.b[...]
+        op = kernels.nf4_lora_linear if isinstance(kernel, NF4Tensor) else kernels.lora_linear
+        w = kernel if isinstance(kernel, NF4Tensor) else kernel.astype(self.dtype)
+        y = op(x, w, a, b, scale=self.lora.scaling, impl=self.kernel_impl)
+        if self.bias is not None:
+            y = y + self.bias[...].astype(self.dtype)
         return y
 
 
@@ -221,3 +236,16 @@ def abstract_model(config: LlamaConfig, *, dtype="float32") -> LlamaForCausalLM:
     return nnx.eval_shape(lambda: LlamaForCausalLM(config, dtype=dtype, rngs=nnx.Rngs(0)))
 
 
+
+
+def use_kernels(model: nnx.Module, impl: str | None = "auto") -> nnx.Module:
+    """Routes every adapted projection through `jlora.kernels` (`impl`: auto | xla | pallas | triton), or
+    back to the plain jnp path with None. Projections with active LoRA dropout keep the plain path."""
+    from jlora.kernels import IMPLS
+
+    if impl is not None and impl not in IMPLS:
+        raise ValueError(f"kernel impl {impl!r} is not one of {list(IMPLS)} (or None for the plain path)")
+    for _, module in nnx.iter_graph(model):
+        if isinstance(module, Linear):
+            module.kernel_impl = impl
+    return model

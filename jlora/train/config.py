@@ -42,6 +42,7 @@ class TrainConfig:
     dtype: str = "bfloat16"           # compute and base-weight dtype; adapters stay float32
     remat: bool = False
     quantize: str | None = None       # "nf4": QLoRA
+    kernels: str | None = None        # fused LoRA kernels: auto | xla | pallas | triton; None: plain jnp
     # parallelism
     mesh: str | None = None           # e.g. "data=2,fsdp=2,tensor=2"; default all devices on data
     # bookkeeping

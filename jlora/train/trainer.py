@@ -20,6 +20,7 @@ import numpy as np
 from flax import nnx
 
 from jlora.data import BatchIterator, DataError, load_examples, read_jsonl, split_holdout, tokenize_records
+from jlora.llama import use_kernels
 from jlora.lora_config import TARGET_PRESETS, LoraConfig
 from jlora.peft_model import get_peft_model, trainable_parameters
 from jlora.train.checkpoints import Checkpoints
@@ -119,6 +120,8 @@ class Trainer:
                                  use_rslora=c.use_rslora, target_modules=_targets(c.targets))
         model = get_peft_model(model, lora_config, rngs=nnx.Rngs(params=c.seed, dropout=c.seed + 1))
         model.remat = c.remat
+        if c.kernels:
+            use_kernels(model, c.kernels)
         trainable, total = trainable_parameters(model)
         self.log(f"model: {model_dir} ({c.dtype}); LoRA r={c.r} alpha={c.lora_alpha} on {c.targets}: "
                  f"trainable params: {trainable:,d} || all params: {total:,d} || "

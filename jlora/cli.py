@@ -8,6 +8,7 @@ import sys
 # Subcommand modules, in the order `jlora --help` lists them.
 COMMANDS = [
     "jlora.commands.train",
+    "jlora.commands.plan",
     "jlora.commands.ranks",
     "jlora.commands.sweep",
     "jlora.commands.inspect",

@@ -1,0 +1,265 @@
+"""`plan(PlanRequest(...)) -> Plan`: does a LoRA/QLoRA training step fit a TPU slice, with which settings, how fast.
+
+For a TPU topology the real train step (jlora.train.step, the trainer's shardings and optimizer) is
+lowered with abstract arguments and compiled by libtpu for that generation; memory and cost come from
+the compiler. For GPUs (h100, h200) there is no compiler here: memory is estimated by abstract
+evaluation (jlora.plan.estimate) and FLOPs counted from the architecture, and the plan says so.
+
+remat "auto" tries none, then full, and keeps the first that fits. A setting whose arguments alone
+exceed HBM, or whose estimate is over twice HBM, is reported without compiling it (a refused compile
+still costs minutes).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+from jlora.plan.arguments import ArraySizes, abstract_step
+from jlora.plan.compile_step import EFFORTS, compile_step
+from jlora.plan.estimate import ActivationModel, estimate_bytes_per_device
+from jlora.plan.flops import flops_per_token, forward_flops_per_token
+from jlora.plan.hardware import Topology, parse_topology, tpu_devices
+from jlora.plan.model import (PlanError, abstract_lora_model, checkpoint_quantization, lora_config,
+                              model_config)
+from jlora.plan.roofline import Roofline, roofline
+from jlora.train.sharding import AXES, parse_mesh
+
+REMAT = {"auto": ("none", "full"), "none": ("none",), "full": ("full",)}
+SKIP_FACTOR = 2.0  # estimate over this many HBMs: not worth a compile
+
+
+@dataclasses.dataclass(frozen=True)
+class PlanRequest:
+    model: str
+    topology: str
+    batch_size: int
+    seq_len: int
+    mesh: str | None = None
+    quantize: str | None = None
+    r: int = 16
+    lora_alpha: float | None = None
+    targets: str = "all-linear"
+    dtype: str = "bfloat16"
+    remat: str = "auto"
+    grad_accum: int = 1
+    effort: str = "fast"
+    suggest: bool = True
+    max_compiles: int = 2     # extra compiles the suggestion may spend verifying itself
+
+
+@dataclasses.dataclass
+class Attempt:
+    """One (remat, mesh, batch) setting and what is known of its memory per chip."""
+    remat: str
+    mesh: dict
+    batch_size: int
+    grad_accum: int
+    fits: bool
+    bytes_per_chip: int
+    source: str                   # compiled | refused by the compiler | arguments alone | estimate
+    exact: bool                   # bytes from the compiler's memory analysis
+    memory: dict = dataclasses.field(default_factory=dict)     # per chip, by part
+    flops_per_chip: float | None = None
+    bytes_accessed_per_chip: float | None = None
+    compile_seconds: float = 0.0
+    estimate_bytes_per_chip: int = 0
+    note: str = ""
+
+
+@dataclasses.dataclass
+class Plan:
+    request: PlanRequest
+    topology: Topology
+    quantize: str | None
+    devices: int
+    devices_per_chip: int
+    total_params: int
+    trainable_params: int
+    attempts: list
+    chosen: Attempt
+    roofline: Roofline
+    tokens_per_step: int
+    estimate: bool                # no compiler: GPU
+    suggestion: object = None     # jlora.plan.suggest.Suggestion
+    notes: list = dataclasses.field(default_factory=list)
+
+    @property
+    def fits(self) -> bool:
+        return self.chosen.fits
+
+    @property
+    def bytes_per_chip(self) -> int:
+        return self.chosen.bytes_per_chip
+
+    @property
+    def hbm_bytes_per_chip(self) -> int:
+        return self.topology.chip.hbm_bytes
+
+
+def default_mesh(devices: int, batch_size: int) -> dict:
+    """All devices on fsdp when the batch rows split that far; what is left over goes to tensor."""
+    fsdp = max(f for f in range(1, devices + 1) if devices % f == 0 and batch_size % f == 0)
+    return {"data": 1, "fsdp": fsdp, "tensor": devices // fsdp}
+
+
+def mesh_text(sizes: dict) -> str:
+    return ",".join(f"{a}={sizes[a]}" for a in AXES)
+
+
+class Planner:
+    """Holds what every attempt shares: the abstract model, its array sizes, the activation model, devices."""
+
+    def __init__(self, request: PlanRequest, *, log=lambda *_: None):
+        if request.remat not in REMAT:
+            raise PlanError(f"--remat {request.remat!r}: expected one of {', '.join(REMAT)}")
+        if request.effort not in EFFORTS:
+            raise PlanError(f"--compile-effort {request.effort!r}: expected one of {', '.join(EFFORTS)}")
+        if request.batch_size < 1 or request.seq_len < 1 or request.grad_accum < 1:
+            raise PlanError("--batch-size, --seq-len and --grad-accum must be positive")
+        self.request, self.log = request, log
+        self.topology = parse_topology(request.topology)
+        self.config = model_config(request.model)
+        self.quantize = request.quantize or checkpoint_quantization(request.model)
+        self.lora = lora_config(request.r, request.lora_alpha, request.targets)
+        self.model = self.build(self.config)
+        self.sizes = ArraySizes.of(self.model)
+        self.activations = ActivationModel.measure(self.build, self.config, seq_len=request.seq_len)
+        if self.topology.is_tpu:
+            self.devices = tpu_devices(self.topology)
+            chips = len({tuple(d.coords) for d in self.devices})
+            self.devices_per_chip = len(self.devices) // chips
+        else:
+            self.devices = None
+            self.devices_per_chip = 1
+        self.n_devices = self.topology.chips * self.devices_per_chip
+        self.compile_seconds = 0.0
+
+    def build(self, config):
+        return abstract_lora_model(config, lora=self.lora, dtype=self.request.dtype, quantize=self.quantize)
+
+    # -- one setting ---------------------------------------------------------------------------------
+    def estimate(self, sizes: dict, batch_size: int, remat: str) -> int:
+        """Estimated bytes per chip (abstract evaluation) of a setting."""
+        args = self.sizes.per_device(sizes)
+        rows = batch_size / (sizes["data"] * sizes["fsdp"])
+        per_device = estimate_bytes_per_device(sum(args.values()), args["params"], self.activations,
+                                               rows_per_device=rows, remat=remat == "full",
+                                               tensor=sizes["tensor"], fsdp=sizes["fsdp"])
+        return per_device * self.devices_per_chip
+
+    def attempt(self, sizes: dict, batch_size: int, remat: str, grad_accum: int | None = None) -> Attempt:
+        grad_accum = grad_accum or self.request.grad_accum
+        hbm, dpc = self.topology.chip.hbm_bytes, self.devices_per_chip
+        args = {k: v * dpc for k, v in self.sizes.per_device(sizes).items()}
+        estimate = self.estimate(sizes, batch_size, remat)
+        base = dict(remat=remat, mesh=dict(sizes), batch_size=batch_size, grad_accum=grad_accum,
+                    estimate_bytes_per_chip=estimate)
+        if sum(args.values()) > hbm:
+            return Attempt(fits=False, bytes_per_chip=sum(args.values()), source="arguments alone", exact=False,
+                           memory={"arguments": sum(args.values()), **args}, **base,
+                           note="frozen weights, adapters and optimizer state alone exceed HBM; not compiled")
+        if not self.topology.is_tpu:
+            return Attempt(fits=estimate <= hbm, bytes_per_chip=estimate, source="estimate", exact=False,
+                           memory={"arguments": sum(args.values()), **args,
+                                   "activations and gradients": estimate - sum(args.values())}, **base)
+        if estimate > SKIP_FACTOR * hbm:
+            return Attempt(fits=False, bytes_per_chip=estimate, source="estimate", exact=False,
+                           memory={"arguments": sum(args.values()), **args,
+                                   "activations and gradients": estimate - sum(args.values())}, **base,
+                           note=f"estimated over {SKIP_FACTOR:g}x HBM; not compiled")
+        return self.compile(sizes, batch_size, remat, grad_accum, base)
+
+    def compile(self, sizes, batch_size, remat, grad_accum, base) -> Attempt:
+        from jlora.train.sharding import make_mesh
+
+        mesh = make_mesh(mesh_text(sizes), devices=self.devices)
+        self.model.remat = remat == "full"
+        step = abstract_step(self.model, mesh, batch_size=batch_size, seq_len=self.request.seq_len,
+                             grad_accum=grad_accum)
+        self.log(f"compiling for {self.topology.name}: mesh {mesh_text(sizes)}, batch {batch_size}, remat {remat} ...")
+        result = compile_step(step, effort=self.request.effort)
+        self.compile_seconds += result.lower_seconds + result.compile_seconds
+        dpc = self.devices_per_chip
+        groups = {k: v * dpc for k, v in step.bytes_per_device().items()}
+        memory = {"arguments": result.argument_bytes * dpc, "frozen": groups["frozen"], "params": groups["params"],
+                  "opt_state": groups["opt_state"], "batch": groups["batch"] + groups["key"] + groups["step"],
+                  "outputs": result.output_bytes * dpc, "donated": result.alias_bytes * dpc,
+                  "temporaries": result.temp_bytes * dpc, "code": result.code_bytes * dpc}
+        total = result.total_bytes * dpc
+        seconds = result.lower_seconds + result.compile_seconds
+        if not result.compiled:
+            return Attempt(fits=False, bytes_per_chip=total, source="refused by the compiler", exact=False,
+                           memory=memory, compile_seconds=seconds, **base,
+                           note=f"XLA: {result.error}; temporaries are as XLA rounds them")
+        # cost_analysis counts the micro-batch loop's body once, not once per trip.
+        scale = dpc * grad_accum
+        return Attempt(fits=total <= self.topology.chip.hbm_bytes, bytes_per_chip=total, source="compiled",
+                       exact=True, memory=memory, compile_seconds=seconds,
+                       flops_per_chip=(result.flops or 0.0) * scale,
+                       bytes_accessed_per_chip=(result.bytes_accessed or 0.0) * scale, **base)
+
+    # -- the whole plan ------------------------------------------------------------------------------
+    def mesh_sizes(self) -> dict:
+        r = self.request
+        if r.mesh:
+            try:
+                sizes = parse_mesh(r.mesh, self.n_devices)
+            except ValueError as e:
+                raise PlanError(f"{e} ({self.topology.name} has {self.n_devices} devices)") from None
+        else:
+            sizes = default_mesh(self.n_devices, r.batch_size)
+        rows = sizes["data"] * sizes["fsdp"]
+        if r.batch_size % rows:
+            raise PlanError(f"--batch-size {r.batch_size} must be a multiple of data x fsdp = {rows} "
+                            f"(mesh {mesh_text(sizes)})")
+        return sizes
+
+    def roofline_of(self, attempt: Attempt) -> Roofline:
+        r = self.request
+        tokens = attempt.batch_size * attempt.grad_accum * r.seq_len
+        per_token = flops_per_token(self.config, self.lora, r.seq_len)
+        model_flops = tokens * per_token
+        chips = self.topology.chips
+        if attempt.flops_per_chip:
+            return roofline(flops_per_chip=attempt.flops_per_chip, bytes_per_chip=attempt.bytes_accessed_per_chip,
+                            chip=self.topology.chip, chips=chips, model_flops=model_flops)
+        # No compiler numbers: model FLOPs (+ the recomputed forward under remat) and a traffic estimate:
+        # each pass reads this chip's share of the gathered weights; activations are written and read back.
+        passes = 3 if attempt.remat == "full" else 2
+        forward = forward_flops_per_token(self.config, self.lora, r.seq_len) if attempt.remat == "full" else 0.0
+        flops = tokens * (per_token + forward) / chips
+        weights = self.sizes.total()["frozen"] / attempt.mesh["tensor"]
+        rows = attempt.batch_size * attempt.grad_accum / (attempt.mesh["data"] * attempt.mesh["fsdp"])
+        acts = 2 * self.activations.bytes(rows=rows, remat=attempt.remat == "full", tensor=attempt.mesh["tensor"],
+                                          fsdp=attempt.mesh["fsdp"])
+        traffic = (passes * weights * attempt.grad_accum + acts) * self.devices_per_chip
+        return roofline(flops_per_chip=flops, bytes_per_chip=traffic, chip=self.topology.chip, chips=chips,
+                        model_flops=model_flops)
+
+    def run(self) -> Plan:
+        r = self.request
+        sizes = self.mesh_sizes()
+        attempts = []
+        for remat in REMAT[r.remat]:
+            attempts.append(self.attempt(sizes, r.batch_size, remat))
+            if attempts[-1].fits or attempts[-1].source == "arguments alone":
+                break
+        chosen = next((a for a in attempts if a.fits), attempts[-1])
+        trainable = sum(math.prod(v.shape) for v in self.sizes.params.values())
+        total = trainable + sum(math.prod(v.shape) for _, v in self.sizes.frozen)  # NF4: its logical shape
+        plan = Plan(request=r, topology=self.topology, quantize=self.quantize, devices=self.n_devices,
+                    devices_per_chip=self.devices_per_chip, total_params=total, trainable_params=trainable,
+                    attempts=attempts, chosen=chosen, roofline=self.roofline_of(chosen),
+                    tokens_per_step=r.batch_size * r.grad_accum * r.seq_len, estimate=not self.topology.is_tpu)
+        if self.devices_per_chip > 1:
+            plan.notes.append(f"libtpu describes {self.topology.chip.name} as {self.devices_per_chip} devices per "
+                              f"chip (one per TensorCore): the mesh spans {self.n_devices} devices; memory is per chip")
+        if not chosen.fits and r.suggest:
+            from jlora.plan.suggest import suggest
+            plan.suggestion = suggest(self, attempts)
+        return plan
+
+
+def plan(request: PlanRequest, *, log=lambda *_: None) -> Plan:
+    """Plans `request`; see the module docstring."""
+    return Planner(request, log=log).run()

@@ -1,0 +1,123 @@
+"""A Plan as text for people and as JSON for scripts (`fits` and `bytes_per_chip` always present)."""
+from __future__ import annotations
+
+import dataclasses
+
+from jlora.plan.planner import Attempt, Plan, mesh_text
+
+GiB = 1 << 30
+
+
+def gib(n: float) -> str:
+    """Bytes in GiB, or MiB below one GiB."""
+    return f"{n / GiB:.2f} GiB" if abs(n) >= GiB else f"{n / (1 << 20):.1f} MiB"
+
+
+def flop(n: float) -> str:
+    return f"{n / 1e12:,.1f} TFLOP" if n >= 1e12 else f"{n / 1e9:,.2f} GFLOP"
+
+
+def step_time(s: float) -> str:
+    return f"{s:.3f} s" if s >= 0.01 else f"{s * 1e3:.3f} ms"
+
+
+def seconds(s: float) -> str:
+    return f"{s:.0f} s" if s < 120 else f"{s // 60:.0f} min {s % 60:.0f} s"
+
+
+def _source(a: Attempt) -> str:
+    if a.source == "compiled":
+        return f"compiled ({seconds(a.compile_seconds)})"
+    if a.source == "refused by the compiler":
+        return f"compiler: out of memory ({seconds(a.compile_seconds)})"
+    return a.source
+
+
+def format_text(plan: Plan) -> str:
+    r, t, a = plan.request, plan.topology, plan.chosen
+    hbm = plan.hbm_bytes_per_chip
+    base = "NF4" if plan.quantize else r.dtype
+    lines = [
+        f"jlora plan: {r.model}, LoRA r={r.r} on {r.targets} ({plan.trainable_params:,} trainable of "
+        f"{plan.total_params:,}), {base} base weights",
+        f"topology {t.name}: {t.chips} x {t.chip.name}, {gib(hbm)} HBM, {t.chip.peak_flops / 1e12:.0f} TFLOP/s bf16, "
+        f"{t.chip.hbm_bandwidth / 1e9:,.0f} GB/s per chip",
+        f"step: {r.batch_size} x {r.seq_len} tokens" + (f" x {r.grad_accum} micro-batches" if r.grad_accum > 1 else "")
+        + f", mesh {mesh_text(a.mesh)}",
+    ]
+    if plan.estimate:
+        lines.append("ESTIMATE: no compiler for GPUs here; memory from abstract evaluation, FLOPs from the "
+                     "architecture")
+    lines += ["", f"  {'remat':<6}{'per chip':>12}  {'fits':<5}how known"]
+    for x in plan.attempts:
+        lines.append(f"  {x.remat:<6}{gib(x.bytes_per_chip):>12}  {'yes' if x.fits else 'no':<5}{_source(x)}"
+                     + (f": {x.note}" if x.note and x.source != "refused by the compiler" else ""))
+    m = a.memory
+    lines += ["", f"memory per chip (remat {a.remat}, {'compiler' if a.exact else 'estimate'}):"]
+    if "temporaries" in m:
+        lines += [
+            f"  arguments    {gib(m['arguments']):>11}  (frozen {gib(m['frozen'])}, adapters {gib(m['params'])}, "
+            f"AdamW state {gib(m['opt_state'])})",
+            f"  outputs      {gib(m['outputs']):>11}  ({gib(m['donated'])} of them in donated argument buffers)",
+            f"  temporaries  {gib(m['temporaries']):>11}" + ("" if a.exact else "  (as XLA rounded it when refusing)"),
+            f"  code         {gib(m['code']):>11}",
+        ]
+    else:
+        lines.append(f"  arguments    {gib(m['arguments']):>11}  (frozen {gib(m['frozen'])}, adapters "
+                     f"{gib(m['params'])}, AdamW state {gib(m['opt_state'])})")
+        if "activations and gradients" in m:
+            lines.append(f"  activations  {gib(m['activations and gradients']):>11}  (saved for backward, + gradients)")
+    free = hbm - a.bytes_per_chip
+    lines.append(f"  total        {gib(a.bytes_per_chip):>11}  of {gib(hbm)}: "
+                 + (f"FITS ({gib(free)} free)" if a.fits else f"DOES NOT FIT (over by {gib(-free)})"
+                    if free < 0 else "DOES NOT FIT"))
+    rf = plan.roofline
+    if a.fits or a.flops_per_chip:
+        how = "compiler cost analysis" if a.flops_per_chip else "counted from the architecture (estimate)"
+        flops = rf.compute_seconds * rf.peak_flops
+        traffic = rf.memory_seconds * t.chip.hbm_bandwidth
+        lines += ["", f"per step and chip ({how}): {flop(flops)}, {traffic / 1e9:,.2f} GB of HBM traffic",
+                  f"roofline: {step_time(rf.step_seconds)}/step ({rf.bound}-bound; compute {step_time(rf.compute_seconds)}, "
+                  f"HBM {step_time(rf.memory_seconds)}) -> {plan.tokens_per_step / rf.step_seconds:,.0f} tokens/s, "
+                  f"MFU {100 * rf.mfu:.1f}% (model FLOPs {rf.model_flops:.3g}/step; no communication counted)"]
+    if plan.suggestion is not None:
+        s = plan.suggestion
+        lines += ["", f"suggestion ({s.reason}): --topology {s.topology} {s.flags()}  "
+                      f"-> {gib(s.bytes_per_chip)} per chip"]
+    elif not a.fits:
+        lines += ["", "no suggestion: no setting up to the largest standard slice is estimated to fit"]
+    if not a.fits and not plan.quantize:
+        lines.append("(--quantize nf4 stores the frozen projections in ~4.1 bits per weight instead of 16)")
+    lines += [f"note: {n}" for n in plan.notes]
+    if a.fits and r.remat == "auto":
+        lines.append(f"train with: jlora train --mesh {mesh_text(a.mesh)} --batch-size {a.batch_size}"
+                     + (" --remat" if a.remat == "full" else ""))
+    return "\n".join(lines)
+
+
+def to_json(plan: Plan) -> dict:
+    r, t, a, rf = plan.request, plan.topology, plan.chosen, plan.roofline
+    known = a.fits or a.flops_per_chip
+    return {
+        "fits": bool(a.fits),
+        "bytes_per_chip": int(a.bytes_per_chip),
+        "hbm_bytes_per_chip": int(plan.hbm_bytes_per_chip),
+        "estimate": plan.estimate or not a.exact,
+        "model": r.model, "quantize": plan.quantize, "dtype": r.dtype, "r": r.r, "targets": r.targets,
+        "topology": t.name, "chip": t.chip.name, "chips": t.chips, "devices": plan.devices,
+        "mesh": a.mesh, "remat": a.remat, "batch_size": a.batch_size, "seq_len": r.seq_len,
+        "grad_accum": a.grad_accum,
+        "trainable_params": plan.trainable_params, "total_params": plan.total_params,
+        "memory": {k: int(v) for k, v in a.memory.items()},
+        "flops_per_chip": rf.compute_seconds * rf.peak_flops if known else None,
+        "hbm_bytes_accessed_per_chip": rf.memory_seconds * t.chip.hbm_bandwidth if known else None,
+        "model_flops_per_step": rf.model_flops,
+        "step_seconds": rf.step_seconds if known else None,
+        "tokens_per_second": plan.tokens_per_step / rf.step_seconds if known else None,
+        "mfu": rf.mfu if known else None,
+        "bound": rf.bound if known else None,
+        "attempts": [dataclasses.asdict(x) for x in plan.attempts],
+        "suggestion": None if plan.suggestion is None else {**dataclasses.asdict(plan.suggestion),
+                                                             "flags": plan.suggestion.flags()},
+        "notes": plan.notes,
+    }

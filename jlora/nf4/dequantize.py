@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from jlora.nf4.codebook import NF4_CODE
-from jlora.nf4.double_quant import dequantize_absmax
+from jlora.nf4.double_quant import dequantize_absmax, dequantize_absmax_blocks
 from jlora.nf4.tensor import NF4Tensor
 
 
@@ -31,8 +31,37 @@ def absmax_f32(q: NF4Tensor) -> jnp.ndarray:
     return dequantize_absmax(q.absmax, q.nested_absmax, q.offset, q.nested_code, q.nested_blocksize)
 
 
+def tiles_rows(q: NF4Tensor) -> bool:
+    """Whether every block lies inside one row (in_features % blocksize == 0) and every nested block
+    holds whole absmax values (count % nested_blocksize == 0): then dequantize needs no pad or slice."""
+    out, inn = q.shape
+    blocks = q.size // q.blocksize
+    return inn % q.blocksize == 0 and (not q.double_quant or blocks % q.nested_blocksize == 0)
+
+
+def _dequantize_rows(q: NF4Tensor, dtype: jnp.dtype) -> jax.Array:
+    """The same numbers as `_dequantize`, computed on [out, in / blocksize, blocksize] views.
+
+    Only reshapes that split the leading axis: a weight whose flat codes are sharded over devices
+    (whole rows each) dequantizes shard by shard, with no data exchanged.
+    """
+    out, inn = q.shape
+    per_row = inn // q.blocksize
+    packed = q.codes.reshape(out, inn // 2)
+    nibbles = jnp.stack([packed >> 4, packed & 0xF], axis=-1).reshape(out, per_row, q.blocksize)
+    values = jnp.asarray(NF4_CODE)[nibbles.astype(jnp.int32)]
+    if q.double_quant:
+        nested = q.absmax.reshape(-1, q.nested_blocksize)
+        absmax = dequantize_absmax_blocks(nested, q.nested_absmax, q.offset, q.nested_code)
+    else:
+        absmax = q.absmax
+    return (values * absmax.reshape(out, per_row)[..., None]).reshape(out, inn).astype(dtype)
+
+
 @functools.partial(jax.jit, static_argnames=("dtype",))
 def _dequantize(q: NF4Tensor, dtype: jnp.dtype) -> jax.Array:
+    if tiles_rows(q):
+        return _dequantize_rows(q, dtype)
     n = q.size
     blocks = -(-n // q.blocksize)
     values = jnp.asarray(NF4_CODE)[unpack_nibbles(q.codes).astype(jnp.int32)]

@@ -88,8 +88,13 @@ def dequantize_absmax(codes: jnp.ndarray, nested_absmax: jnp.ndarray, offset: jn
     """
     n = codes.shape[0]
     blocks = nested_absmax.shape[0]
-    values = nested_code[codes.astype(jnp.int32)]
-    values = jnp.pad(values, (0, blocks * nested_blocksize - n)).reshape(blocks, nested_blocksize)
-    product = values * nested_absmax[:, None]
+    codes = jnp.pad(codes, (0, blocks * nested_blocksize - n)).reshape(blocks, nested_blocksize)
+    return dequantize_absmax_blocks(codes, nested_absmax, offset, nested_code).reshape(-1)[:n]
+
+
+def dequantize_absmax_blocks(codes: jnp.ndarray, nested_absmax: jnp.ndarray, offset: jnp.ndarray,
+                             nested_code: jnp.ndarray) -> jnp.ndarray:
+    """uint8 codes [blocks, nested_blocksize] -> float32 absmax of the same shape (see dequantize_absmax)."""
+    product = nested_code[codes.astype(jnp.int32)] * nested_absmax[:, None]
     product = jnp.where(product == product, product, 0.0)
-    return (product + offset).reshape(-1)[:n]
+    return product + offset

@@ -3,8 +3,9 @@
     step = abstract_step(model, mesh, batch_size=8, seq_len=2048)
     jax.jit(step.fn, donate_argnums=(0, 1), out_shardings=step.out_shardings).lower(*step.args)
 
-Placement is the trainer's: adapters and frozen arrays by `param_spec` of their flat name, optimizer
-moments like their parameter, batch rows over (data, fsdp); the optimizer is `make_optimizer` with a
+Placement is the trainer's: adapters and frozen arrays by `param_spec` of their flat name (NF4 kernels
+by `nf4_specs`), optimizer moments like their parameter, batch rows over (data, fsdp); the optimizer
+is `make_optimizer` with a
 warmup-cosine schedule, the step `make_train_step`, with params and optimizer state donated.
 """
 from __future__ import annotations
@@ -19,9 +20,9 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from jlora.nf4 import NF4Tensor
 from jlora.train.optimizer import learning_rate_schedule, make_optimizer
 from jlora.train.placement import opt_state_shardings
-from jlora.nf4 import NF4Tensor
 from jlora.train.sharding import batch_sharding, nf4_specs, param_spec
 from jlora.train.state import SplitModel, path_name
 from jlora.train.step import make_train_step

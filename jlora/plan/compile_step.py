@@ -7,9 +7,14 @@ memory_analysis() gives the per-device buffer sizes of the SPMD program, cost_an
 HBM bytes per device. A program that does not fit makes XLA raise RESOURCE_EXHAUSTED instead, naming
 the temporaries it needed: those are kept (rounded as XLA prints them) with `exact=False`.
 
-effort "fast" compiles with exec_time_optimization_effort=-1 (XLA's quick schedule: several times
-faster to compile; it can report a little less temporary memory than "default", which is what
-`jlora train` compiles with).
+effort "fast" compiles with exec_time_optimization_effort=-1, XLA's quick schedule; "default" is
+what `jlora train` compiles with. Measured with libtpu 0.0.42 on v5e:2x2, fsdp=4:
+
+    Llama 3.1 8B, remat, 8 x 2048     fast: 53 s, 7.06 GiB temporaries   default: ~7 min, 8.86 GiB
+    Llama 3.2 1B, no remat, 4 x 2560  fast: 14.1 GiB                     default: 13.9 GiB
+
+The default schedule spends free HBM on prefetching (the first case) and gives it back under
+pressure (the second), so the fast numbers are what the step needs and "fits" carries over.
 """
 from __future__ import annotations
 

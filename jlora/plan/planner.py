@@ -128,11 +128,12 @@ class Planner:
             self.devices = tpu_devices(self.topology)
             chips = len({tuple(d.coords) for d in self.devices})
             self.devices_per_chip = len(self.devices) // chips
+            self.hosts = len({d.process_index for d in self.devices})
         else:
             self.devices = None
             self.devices_per_chip = 1
+            self.hosts = 1
         self.n_devices = self.topology.chips * self.devices_per_chip
-        self.compile_seconds = 0.0
 
     def build(self, config):
         return abstract_lora_model(config, lora=self.lora, dtype=self.request.dtype, quantize=self.quantize)
@@ -177,8 +178,10 @@ class Planner:
         step = abstract_step(self.model, mesh, batch_size=batch_size, seq_len=self.request.seq_len,
                              grad_accum=grad_accum)
         self.log(f"compiling for {self.topology.name}: mesh {mesh_text(sizes)}, batch {batch_size}, remat {remat} ...")
+        if self.quantize and sizes["fsdp"] * sizes["tensor"] > 1:
+            self.log("  (NF4 codes sharded over fsdp/tensor: libtpu 0.0.42 takes about a minute and 1.6 GB of host "
+                     "memory per decoder layer to partition the dequantize)")
         result = compile_step(step, effort=self.request.effort)
-        self.compile_seconds += result.lower_seconds + result.compile_seconds
         dpc = self.devices_per_chip
         groups = {k: v * dpc for k, v in step.bytes_per_device().items()}
         memory = {"arguments": result.argument_bytes * dpc, "frozen": groups["frozen"], "params": groups["params"],
@@ -254,6 +257,16 @@ class Planner:
         if self.devices_per_chip > 1:
             plan.notes.append(f"libtpu describes {self.topology.chip.name} as {self.devices_per_chip} devices per "
                               f"chip (one per TensorCore): the mesh spans {self.n_devices} devices; memory is per chip")
+        per_host = self.n_devices // self.hosts
+        if self.hosts > 1 and chosen.mesh["tensor"] > per_host:
+            plan.notes.append(f"tensor={chosen.mesh['tensor']} spans hosts ({per_host} devices each): jlora train "
+                              f"feeds each host its own rows, so keep tensor <= {per_host} on {self.hosts} hosts")
+        if self.hosts > 1 and chosen.batch_size % self.hosts:
+            plan.notes.append(f"jlora train on {self.hosts} hosts needs --batch-size to be a multiple of {self.hosts}")
+        if chosen.remat == "none" and chosen.mesh["fsdp"] > 1 and chosen.source == "compiled":
+            plan.notes.append("without remat XLA keeps each layer's all-gathered weights from the forward to the "
+                              "backward pass (it reuses the gather), so fsdp shrinks the arguments but not the "
+                              "temporaries; with --remat the gather is redone layer by layer")
         if not chosen.fits and r.suggest:
             from jlora.plan.suggest import suggest
             plan.suggestion = suggest(self, attempts)

@@ -53,18 +53,19 @@ def format_text(plan: Plan) -> str:
         lines.append(f"  {x.remat:<6}{gib(x.bytes_per_chip):>12}  {'yes' if x.fits else 'no':<5}{_source(x)}"
                      + (f": {x.note}" if x.note and x.source != "refused by the compiler" else ""))
     m = a.memory
-    lines += ["", f"memory per chip (remat {a.remat}, {'compiler' if a.exact else 'estimate'}):"]
-    if "temporaries" in m:
-        lines += [
-            f"  arguments    {gib(m['arguments']):>11}  (frozen {gib(m['frozen'])}, adapters {gib(m['params'])}, "
-            f"AdamW state {gib(m['opt_state'])})",
-            f"  outputs      {gib(m['outputs']):>11}  ({gib(m['donated'])} of them in donated argument buffers)",
-            f"  temporaries  {gib(m['temporaries']):>11}" + ("" if a.exact else "  (as XLA rounded it when refusing)"),
-            f"  code         {gib(m['code']):>11}",
-        ]
+    how = {"compiled": "compiler", "refused by the compiler": "compiler, refused"}.get(a.source, "estimate")
+    lines += ["", f"memory per chip (remat {a.remat}, {how}):"]
+    args = (f"  arguments    {gib(m['arguments']):>11}  (frozen {gib(m['frozen'])}, adapters {gib(m['params'])}, "
+            f"AdamW state {gib(m['opt_state'])})")
+    if a.source == "compiled":
+        lines += [args,
+                  f"  outputs      {gib(m['outputs']):>11}  ({gib(m['donated'])} of them in donated argument buffers)",
+                  f"  temporaries  {gib(m['temporaries']):>11}",
+                  f"  code         {gib(m['code']):>11}"]
+    elif "temporaries" in m:
+        lines += [args, f"  temporaries  {gib(m['temporaries']):>11}  (as XLA rounded it when refusing)"]
     else:
-        lines.append(f"  arguments    {gib(m['arguments']):>11}  (frozen {gib(m['frozen'])}, adapters "
-                     f"{gib(m['params'])}, AdamW state {gib(m['opt_state'])})")
+        lines.append(args)
         if "activations and gradients" in m:
             lines.append(f"  activations  {gib(m['activations and gradients']):>11}  (saved for backward, + gradients)")
     free = hbm - a.bytes_per_chip
@@ -84,8 +85,9 @@ def format_text(plan: Plan) -> str:
         s = plan.suggestion
         lines += ["", f"suggestion ({s.reason}): --topology {s.topology} {s.flags()}  "
                       f"-> {gib(s.bytes_per_chip)} per chip"]
-    elif not a.fits:
-        lines += ["", "no suggestion: no setting up to the largest standard slice is estimated to fit"]
+    elif not a.fits and r.suggest:
+        lines += ["", "no suggestion: no setting of this slice that fits was found, and no larger standard "
+                      "slice is estimated to fit"]
     if not a.fits and not plan.quantize:
         lines.append("(--quantize nf4 stores the frozen projections in ~4.1 bits per weight instead of 16)")
     lines += [f"note: {n}" for n in plan.notes]

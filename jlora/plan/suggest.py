@@ -57,12 +57,19 @@ def meshes(devices: int):
 
 
 def candidates(planner, devices: int, batch_size: int, grad_accum: int):
-    """(estimate, setting) for every setting of `devices` devices, fitting ones in the order above."""
+    """(estimate, setting) for every setting of `devices` devices, fitting ones in the order above.
+
+    On a slice of several hosts (more than 4 chips) tensor stays within a host: jlora train feeds every
+    host its own rows, which a tensor group across hosts would have to share.
+    """
     rows_total = batch_size * grad_accum
     hbm = planner.topology.chip.hbm_bytes
+    per_host = 4 * planner.devices_per_chip
     found = []
     for sizes in meshes(devices):
         shards = sizes["data"] * sizes["fsdp"]
+        if devices > per_host and sizes["tensor"] > per_host:
+            continue
         b = batch_size
         while b >= shards:
             if b % shards == 0 and rows_total % b == 0:

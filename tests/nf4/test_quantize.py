@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from jlora import nf4
+from jlora.nf4.dequantize import tiles_rows
 
 # 37 * 301 = 11137 weights: odd (a padding nibble), a partial last block at every block size, and
 # 349 blocks at blocksize 32 (two nested blocks, the second partial). Flat block 1 is all zeros.
@@ -147,3 +148,17 @@ def test_bad_input(bad, match):
 def test_dequantize_rejects_non_nf4():
     with pytest.raises(TypeError, match="NF4Tensor"):
         nf4.dequantize(np.ones((2, 2)))
+
+
+@pytest.mark.parametrize("shape,blocksize,double_quant", [((64, 256), 64, True), ((128, 512), 32, True),
+                                                          ((24, 128), 64, False), ((8, 4096), 4096, False)])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_row_tiled_weights_match_bitsandbytes(bnb, bits, shape, blocksize, double_quant, dtype):
+    """Shapes whose blocks tile the rows take dequantize's row-wise path (no pad, no flat slice)."""
+    w = weight(shape, dtype, seed=shape[0])
+    packed, state = bnb.quantize(w, blocksize, double_quant)
+    q = nf4.quantize(w, blocksize=blocksize, double_quant=double_quant)
+    assert tiles_rows(q)
+    for out in ("float32", "bfloat16"):
+        got = nf4.dequantize(q, jnp.dtype(out))
+        np.testing.assert_array_equal(bits(got), bits(bnb.dequantize(packed, state, getattr(bnb.torch, out))))

@@ -1,5 +1,4 @@
 """Abstract-evaluation pieces of `jlora plan`, on CPU: activation extrapolation, array sizes, the remat step."""
-import dataclasses
 import functools
 
 import jax

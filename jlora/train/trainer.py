@@ -24,6 +24,7 @@ from jlora.llama import use_kernels
 from jlora.lora_config import TARGET_PRESETS, LoraConfig
 from jlora.peft_model import get_peft_model, trainable_parameters
 from jlora.train.checkpoints import Checkpoints
+from jlora.train import hosts
 from jlora.train.config import TrainConfig
 from jlora.train.metrics import MetricsLog, plot_losses
 from jlora.train.optimizer import learning_rate_schedule, make_optimizer
@@ -41,13 +42,6 @@ class NonFiniteLoss(RuntimeError):
     """Training stopped because the loss stopped being finite."""
 
 
-def maybe_initialize_distributed() -> None:
-    """jax.distributed.initialize() when the environment describes several hosts (TPU pod or coordinator)."""
-    hosts = [h for h in os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",") if h.strip()]
-    if os.environ.get("JAX_COORDINATOR_ADDRESS") or len(hosts) > 1 or os.environ.get("JLORA_DISTRIBUTED") == "1":
-        jax.distributed.initialize()
-
-
 def _targets(spec: str):
     return spec if spec in TARGET_PRESETS else [t.strip() for t in spec.split(",") if t.strip()]
 
@@ -56,7 +50,8 @@ class Trainer:
     def __init__(self, config: TrainConfig, *, log=print):
         self.config = config
         self.out = Path(config.out)
-        self.log = log if jax.process_index() == 0 else (lambda *a, **k: None)
+        hosts.initialize()  # before anything below touches a JAX backend
+        self.log = log if hosts.is_main() else (lambda *a, **k: None)
 
     # -- setup -------------------------------------------------------------------------------------
     def _prepare_out_dir(self):
@@ -104,8 +99,10 @@ class Trainer:
         from jlora.convert.peft_adapter import save_pretrained
 
         c = self.config
-        maybe_initialize_distributed()
-        self._prepare_out_dir()
+        if hosts.is_main():
+            self._prepare_out_dir()
+            model_dir = self._model_dir()
+        hosts.barrier("jlora: run directory and base model ready")
         model_dir = self._model_dir()
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
         train_examples, eval_examples, stats = self._data(tokenizer)
@@ -165,8 +162,10 @@ class Trainer:
             self.log(f"resumed from {ckpt.directory / str(start)} at step {start}")
         elif c.resume:
             self.log(f"--resume: no checkpoint in {ckpt.directory}; starting from step 0")
-        metrics_log = MetricsLog(self.out / "metrics.jsonl", resume_from_step=start if c.resume else None)
-        (self.out / "run_config.json").write_text(json.dumps(c.to_dict(), indent=2) + "\n")
+        metrics_log = (MetricsLog(self.out / "metrics.jsonl", resume_from_step=start if c.resume else None)
+                       if hosts.is_main() else None)  # process 0 logs
+        if hosts.is_main():
+            (self.out / "run_config.json").write_text(json.dumps(c.to_dict(), indent=2) + "\n")
 
         def save(step):
             ckpt.save(step, {"params": params, "opt_state": opt_state},
@@ -185,7 +184,7 @@ class Trainer:
             return total_loss / max(count, 1.0)
 
         from tqdm.auto import tqdm
-        bar = tqdm(total=steps, initial=start, disable=not c.progress or jax.process_index() != 0,
+        bar = tqdm(total=steps, initial=start, disable=not c.progress or not hosts.is_main(),
                    desc="train", unit="step", dynamic_ncols=True,
                    mininterval=0.5 if sys.stderr.isatty() else 5.0)
         losses = []
@@ -213,7 +212,7 @@ class Trainer:
                 if ev is not None:
                     record.update(eval_loss=ev, eval_ppl=math.exp(min(ev, 50)))
             if (step + 1) % c.log_every == 0 or "eval_loss" in record or step + 1 == steps:
-                if jax.process_index() == 0:
+                if metrics_log is not None:
                     metrics_log.write(record)
             bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens / dt:,.0f}", refresh=False)
             bar.update(1)
@@ -227,15 +226,20 @@ class Trainer:
             save(steps)
         ckpt.close()
 
-        nnx.update(model, unflatten(split.lora_template, jax.device_get(params)))
-        adapter_dir = save_pretrained(model, self.out / "adapter", base_model_name_or_path=str(model_dir.resolve()))
+        nnx.update(model, unflatten(split.lora_template, hosts.to_host(params)))
+        adapter_dir = self.out / "adapter"
         result = {"losses": losses, "adapter": str(adapter_dir), "steps": steps, "model_dir": str(model_dir)}
+        if not hosts.is_main():  # process 0 writes the adapter, merged model and plot
+            hosts.barrier("jlora: exports written")
+            return result
+        save_pretrained(model, adapter_dir, base_model_name_or_path=str(model_dir.resolve()))
         if c.merge:
             result["merged"] = str(save_merged(model, self.out / "merged"))
         records = metrics_log.records()
         result["plot"] = str(plot_losses(records, self.out / "loss.png", title=f"jlora: {self.out.name}"))
         result["records"] = records
         self._print_next_steps(adapter_dir, model_dir, records)
+        hosts.barrier("jlora: exports written")
         return result
 
     def _print_next_steps(self, adapter_dir: Path, model_dir: Path, records: list[dict]):

@@ -71,7 +71,7 @@ def lora_linear(x, w, a, b, *, scale, impl: str = "auto",
         "xla" (two XLA dots, same custom backward), "triton" (GPU Triton kernel
         for y and dx through jax-triton: the ``gpu`` extra) or "auto": Pallas on
         TPU (or whenever ``interpret``) when the shapes tile and the dtype is
-        float32/bfloat16; Triton on GPU when jax-triton imports; else XLA.
+        float32/bfloat16; else XLA (Triton is opt-in until timed on a GPU).
       interpret: run the Pallas kernels in interpret mode (CPU tests).
       block_sizes: explicit tiles (K and N blocks must divide K and N; M may be
         ragged); default ``BlockSizes.get_default()`` for the first local device,

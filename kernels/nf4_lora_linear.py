@@ -75,7 +75,7 @@ def nf4_lora_linear(x, w_nf4: NF4Tensor, a, b, *, scale, impl: str = "auto",
         jax-triton: the ``gpu`` extra) or "auto": Pallas on TPU (or with
         ``interpret``) when the shapes tile (K a multiple of
         ``lcm(256, blocksize)``; N of 128 or one block) and the dtype is
-        float32/bfloat16; Triton on GPU when jax-triton imports; else XLA.
+        float32/bfloat16; else XLA (Triton is opt-in until timed on a GPU).
       interpret: run the Pallas kernels in interpret mode (CPU tests).
       block_sizes: tiles, as for ``lora_linear`` (forward: block_m, block_n,
         block_k; dx: block_m_dx, block_k_dx, block_n_dx). Pallas K blocks must

@@ -8,13 +8,16 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jlora.convert.hf_names import IGNORED, tensor_map, variable_at
+from jlora import nf4
+from jlora.convert.hf_names import IGNORED, bnb_weight_name, tensor_map, variable_at
 from jlora.convert.safetensors_io import CheckpointError, iter_tensors, read_header
 from jlora.llama import LlamaForCausalLM, abstract_model
 from jlora.llama_config import LlamaConfig
+from jlora.qlora import NF4Config, NF4Weight
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
 PICKLE_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json")
@@ -83,14 +86,32 @@ def load_hf(model_dir, dtype="float32", *, allow_pickle: bool = False, quantize:
     config = LlamaConfig.from_hf_dict(hf, where=str(model_dir / "config.json"))
     files = weight_files(model_dir, allow_pickle=allow_pickle)
     model = abstract_model(config, dtype=dtype)
-    fill_from_tensors(model, config, files, dtype)
+    fill_from_tensors(model, config, files)
     model.source_dir = str(model_dir.resolve())
     return model
 
 
-def fill_from_tensors(model: LlamaForCausalLM, config: LlamaConfig, files: list[Path], dtype) -> None:
-    """Places every tensor of `files` into the abstract `model`; errors name unknown/missing/misshapen ones."""
+def _bnb_parts(files: list[Path], expected: dict) -> dict[str, set[str]]:
+    """`P.weight` -> every tensor name of it, for each projection stored in bitsandbytes' 4-bit layout."""
+    names = [n for f in files if f.suffix == ".safetensors" for n in read_header(f)]
+    quantized = {w for n in names if (w := bnb_weight_name(n)) and n != w and w in expected
+                 and expected[w].path[-1] == "kernel"}
+    parts: dict[str, set[str]] = {w: set() for w in quantized}
+    for n in names:
+        w = bnb_weight_name(n)
+        if w in parts:
+            parts[w].add(n)
+    return parts
+
+
+def fill_from_tensors(model: LlamaForCausalLM, config: LlamaConfig, files: list[Path],
+                      quantize: NF4Config | None = None) -> None:
+    """Places every tensor of `files` into the abstract `model`: bitsandbytes 4-bit projections as read,
+    dense projections quantized with `quantize` (if given), everything else cast to its variable's dtype.
+    Unknown, missing and misshapen tensors are errors that name the file and tensor."""
     expected = tensor_map(config)
+    parts = _bnb_parts(files, expected)
+    pending: dict[str, dict[str, np.ndarray]] = {}
     seen: set[str] = set()
     unknown: list[str] = []
     for path in files:
@@ -102,6 +123,14 @@ def fill_from_tensors(model: LlamaForCausalLM, config: LlamaConfig, files: list[
         for name, array in tensors:
             if IGNORED.match(name) or (name == "lm_head.weight" and config.tie_word_embeddings):
                 continue
+            weight = bnb_weight_name(name)
+            if weight in parts:
+                group = pending.setdefault(weight, {})
+                group[name[len(weight) - len("weight"):]] = array  # keyed "weight", "weight.absmax", ...
+                if len(group) == len(parts[weight]):
+                    _place_bnb(model, expected[weight], weight, pending.pop(weight), path)
+                    seen.add(weight)
+                continue
             entry = expected.get(name)
             if entry is None:
                 unknown.append(name)
@@ -111,8 +140,14 @@ def fill_from_tensors(model: LlamaForCausalLM, config: LlamaConfig, files: list[
             if tuple(array.shape) != want:
                 raise CheckpointError(f"{path}: tensor {name} has shape {tuple(array.shape)}, "
                                       f"config.json implies {want}")
-            value = array.T if entry.transpose else array
-            var.set_value(jnp.asarray(np.asarray(value).astype(jnp.dtype(var.dtype))))
+            if quantize is not None and entry.path[0] == "model" and entry.path[-1] == "kernel":
+                w = jnp.asarray(np.asarray(array).astype(jnp.dtype(var.dtype)))  # [out, in], as stored
+                q = nf4.quantize(w, blocksize=quantize.blocksize, double_quant=quantize.double_quant)
+                jax.block_until_ready(q)  # one dense tensor in flight at a time, not a queue of them
+                variable_at(model, entry.path[:-1]).kernel = NF4Weight(q)
+            else:
+                value = array.T if entry.transpose else array
+                var.set_value(jnp.asarray(np.asarray(value).astype(jnp.dtype(var.dtype))))
             seen.add(name)
     if unknown:
         raise CheckpointError(f"{files[0].parent}: tensors that are not part of a {config.model_type} model: "
@@ -121,3 +156,14 @@ def fill_from_tensors(model: LlamaForCausalLM, config: LlamaConfig, files: list[
     if missing:
         raise CheckpointError(f"{files[0].parent}: checkpoint lacks tensors the config requires: "
                               f"{missing[:20]}{' ...' if len(missing) > 20 else ''}")
+
+
+def _place_bnb(model: LlamaForCausalLM, entry, weight: str, tensors: dict[str, np.ndarray], path: Path) -> None:
+    try:
+        q = nf4.from_bnb_tensors(tensors)
+    except ValueError as e:
+        raise CheckpointError(f"{path}: {weight}: {e}") from None
+    want = entry.hf_shape(variable_at(model, entry.path).shape)
+    if q.shape != want:
+        raise CheckpointError(f"{path}: {weight} holds a 4-bit weight of shape {q.shape}, config.json implies {want}")
+    variable_at(model, entry.path[:-1]).kernel = NF4Weight(q)

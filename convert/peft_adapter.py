@@ -112,7 +112,8 @@ def config_from_peft(d: dict) -> LoraConfig:
                       rank_pattern=dict(d.get("rank_pattern") or {}), alpha_pattern=dict(d.get("alpha_pattern") or {}))
 
 
-def _read_adapter_weights(adapter_dir: Path, allow_pickle: bool) -> dict[str, np.ndarray]:
+def read_adapter_weights(adapter_dir: Path, allow_pickle: bool = False) -> dict[str, np.ndarray]:
+    """The tensors of adapter_model.safetensors (or, with allow_pickle, adapter_model.bin) in adapter_dir."""
     st = adapter_dir / WEIGHTS_FILE
     if st.exists():
         return dict(iter_tensors(st))
@@ -137,7 +138,7 @@ def load_adapter(model: LlamaForCausalLM, adapter_dir, *, allow_pickle: bool = F
     """Adds the adapter PEFT, Unsloth or jlora saved in `adapter_dir` to `model` (in place) and returns it."""
     adapter_dir = Path(adapter_dir)
     d = _read_adapter_config(adapter_dir)
-    tensors = {_normalise_key(k): v for k, v in _read_adapter_weights(adapter_dir, allow_pickle).items()}
+    tensors = {_normalise_key(k): v for k, v in read_adapter_weights(adapter_dir, allow_pickle).items()}
     config = config_from_peft(d)
     model = get_peft_model(model, config, rngs=rngs or nnx.Rngs(0))
     used = set()

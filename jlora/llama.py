@@ -39,6 +39,8 @@ class Linear(nnx.Module):
         self.dtype = dtype
         self.lora: LoRA | None = nnx.data(None)
         self.kernel_impl: str | None = None  # set by `use_kernels`: "auto" | "xla" | "pallas" | "triton"
+        self.kernel_mesh = None              # set by `use_kernels`: run the kernel per device over this mesh
+        self.row_parallel = False            # o_proj / down_proj: input axis split over tensor
 
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
         x = x.astype(self.dtype)
@@ -62,7 +64,13 @@ class Linear(nnx.Module):
         a, b = self.lora.a[...], self.lora.b[...]
         op = kernels.nf4_lora_linear if isinstance(kernel, NF4Tensor) else kernels.lora_linear
         w = kernel if isinstance(kernel, NF4Tensor) else kernel.astype(self.dtype)
-        y = op(x, w, a, b, scale=self.lora.scaling, impl=self.kernel_impl)
+        mesh = self.kernel_mesh
+        if mesh is not None and mesh.size > 1:
+            from jlora.kernel_sharding import sharded_lora_linear
+            y = sharded_lora_linear(op, x, w, a, b, scale=self.lora.scaling, impl=self.kernel_impl, mesh=mesh,
+                                    row_parallel=self.row_parallel)
+        else:
+            y = op(x, w, a, b, scale=self.lora.scaling, impl=self.kernel_impl)
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         return y
@@ -238,14 +246,21 @@ def abstract_model(config: LlamaConfig, *, dtype="float32") -> LlamaForCausalLM:
 
 
 
-def use_kernels(model: nnx.Module, impl: str | None = "auto") -> nnx.Module:
+def use_kernels(model: nnx.Module, impl: str | None = "auto", *, mesh=None) -> nnx.Module:
     """Routes every adapted projection through `jlora.kernels` (`impl`: auto | xla | pallas | triton), or
-    back to the plain jnp path with None. Projections with active LoRA dropout keep the plain path."""
+    back to the plain jnp path with None. Projections with active LoRA dropout keep the plain path.
+
+    mesh: the (data, fsdp, tensor) mesh the model trains on (jlora.train.sharding.make_mesh). Pallas and
+    Triton kernels are opaque to XLA's partitioner, so on several devices each kernel runs per device
+    under shard_map (jlora.kernel_sharding); without a mesh they need one device.
+    """
     from jlora.kernels import IMPLS
 
     if impl is not None and impl not in IMPLS:
         raise ValueError(f"kernel impl {impl!r} is not one of {list(IMPLS)} (or None for the plain path)")
-    for _, module in nnx.iter_graph(model):
+    for path, module in nnx.iter_graph(model):
         if isinstance(module, Linear):
             module.kernel_impl = impl
+            module.kernel_mesh = mesh
+            module.row_parallel = bool(path) and path[-1] in ("o_proj", "down_proj")
     return model

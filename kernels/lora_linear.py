@@ -102,22 +102,28 @@ def _check_args(x, w, a, b, scale, impl):
     k = x.shape[-1]
     if w.ndim != 2 or w.shape[0] != k:
         raise ValueError(f"{w.shape=} does not match {x.shape=}: expected [K={k}, N]")
-    n = w.shape[1]
+    if not jnp.issubdtype(w.dtype, jnp.floating):
+        raise TypeError(f"w.dtype={w.dtype} is not supported: expected a floating dtype "
+                        "(dequantize NF4 weights first, or use nf4_lora_linear)")
+    check_adapter_args(x, a, b, scale, n=w.shape[1], weight=f"w.shape={tuple(w.shape)}")
+
+
+def check_adapter_args(x, a, b, scale, *, n: int, weight: str):
+    """Checks what both kernels share: A [K, r] with r >= 1, B [r, N], x's dtype, a scalar scale."""
+    k = x.shape[-1]
     if a.ndim != 2 or a.shape[0] != k:
         raise ValueError(f"{a.shape=} does not match {x.shape=}: expected [K={k}, r]")
     r = a.shape[1]
     if r == 0:
         raise ValueError(f"{a.shape=} has rank r=0; LoRA needs r >= 1")
     if b.shape != (r, n):
-        raise ValueError(f"{b.shape=} does not match {a.shape=} and {w.shape=}: "
-                         f"expected [r={r}, N={n}]")
+        raise ValueError(f"{b.shape=} does not match {a.shape=} and {weight}: expected [r={r}, N={n}]")
     if jnp.dtype(x.dtype) not in COMPUTE_DTYPES:
         raise TypeError(f"x.dtype={x.dtype} is not supported: expected one of "
                         f"{[d.name for d in COMPUTE_DTYPES]}")
-    for name, arr in (("w", w), ("a", a), ("b", b)):
+    for name, arr in (("a", a), ("b", b)):
         if not jnp.issubdtype(arr.dtype, jnp.floating):
-            raise TypeError(f"{name}.dtype={arr.dtype} is not supported: expected a "
-                            "floating dtype (dequantize NF4 weights first)")
+            raise TypeError(f"{name}.dtype={arr.dtype} is not supported: expected a floating dtype")
     if jnp.ndim(scale) != 0:
         raise ValueError(f"scale must be a scalar, got shape {jnp.shape(scale)}")
 

@@ -37,9 +37,9 @@ from jlora.kernels.block_sizes import BlockSizes
 from jlora.kernels.dispatch import auto_impl
 from jlora.kernels.dispatch import require_triton
 from jlora.kernels.dispatch import triton_blocks
-from jlora.kernels.lora_linear import COMPUTE_DTYPES
 from jlora.kernels.lora_linear import IMPLS
 from jlora.kernels.lora_linear import PALLAS_DTYPES
+from jlora.kernels.lora_linear import check_adapter_args
 from jlora.kernels.lora_linear import lora_linear_reference
 from jlora.kernels.nf4_vjp import NF4Config
 from jlora.kernels.nf4_vjp import nf4_lora_matmul
@@ -127,23 +127,7 @@ def _check_args(x, w_nf4, a, b, scale, impl):
         raise ValueError(f"w_nf4.absmax.shape={tuple(w_nf4.absmax.shape)}, expected "
                          f"({blocks},) for w_nf4.shape={tuple(w_nf4.shape)} and "
                          f"blocksize={w_nf4.blocksize}")
-    if a.ndim != 2 or a.shape[0] != k:
-        raise ValueError(f"{a.shape=} does not match {x.shape=}: expected [K={k}, r]")
-    r = a.shape[1]
-    if r == 0:
-        raise ValueError(f"{a.shape=} has rank r=0; LoRA needs r >= 1")
-    if b.shape != (r, n):
-        raise ValueError(f"{b.shape=} does not match {a.shape=} and "
-                         f"w_nf4.shape={tuple(w_nf4.shape)}: expected [r={r}, N={n}]")
-    if jnp.dtype(x.dtype) not in COMPUTE_DTYPES:
-        raise TypeError(f"x.dtype={x.dtype} is not supported: expected one of "
-                        f"{[d.name for d in COMPUTE_DTYPES]}")
-    for name, arr in (("a", a), ("b", b)):
-        if not jnp.issubdtype(arr.dtype, jnp.floating):
-            raise TypeError(f"{name}.dtype={arr.dtype} is not supported: expected a "
-                            "floating dtype")
-    if jnp.ndim(scale) != 0:
-        raise ValueError(f"scale must be a scalar, got shape {jnp.shape(scale)}")
+    check_adapter_args(x, a, b, scale, n=n, weight=f"w_nf4.shape={tuple(w_nf4.shape)}")
 
 
 def _resolve(impl, dtype, m, k, n, blocksize, block_sizes, interpret):

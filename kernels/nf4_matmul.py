@@ -52,6 +52,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from jlora.nf4.codebook import NF4_CODE
+from jlora.nf4.dequantize import weight_from_codes
 
 LANES = 128
 # NF4 blocks per lookup table: 8 blocks x 16 codes = 128 lanes.
@@ -290,14 +291,8 @@ def dequantize_xla(codes: jax.Array, absmax: jax.Array, *, shape: tuple[int, int
                    blocksize: int, dtype) -> jax.Array:
     """W [N, K] in ``dtype`` from flat packed codes and float32 absmax, in XLA.
 
-    The same float32 ``NF4_CODE[nibble] * absmax`` as ``jlora.nf4.dequantize``
-    (blocks over the flattened weight, so K need not be a multiple of
-    blocksize); the XLA backend and the Triton dx fallback use it.
+    ``jlora.nf4.dequantize``'s own computation (blocks over the flattened
+    weight, so K need not be a multiple of blocksize); the XLA backend and the
+    Triton dx fallback use it.
     """
-    size = shape[0] * shape[1]
-    nibbles = jnp.stack([codes >> 4, codes & 0xF], axis=-1).reshape(-1)[:size]
-    values = jnp.asarray(NF4_CODE)[nibbles.astype(jnp.int32)]
-    blocks = absmax.shape[0]
-    values = jnp.pad(values, (0, blocks * blocksize - size))
-    weight = values.reshape(blocks, blocksize) * absmax[:, None]
-    return weight.reshape(-1)[:size].reshape(shape).astype(dtype)
+    return weight_from_codes(codes, absmax, shape=shape, blocksize=blocksize, dtype=dtype)

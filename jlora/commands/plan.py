@@ -36,6 +36,8 @@ def register(sub):
                    help="fast: XLA's quick schedule (minutes less per compile; can show somewhat less temporary "
                         "memory); default: the schedule jlora train compiles with")
     p.add_argument("--max-compiles", type=int, default=2, help="compiles a suggestion may spend checking itself")
+    p.add_argument("--kernels", choices=["pallas", "xla", "auto"],
+                   help="compile the step with the fused kernels (jlora train --kernels); pallas: Mosaic kernels")
     p.add_argument("--no-suggest", action="store_true", help="do not search for a setting that fits")
     p.add_argument("--json", action="store_true", help="print one JSON object (fits, bytes_per_chip, ...)")
     p.set_defaults(func=run)
@@ -60,7 +62,7 @@ def run(args) -> int:
                           seq_len=args.seq_len, mesh=args.mesh, quantize=args.quantize, r=args.r,
                           lora_alpha=args.lora_alpha, targets=args.targets, dtype=args.dtype, remat=args.remat,
                           grad_accum=args.grad_accum, effort=args.compile_effort, suggest=not args.no_suggest,
-                          max_compiles=args.max_compiles)
+                          max_compiles=args.max_compiles, kernels=args.kernels)
     log = (lambda *a: None) if args.json else (lambda *a: print(*a, file=sys.stderr, flush=True))
     try:
         result = plan(request, log=log)

@@ -28,6 +28,9 @@ def absmax_f32(q: NF4Tensor) -> jnp.ndarray:
     """The per-block float32 scales of q (dequantizing the nested statistics if present)."""
     if not q.double_quant:
         return q.absmax
+    if q.absmax.shape[0] % q.nested_blocksize == 0:  # whole nested blocks: no pad, no slice
+        nested = q.absmax.reshape(-1, q.nested_blocksize)
+        return dequantize_absmax_blocks(nested, q.nested_absmax, q.offset, q.nested_code).reshape(-1)
     return dequantize_absmax(q.absmax, q.nested_absmax, q.offset, q.nested_code, q.nested_blocksize)
 
 
@@ -39,35 +42,32 @@ def tiles_rows(q: NF4Tensor) -> bool:
     return inn % q.blocksize == 0 and (not q.double_quant or blocks % q.nested_blocksize == 0)
 
 
-def _dequantize_rows(q: NF4Tensor, dtype: jnp.dtype) -> jax.Array:
-    """The same numbers as `_dequantize`, computed on [out, in / blocksize, blocksize] views.
+def weight_from_codes(codes: jax.Array, absmax: jax.Array, *, shape: tuple[int, int], blocksize: int,
+                      dtype) -> jax.Array:
+    """W [out, in] in `dtype` from packed codes and float32 absmax: NF4_CODE[nibble] * absmax, then cast.
 
-    Only reshapes that split the leading axis: a weight whose flat codes are sharded over devices
-    (whole rows each) dequantizes shard by shard, with no data exchanged.
+    When blocksize divides in_features the blocks tile the rows and the work is done on
+    [out, in / blocksize, blocksize] views (only reshapes that split the leading axis): a weight whose
+    flat codes are sharded over devices, whole rows each, dequantizes shard by shard. Otherwise blocks
+    run over the flattened weight (pad, then slice), as bitsandbytes lays them out.
     """
-    out, inn = q.shape
-    per_row = inn // q.blocksize
-    packed = q.codes.reshape(out, inn // 2)
-    nibbles = jnp.stack([packed >> 4, packed & 0xF], axis=-1).reshape(out, per_row, q.blocksize)
-    values = jnp.asarray(NF4_CODE)[nibbles.astype(jnp.int32)]
-    if q.double_quant:
-        nested = q.absmax.reshape(-1, q.nested_blocksize)
-        absmax = dequantize_absmax_blocks(nested, q.nested_absmax, q.offset, q.nested_code)
-    else:
-        absmax = q.absmax
-    return (values * absmax.reshape(out, per_row)[..., None]).reshape(out, inn).astype(dtype)
+    out, inn = shape
+    if inn % blocksize == 0 and inn % 2 == 0:
+        per_row = inn // blocksize
+        packed = codes.reshape(out, inn // 2)
+        nibbles = jnp.stack([packed >> 4, packed & 0xF], axis=-1).reshape(out, per_row, blocksize)
+        values = jnp.asarray(NF4_CODE)[nibbles.astype(jnp.int32)]
+        return (values * absmax.reshape(out, per_row)[..., None]).reshape(out, inn).astype(dtype)
+    n = out * inn
+    blocks = absmax.shape[0]
+    values = jnp.asarray(NF4_CODE)[unpack_nibbles(codes)[:n].astype(jnp.int32)]
+    values = jnp.pad(values, (0, blocks * blocksize - n)).reshape(blocks, blocksize)
+    return (values * absmax[:, None]).reshape(-1)[:n].reshape(shape).astype(dtype)
 
 
 @functools.partial(jax.jit, static_argnames=("dtype",))
 def _dequantize(q: NF4Tensor, dtype: jnp.dtype) -> jax.Array:
-    if tiles_rows(q):
-        return _dequantize_rows(q, dtype)
-    n = q.size
-    blocks = -(-n // q.blocksize)
-    values = jnp.asarray(NF4_CODE)[unpack_nibbles(q.codes).astype(jnp.int32)]
-    values = jnp.pad(values[:n], (0, blocks * q.blocksize - n)).reshape(blocks, q.blocksize)
-    weight = values * absmax_f32(q)[:, None]
-    return weight.reshape(-1)[:n].reshape(q.shape).astype(dtype)
+    return weight_from_codes(q.codes, absmax_f32(q), shape=q.shape, blocksize=q.blocksize, dtype=dtype)
 
 
 def dequantize(q: NF4Tensor, dtype=jnp.bfloat16) -> jax.Array:

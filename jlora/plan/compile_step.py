@@ -47,6 +47,7 @@ class CompileResult:
     exact: bool = True
     compiler_hbm_bytes: int | None = None  # what XLA said it may use, when it refused
     error: str | None = None
+    kernel_calls: int | None = None        # tpu_custom_call ops (Pallas Mosaic kernels), when counted
 
     @property
     def total_bytes(self) -> int:
@@ -59,12 +60,16 @@ def _cost(compiled) -> dict:
     return dict(cost or {})
 
 
-def compile_step(step: AbstractStep, *, effort: str = "fast") -> CompileResult:
-    """Compiles step.fn for the devices of its arguments' mesh; never allocates."""
+def compile_step(step: AbstractStep, *, effort: str = "fast", count_kernels: bool = False) -> CompileResult:
+    """Compiles step.fn for the devices of its arguments' mesh; never allocates.
+
+    count_kernels: count the Pallas (Mosaic) kernels in the lowered program (`tpu_custom_call`).
+    """
     fn = jax.jit(step.fn, donate_argnums=(0, 1), out_shardings=step.out_shardings)
     t0 = time.perf_counter()
     lowered = fn.lower(*step.args)
     t1 = time.perf_counter()
+    kernel_calls = lowered.as_text().count("tpu_custom_call") if count_kernels else None
     args = sum(step.bytes_per_device().values())
     try:
         compiled = lowered.compile(compiler_options=EFFORTS[effort] or None)
@@ -85,5 +90,5 @@ def compile_step(step: AbstractStep, *, effort: str = "fast") -> CompileResult:
     return CompileResult(
         compiled=True, argument_bytes=int(mem.argument_size_in_bytes), output_bytes=int(mem.output_size_in_bytes),
         alias_bytes=int(mem.alias_size_in_bytes), temp_bytes=int(mem.temp_size_in_bytes),
-        code_bytes=int(mem.generated_code_size_in_bytes), flops=cost.get("flops"),
+        code_bytes=int(mem.generated_code_size_in_bytes), flops=cost.get("flops"), kernel_calls=kernel_calls,
         bytes_accessed=cost.get("bytes accessed"), lower_seconds=t1 - t0, compile_seconds=t2 - t1)

@@ -45,6 +45,7 @@ class PlanRequest:
     effort: str = "fast"
     suggest: bool = True
     max_compiles: int = 2     # extra compiles the suggestion may spend verifying itself
+    kernels: str | None = None  # jlora.use_kernels impl for the adapted projections (None: plain jnp)
 
 
 @dataclasses.dataclass
@@ -62,6 +63,7 @@ class Attempt:
     flops_per_chip: float | None = None
     bytes_accessed_per_chip: float | None = None
     compile_seconds: float = 0.0
+    kernel_calls: int | None = None   # Mosaic (Pallas) custom calls in the program, with --kernels
     estimate_bytes_per_chip: int = 0
     note: str = ""
 
@@ -174,14 +176,14 @@ class Planner:
         from jlora.train.sharding import make_mesh
 
         mesh = make_mesh(mesh_text(sizes), devices=self.devices)
+        if self.request.kernels:
+            from jlora.llama import use_kernels
+            use_kernels(self.model, self.request.kernels, mesh=mesh)
         self.model.remat = remat == "full"
         step = abstract_step(self.model, mesh, batch_size=batch_size, seq_len=self.request.seq_len,
                              grad_accum=grad_accum)
         self.log(f"compiling for {self.topology.name}: mesh {mesh_text(sizes)}, batch {batch_size}, remat {remat} ...")
-        if self.quantize and sizes["fsdp"] * sizes["tensor"] > 1:
-            self.log("  (NF4 codes sharded over fsdp/tensor: libtpu 0.0.42 takes about a minute and 1.6 GB of host "
-                     "memory per decoder layer to partition the dequantize)")
-        result = compile_step(step, effort=self.request.effort)
+        result = compile_step(step, effort=self.request.effort, count_kernels=bool(self.request.kernels))
         dpc = self.devices_per_chip
         groups = {k: v * dpc for k, v in step.bytes_per_device().items()}
         memory = {"arguments": result.argument_bytes * dpc, "frozen": groups["frozen"], "params": groups["params"],
@@ -197,7 +199,7 @@ class Planner:
         # cost_analysis counts the micro-batch loop's body once, not once per trip.
         scale = dpc * grad_accum
         return Attempt(fits=total <= self.topology.chip.hbm_bytes, bytes_per_chip=total, source="compiled",
-                       exact=True, memory=memory, compile_seconds=seconds,
+                       exact=True, memory=memory, compile_seconds=seconds, kernel_calls=result.kernel_calls,
                        flops_per_chip=(result.flops or 0.0) * scale,
                        bytes_accessed_per_chip=(result.bytes_accessed or 0.0) * scale, **base)
 

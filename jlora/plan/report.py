@@ -45,6 +45,9 @@ def format_text(plan: Plan) -> str:
         f"step: {r.batch_size} x {r.seq_len} tokens" + (f" x {r.grad_accum} micro-batches" if r.grad_accum > 1 else "")
         + f", mesh {mesh_text(a.mesh)}",
     ]
+    if r.kernels:
+        calls = "" if a.kernel_calls is None else f": {a.kernel_calls} Mosaic (Pallas) kernel call sites in the step"
+        lines.append(f"kernels: {r.kernels}{calls}")
     if plan.estimate:
         lines.append("ESTIMATE: no compiler for GPUs here; memory from abstract evaluation, FLOPs from the "
                      "architecture")
@@ -108,7 +111,7 @@ def to_json(plan: Plan) -> dict:
         "model": r.model, "quantize": plan.quantize, "dtype": r.dtype, "r": r.r, "targets": r.targets,
         "topology": t.name, "chip": t.chip.name, "chips": t.chips, "devices": plan.devices,
         "mesh": a.mesh, "remat": a.remat, "batch_size": a.batch_size, "seq_len": r.seq_len,
-        "grad_accum": a.grad_accum,
+        "grad_accum": a.grad_accum, "kernels": r.kernels,
         "trainable_params": plan.trainable_params, "total_params": plan.total_params,
         "memory": {k: int(v) for k, v in a.memory.items()},
         "flops_per_chip": rf.compute_seconds * rf.peak_flops if known else None,

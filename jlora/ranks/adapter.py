@@ -17,7 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from jlora.convert.safetensors_io import CheckpointError, iter_tensors
+from jlora.convert.peft_adapter import read_adapter_weights
+from jlora.convert.safetensors_io import CheckpointError
 from jlora.lora_config import ALL_LINEAR, LoraConfig
 
 PREFIX = "base_model.model."
@@ -80,19 +81,6 @@ def _normalise_key(key: str) -> str:
     return re.sub(r"\.(lora_A|lora_B|lora_embedding_A|lora_embedding_B)\.default\b", r".\1", key)
 
 
-def _read_tensors(adapter_dir: Path, allow_pickle: bool) -> dict[str, np.ndarray]:
-    st = adapter_dir / WEIGHTS_FILE
-    if st.exists():
-        return dict(iter_tensors(st))
-    binf = adapter_dir / "adapter_model.bin"
-    if binf.exists():
-        if not allow_pickle:
-            raise CheckpointError(f"{binf}: pickle adapter weights; pass allow_pickle=True if you trust this file")
-        import torch
-        return {k: v.float().numpy() for k, v in torch.load(binf, map_location="cpu", weights_only=True).items()}
-    raise CheckpointError(f"{adapter_dir}: no {WEIGHTS_FILE}")
-
-
 def sort_key(name: str):
     m = re.search(r"\blayers\.(\d+)\.", name)
     leaf = name.rsplit(".", 1)[-1]
@@ -112,7 +100,7 @@ def read_adapter(path, *, allow_pickle: bool = False) -> Adapter:
                        alpha_pattern=dict(config.get("alpha_pattern") or {}))
     parts: dict[str, dict[str, np.ndarray]] = {}
     other: dict[str, np.ndarray] = {}
-    for key, value in _read_tensors(adapter_dir, allow_pickle).items():
+    for key, value in read_adapter_weights(adapter_dir, allow_pickle).items():
         m = FACTOR_KEY.match(_normalise_key(key))
         if m is None:
             other[key] = value

@@ -117,8 +117,6 @@ class Trainer:
                                  use_rslora=c.use_rslora, target_modules=_targets(c.targets))
         model = get_peft_model(model, lora_config, rngs=nnx.Rngs(params=c.seed, dropout=c.seed + 1))
         model.remat = c.remat
-        if c.kernels:
-            use_kernels(model, c.kernels)
         trainable, total = trainable_parameters(model)
         self.log(f"model: {model_dir} ({c.dtype}); LoRA r={c.r} alpha={c.lora_alpha} on {c.targets}: "
                  f"trainable params: {trainable:,d} || all params: {total:,d} || "
@@ -135,6 +133,8 @@ class Trainer:
         if c.batch_size % row_shards:
             raise ValueError(f"--batch-size {c.batch_size} must be a multiple of data x fsdp = {row_shards} "
                              f"(mesh {dict(mesh.shape)})")
+        if c.kernels:
+            use_kernels(model, c.kernels, mesh=mesh)
         model.train()
         split = SplitModel.of(model)
         model.eval()

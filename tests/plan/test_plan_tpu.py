@@ -1,10 +1,11 @@
-"""`jlora plan` compiles the real sharded train step with libtpu for v5e:2x2 (no TPU needed).
+"""`jlora plan` compiles the real sharded train step with libtpu for TPU slices (no TPU needed).
 
-Four subprocesses run at once (JAX_PLATFORMS=cpu, ALLOW_MULTIPLE_LIBTPU_LOAD=1): the 8B preset in
+Five subprocesses run at once (JAX_PLATFORMS=cpu, ALLOW_MULTIPLE_LIBTPU_LOAD=1): the 8B preset in
 bfloat16 and in NF4 at batch 8 x 2048 (remat auto: each compiles the remat step, ~2-3 min of one core:
 the decoder layers are a Python loop, so XLA sees 32 copies), the 70B preset in bf16 (refused without
-compiling: its weights alone exceed 4 x 16 GiB), and a small config in six settings (see
-tiny_plans.py). Skipped when libtpu is absent.
+compiling: its weights alone exceed 4 x 16 GiB), a small config in six settings (tiny_plans.py), and
+its train step on the Pallas kernels for v4, v5e, v5p and v6e (kernel_plans.py). Skipped when libtpu
+is absent.
 
 The NF4 case guards the row-wise dequantize (jlora.nf4.dequantize): with the flat bitsandbytes
 layout sharded over fsdp and dequantized through pad / reshape / slice, libtpu's SPMD partitioner
@@ -35,6 +36,8 @@ def runs(tmp_path_factory):
         pytest.skip('libtpu is not installed (pip install "jax[tpu]" at the installed jax version)')
     small = tmp_path_factory.mktemp("small")
     (small / "config.json").write_text(json.dumps(SMALL))
+    two_layers = tmp_path_factory.mktemp("two_layers")  # the kernel steps: 11 compiles
+    (two_layers / "config.json").write_text(json.dumps({**SMALL, "num_hidden_layers": 2}))
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "ALLOW_MULTIPLE_LIBTPU_LOAD": "1",
            "TPU_WORKER_HOSTNAMES": "localhost"}
     plan = [sys.executable, "-m", "jlora.cli", "plan", "--json", "--topology", "v5e:2x2"]
@@ -44,6 +47,7 @@ def runs(tmp_path_factory):
                           "--seq-len", "2048", "--no-suggest"],
         "70b": plan + ["--model", "llama-3.1-70b", "--batch-size", "8", "--seq-len", "4096"],
         "small": [sys.executable, str(HERE / "tiny_plans.py"), str(small)],
+        "kernels": [sys.executable, str(HERE / "kernel_plans.py"), str(two_layers)],
     }
     procs = {k: subprocess.Popen(c, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for k, c in commands.items()}
@@ -51,7 +55,8 @@ def runs(tmp_path_factory):
     for name, proc in procs.items():
         stdout, stderr = proc.communicate(timeout=1200)
         assert proc.returncode == 0, f"{name}: rc={proc.returncode}\n{stderr[-3000:]}"
-        lines = [json.loads(l) for l in stdout.splitlines() if l.startswith("{")] if name == "small" else None
+        lines = ([json.loads(l) for l in stdout.splitlines() if l.startswith("{")]
+                 if name in ("small", "kernels") else None)
         out[name] = {r["case"]: r for r in lines} if lines else json.loads(stdout)
     return out
 
@@ -122,3 +127,16 @@ def test_every_micro_batch_counts_in_the_cost(runs):
     assert abs(two["flops_per_chip"] - one["flops_per_chip"]) <= 0.05 * one["flops_per_chip"]
     assert two["model_flops_per_step"] == one["model_flops_per_step"]
     assert two["memory"]["temporaries"] < one["memory"]["temporaries"]
+
+
+def test_train_step_with_pallas_kernels_compiles_for_every_generation(runs):
+    """The whole LoRA and QLoRA step with every adapted projection on the Pallas kernels (under shard_map)."""
+    cases = dict(runs["kernels"])
+    xla = cases.pop("v5e nf4 xla")
+    assert xla["fits"] and xla["attempts"][-1]["kernel_calls"] == 0
+    assert sorted(cases) == sorted([f"{g} {q}" for g in ("v4", "v5e", "v5p", "v6e") for q in ("bf16", "nf4")]
+                                   + ["v5e bf16 tensor", "v5e nf4 tensor"])
+    for name, r in cases.items():
+        attempt = r["attempts"][-1]
+        assert attempt["source"] == "compiled" and r["fits"], name
+        assert attempt["kernel_calls"] and attempt["kernel_calls"] > 0, (name, attempt["kernel_calls"])

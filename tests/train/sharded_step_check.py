@@ -19,6 +19,10 @@ from jlora.train.state import SplitModel
 from jlora.train.step import make_train_step
 
 MESHES = ["data=8", "fsdp=4,tensor=2", "data=2,fsdp=2,tensor=2"]
+# The fused-kernel path (impl="xla" under shard_map, as Pallas/Triton kernels run on a mesh), dense and NF4.
+KERNEL_CASES = {"fsdp=4,tensor=2 kernels": ("fsdp=4,tensor=2", None),
+                "data=2,fsdp=2,tensor=2 kernels": ("data=2,fsdp=2,tensor=2", None),
+                "data=2,fsdp=2,tensor=2 kernels nf4": ("data=2,fsdp=2,tensor=2", "nf4")}
 
 
 def batch(rows=16, t=16, accum=2):
@@ -29,9 +33,9 @@ def batch(rows=16, t=16, accum=2):
     return {k: v.astype(np.int32).reshape(accum, rows // accum, t) for k, v in b.items()}
 
 
-def run(path, mesh_spec):
-    model = jlora.get_peft_model(jlora.load_hf(path), jlora.LoraConfig(r=4, init_lora_weights=False),
-                                 rngs=nnx.Rngs(0))
+def run(path, mesh_spec, kernels=None, quantize=None):
+    model = jlora.get_peft_model(jlora.load_hf(path, quantize=quantize),
+                                 jlora.LoraConfig(r=4, init_lora_weights=False), rngs=nnx.Rngs(0))
     split = SplitModel.of(model)
     tx = make_optimizer(lambda s: 1e-2, weight_decay=0.01, max_grad_norm=1.0)
     params, frozen = split.params(), split.frozen
@@ -42,6 +46,10 @@ def run(path, mesh_spec):
         b = {k: jnp.asarray(v) for k, v in batch().items()}
     else:
         mesh = make_mesh(mesh_spec)
+        if kernels:
+            jlora.use_kernels(model, kernels, mesh=mesh)
+            split = SplitModel.of(model)
+            step = make_train_step(split, tx)
         params, frozen = shard_flat(params, mesh), shard_state(frozen, mesh)
         opt = tx.init(params)
         opt_shard = opt_state_shardings(opt, mesh)
@@ -61,4 +69,8 @@ if __name__ == "__main__":
     for spec in MESHES:
         got = run(sys.argv[1], spec)
         out[spec] = max(float(np.abs(got[k] - ref[k]).max() / np.abs(ref[k]).max()) for k in ref)
+    refs = {None: ref, "nf4": run(sys.argv[1], None, quantize="nf4")}
+    for name, (spec, quantize) in KERNEL_CASES.items():
+        got, want = run(sys.argv[1], spec, kernels="xla", quantize=quantize), refs[quantize]
+        out[name] = max(float(np.abs(got[k] - want[k]).max() / np.abs(want[k]).max()) for k in want)
     print(json.dumps(out))

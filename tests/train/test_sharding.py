@@ -17,7 +17,8 @@ def test_sharded_step_equals_single_device(checkpoint):
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     errors = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert set(errors) == {"data=8", "fsdp=4,tensor=2", "data=2,fsdp=2,tensor=2"}
+    assert set(errors) == {"data=8", "fsdp=4,tensor=2", "data=2,fsdp=2,tensor=2", "fsdp=4,tensor=2 kernels",
+                           "data=2,fsdp=2,tensor=2 kernels", "data=2,fsdp=2,tensor=2 kernels nf4"}
     for mesh, err in errors.items():
         assert err <= 1e-5, (mesh, err)
 

@@ -1,6 +1,7 @@
 """`jlora plan` compiles the real sharded train step with libtpu for TPU slices (no TPU needed).
 
-Five subprocesses run at once (JAX_PLATFORMS=cpu, ALLOW_MULTIPLE_LIBTPU_LOAD=1): the 8B preset in
+run_plans.py runs the jobs one after another in the background (JAX_PLATFORMS=cpu,
+ALLOW_MULTIPLE_LIBTPU_LOAD=1), started by conftest.py when collection ends: the 8B preset in
 bfloat16 and in NF4 at batch 8 x 2048 (remat auto: each compiles the remat step, ~2-3 min of one core:
 the decoder layers are a Python loop, so XLA sees 32 copies), the 70B preset in bf16 (refused without
 compiling: its weights alone exceed 4 x 16 GiB), a small config in six settings (tiny_plans.py), and
@@ -13,51 +14,49 @@ took ~60 s and ~1.6 GB of host memory per layer (the 32-layer compile ran out of
 """
 import importlib.util
 import json
-import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
 GiB = 1 << 30
 HERE = Path(__file__).parent
-# 8 layers of 4M parameters: as in real runs, FSDP gathers one layer at a time, a small part of the
-# weights (78 MB in bf16), and the weights outweigh the activations of 8 x 128 tokens.
-SMALL = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 512,
-         "intermediate_size": 2048, "num_hidden_layers": 8, "num_attention_heads": 8, "num_key_value_heads": 4,
-         "vocab_size": 8000, "max_position_embeddings": 512}
+JOBS = ("70b", "small", "kernels", "8b", "8b-nf4")
+_RUN = {}
 
+
+def start_plans():
+    """Starts run_plans.py in the background (called by conftest.py after collection)."""
+    if not _RUN and importlib.util.find_spec("libtpu") is not None:
+        out = Path(tempfile.mkdtemp(prefix="jlora-plans-"))
+        _RUN.update(out=out, proc=subprocess.Popen([sys.executable, str(HERE / "run_plans.py"), str(out)],
+                                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
+    return _RUN
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs():
     if importlib.util.find_spec("libtpu") is None:
         pytest.skip('libtpu is not installed (pip install "jax[tpu]" at the installed jax version)')
-    small = tmp_path_factory.mktemp("small")
-    (small / "config.json").write_text(json.dumps(SMALL))
-    two_layers = tmp_path_factory.mktemp("two_layers")  # the kernel steps: 11 compiles
-    (two_layers / "config.json").write_text(json.dumps({**SMALL, "num_hidden_layers": 2}))
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "ALLOW_MULTIPLE_LIBTPU_LOAD": "1",
-           "TPU_WORKER_HOSTNAMES": "localhost"}
-    plan = [sys.executable, "-m", "jlora.cli", "plan", "--json", "--topology", "v5e:2x2"]
-    commands = {
-        "8b": plan + ["--model", "llama-3.1-8b", "--r", "16", "--batch-size", "8", "--seq-len", "2048"],
-        "8b-nf4": plan + ["--model", "llama-3.1-8b", "--quantize", "nf4", "--r", "16", "--batch-size", "8",
-                          "--seq-len", "2048", "--no-suggest"],
-        "70b": plan + ["--model", "llama-3.1-70b", "--batch-size", "8", "--seq-len", "4096"],
-        "small": [sys.executable, str(HERE / "tiny_plans.py"), str(small)],
-        "kernels": [sys.executable, str(HERE / "kernel_plans.py"), str(two_layers)],
-    }
-    procs = {k: subprocess.Popen(c, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for k, c in commands.items()}
+    run = start_plans()
+    try:
+        _, stderr = run["proc"].communicate(timeout=2400)
+    finally:
+        if run["proc"].poll() is None:
+            run["proc"].kill()
+    assert run["proc"].returncode == 0, stderr[-3000:]
     out = {}
-    for name, proc in procs.items():
-        stdout, stderr = proc.communicate(timeout=1200)
-        assert proc.returncode == 0, f"{name}: rc={proc.returncode}\n{stderr[-3000:]}"
+    for name in JOBS:
+        stdout = (run["out"] / f"{name}.out").read_text()
+        rc = (run["out"] / f"{name}.rc").read_text()
+        assert rc == "0", f"{name}: rc={rc}\n{(run['out'] / f'{name}.err').read_text()[-3000:]}"
         lines = ([json.loads(l) for l in stdout.splitlines() if l.startswith("{")]
                  if name in ("small", "kernels") else None)
         out[name] = {r["case"]: r for r in lines} if lines else json.loads(stdout)
+    shutil.rmtree(run["out"], ignore_errors=True)
     return out
 
 

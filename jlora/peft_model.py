@@ -50,9 +50,11 @@ def get_peft_model(model: LlamaForCausalLM, config: LoraConfig, *, rngs: nnx.Rng
     for name, module in targets:
         if module.lora is not None:
             raise ValueError(f"{name} already has a LoRA adapter")
+    keys = jax.random.split(rngs.params(), len(targets))  # one draw from rngs (see LoRA's key)
+    for (name, module), key in zip(targets, keys):
         module.lora = LoRA(module.in_features, module.out_features, config.rank_for(name),
                            scaling=config.scaling_for(name), dropout=config.lora_dropout,
-                           init_weights=config.init_lora_weights, rngs=rngs)
+                           init_weights=config.init_lora_weights, rngs=rngs, key=key)
     model.lora_config = config
     model.eval()
     return model

@@ -34,8 +34,8 @@ class LoRA(nnx.Module):
     def __init__(self, in_features: int, out_features: int, r: int, *, scaling: float,
                  dropout: float = 0.0, init_weights: bool | str = True,
                  param_dtype=jnp.float32, rngs: nnx.Rngs, key: jax.Array | None = None):
-        """key: the init key (default: drawn from rngs.params). get_peft_model passes split keys: every draw
-        from rngs updates a counter Variable, which under nnx.eval_shape costs time that grows with the trace."""
+        """key: the init key (default: drawn from rngs.params); get_peft_model passes the keys of
+        successive draws, drawn at once (see peft_model._successive_keys)."""
         if not isinstance(r, int) or r <= 0:
             raise ValueError(f"LoRA rank must be a positive integer, got r={r!r}")
         key_a, key_b = jax.random.split(rngs.params() if key is None else key)

@@ -29,6 +29,19 @@ def adapted_modules(model: LlamaForCausalLM) -> Iterator[tuple[str, Linear]]:
     return ((n, m) for n, m in linear_modules(model) if m.lora is not None)
 
 
+def _successive_keys(rngs: nnx.Rngs, n: int) -> list[jax.Array]:
+    """The keys of n successive `rngs.params()` draws, with one update of the stream's counter.
+
+    A draw is fold_in(key, count) then count += 1; under nnx.eval_shape each counter update asks the
+    tracer for its sharding, which walks the whole trace so far, so n draws cost O(n^2) there.
+    """
+    stream = rngs.params
+    key, count = stream.key[...], stream.count[...]
+    keys = [jax.random.fold_in(key, count + i) for i in range(n)]
+    stream.count[...] = count + n
+    return keys
+
+
 def get_peft_model(model: LlamaForCausalLM, config: LoraConfig, *, rngs: nnx.Rngs) -> LlamaForCausalLM:
     """Adds a LoRA adapter to every projection `config` targets (in place) and returns the model.
 
@@ -50,8 +63,7 @@ def get_peft_model(model: LlamaForCausalLM, config: LoraConfig, *, rngs: nnx.Rng
     for name, module in targets:
         if module.lora is not None:
             raise ValueError(f"{name} already has a LoRA adapter")
-    keys = jax.random.split(rngs.params(), len(targets))  # one draw from rngs (see LoRA's key)
-    for (name, module), key in zip(targets, keys):
+    for (name, module), key in zip(targets, _successive_keys(rngs, len(targets))):
         module.lora = LoRA(module.in_features, module.out_features, config.rank_for(name),
                            scaling=config.scaling_for(name), dropout=config.lora_dropout,
                            init_weights=config.init_lora_weights, rngs=rngs, key=key)

@@ -137,42 +137,28 @@ def _fill(cache: bool, first_row_block, fill_fn):
         fill_fn()
 
 
-def _fwd_kernel(x_ref, codes_ref, absmax_ref, lane_code_ref, lo_ref, lo_rhs_ref,
-                out_ref, acc_ref, w_ref, *, blocksize: int, cache: bool):
-    i, kk = pl.program_id(1), pl.program_id(2)
-    slot = kk if cache else 0
+def _kernel(lhs_ref, codes_ref, absmax_ref, lane_code_ref, lo_ref, lo_rhs_ref,
+            out_ref, acc_ref, w_ref, *, blocksize: int, cache: bool, forward: bool):
+    """One output tile, reducing over grid axis 2, with W's tiles dequantized into VMEM:
 
-    @pl.when(kk == 0)
+        forward:  y  = x  @ W^T + xa @ b        (lhs x,  lo xa, lo_rhs b)
+        dx:       dx = dy @ W   + g  @ a^T      (lhs dy, lo g,  lo_rhs a)
+    """
+    i, j = pl.program_id(1), pl.program_id(2)
+    slot = j if cache else 0
+
+    @pl.when(j == 0)
     def _init():
         acc_ref[...] = jnp.zeros_like(acc_ref)
 
     _fill(cache, i == 0, lambda: _dequant_tile(
         w_ref, slot, codes_ref, absmax_ref, lane_code_ref, blocksize=blocksize))
-    acc_ref[...] += _dot(x_ref[...], w_ref[slot], transpose_rhs=True)
+    acc_ref[...] += _dot(lhs_ref[...], w_ref[slot], transpose_rhs=forward)
 
-    @pl.when(kk == pl.num_programs(2) - 1)
+    @pl.when(j == pl.num_programs(2) - 1)
     def _epilogue():
-        low_rank = _dot(lo_ref[...], lo_rhs_ref[...], transpose_rhs=False)
+        low_rank = _dot(lo_ref[...], lo_rhs_ref[...], transpose_rhs=not forward)
         out_ref[...] = (acc_ref[...] + low_rank).astype(out_ref.dtype)
-
-
-def _dx_kernel(dy_ref, codes_ref, absmax_ref, lane_code_ref, g_ref, a_ref,
-               dx_ref, acc_ref, w_ref, *, blocksize: int, cache: bool):
-    i, nn = pl.program_id(1), pl.program_id(2)
-    slot = nn if cache else 0
-
-    @pl.when(nn == 0)
-    def _init():
-        acc_ref[...] = jnp.zeros_like(acc_ref)
-
-    _fill(cache, i == 0, lambda: _dequant_tile(
-        w_ref, slot, codes_ref, absmax_ref, lane_code_ref, blocksize=blocksize))
-    acc_ref[...] += _dot(dy_ref[...], w_ref[slot], transpose_rhs=False)
-
-    @pl.when(nn == pl.num_programs(2) - 1)
-    def _epilogue():
-        low_rank = _dot(g_ref[...], a_ref[...], transpose_rhs=True)
-        dx_ref[...] = (acc_ref[...] + low_rank).astype(dx_ref.dtype)
 
 
 def _semantics(cache: bool):
@@ -213,7 +199,7 @@ def nf4_matmul_fwd_pallas(x, codes, absmax, lo, lo_rhs, *, blocksize: int,
                         + (n * k // 2 + 4 * n * k // blocksize)
                         * (1 if cache else grid[1])))
     return pl.pallas_call(
-        functools.partial(_fwd_kernel, blocksize=blocksize, cache=cache),
+        functools.partial(_kernel, blocksize=blocksize, cache=cache, forward=True),
         out_shape=jax.ShapeDtypeStruct((m, n), dtype),
         grid=grid,
         in_specs=[
@@ -265,7 +251,7 @@ def nf4_matmul_dx_pallas(dy, codes, absmax, g, a, *, blocksize: int, block_m: in
                         + (n * k // 2 + 4 * n * k // blocksize)
                         * (1 if cache else grid[1])))
     return pl.pallas_call(
-        functools.partial(_dx_kernel, blocksize=blocksize, cache=cache),
+        functools.partial(_kernel, blocksize=blocksize, cache=cache, forward=False),
         out_shape=jax.ShapeDtypeStruct((m, k), dtype),
         grid=grid,
         in_specs=[

@@ -25,8 +25,7 @@ import jax
 from jax.sharding import Mesh, PartitionSpec as P
 
 from jlora.nf4 import NF4Tensor
-
-ROWS = ("data", "fsdp")
+from jlora.train.sharding import ROW_AXES
 
 
 def _divides(mesh: Mesh, axis, dim: int):
@@ -46,7 +45,7 @@ def sharded_lora_linear(op, x, w, a, b, *, scale: float, impl: str, mesh: Mesh, 
 
     x [B, ..., K] with its rows on axis 0; w dense [K, N] or an NF4Tensor [N, K]; returns y [B, ..., N].
     """
-    rows = ROWS if x.shape[0] % (mesh.shape["data"] * mesh.shape["fsdp"]) == 0 else None
+    rows = ROW_AXES if x.shape[0] % (mesh.shape["data"] * mesh.shape["fsdp"]) == 0 else None
     mid = (None,) * (x.ndim - 2)
     t = mesh.shape["tensor"]
     nf4 = isinstance(w, NF4Tensor)

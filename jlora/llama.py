@@ -255,6 +255,7 @@ def use_kernels(model: nnx.Module, impl: str | None = "auto", *, mesh=None) -> n
     under shard_map (jlora.kernel_sharding); without a mesh they need one device.
     """
     from jlora.kernels import IMPLS
+    from jlora.train.sharding import ROW_PARALLEL_MODULES
 
     if impl is not None and impl not in IMPLS:
         raise ValueError(f"kernel impl {impl!r} is not one of {list(IMPLS)} (or None for the plain path)")
@@ -262,5 +263,5 @@ def use_kernels(model: nnx.Module, impl: str | None = "auto", *, mesh=None) -> n
         if isinstance(module, Linear):
             module.kernel_impl = impl
             module.kernel_mesh = mesh
-            module.row_parallel = bool(path) and path[-1] in ("o_proj", "down_proj")
+            module.row_parallel = bool(path) and path[-1] in ROW_PARALLEL_MODULES
     return model

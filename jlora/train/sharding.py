@@ -18,7 +18,9 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 AXES = ("data", "fsdp", "tensor")
-ROW_PARALLEL = re.compile(r"\.(o_proj|down_proj)\.")
+ROW_AXES = ("data", "fsdp")                     # batch rows split over these
+ROW_PARALLEL_MODULES = ("o_proj", "down_proj")  # input axis over tensor, output over fsdp
+ROW_PARALLEL = re.compile(r"\.(" + "|".join(ROW_PARALLEL_MODULES) + r")\.")
 
 
 def parse_mesh(spec: str | None, n_devices: int | None = None) -> dict[str, int]:
@@ -89,5 +91,5 @@ def flat_shardings(flat: dict, mesh: Mesh) -> dict:
 
 def batch_sharding(mesh: Mesh, ndim: int, row_axis: int) -> NamedSharding:
     spec = [None] * ndim
-    spec[row_axis] = ("data", "fsdp")
+    spec[row_axis] = ROW_AXES
     return NamedSharding(mesh, P(*spec))

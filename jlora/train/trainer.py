@@ -101,7 +101,7 @@ class Trainer:
         c = self.config
         if hosts.is_main():
             self._prepare_out_dir()
-            model_dir = self._model_dir()
+            self._model_dir()  # builds the default base when no --model is given
         hosts.barrier("jlora: run directory and base model ready")
         model_dir = self._model_dir()
         tokenizer = AutoTokenizer.from_pretrained(model_dir)

@@ -17,16 +17,11 @@ from __future__ import annotations
 import functools
 
 import jax
-import jax.numpy as jnp
 
 from jlora.kernels.block_sizes import BlockSizes
 from jlora.kernels.fused_matmul import fused_matmul_pallas
 from jlora.kernels.fused_matmul import fused_matmul_xla
-
-
-def _small_dot(lhs, rhs, scale=None):
-    acc = jnp.dot(lhs, rhs, preferred_element_type=jnp.float32)
-    return acc if scale is None else scale * acc
+from jlora.kernels.small_dot import small_dot as _small_dot
 
 
 def fused_matmul(lhs, rhs, lo, lo_rhs, *, transpose_rhs: bool, impl: str,

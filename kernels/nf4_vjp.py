@@ -30,6 +30,7 @@ from jlora.kernels.nf4_matmul import absmax_tiles
 from jlora.kernels.nf4_matmul import dequantize_xla
 from jlora.kernels.nf4_matmul import nf4_matmul_dx_pallas
 from jlora.kernels.nf4_matmul import nf4_matmul_fwd_pallas
+from jlora.kernels.small_dot import small_dot as _small_dot
 
 
 class NF4Config(NamedTuple):
@@ -46,11 +47,6 @@ def _dot_nt(lhs, rhs):
     """lhs @ rhs.T without a transpose op (XLA:CPU keeps bf16 dots native this way)."""
     return jax.lax.dot_general(lhs, rhs, (((1,), (1,)), ((), ())),
                                preferred_element_type=jnp.float32)
-
-
-def _small_dot(lhs, rhs, scale=None):
-    acc = jnp.dot(lhs, rhs, preferred_element_type=jnp.float32)
-    return acc if scale is None else scale * acc
 
 
 def _cache(m: int, block_m: int, band_bytes: int) -> bool:

@@ -1,19 +1,30 @@
 """Turning one record into token ids and the mask of tokens the loss trains on.
 
+Every record is tokenized as ONE text, so the model trains on exactly the token sequence the
+tokenizer gives the whole text. Which tokens are trained is decided by character offsets
+(a fast tokenizer's ``offset_mapping``): a token is trained when its span reaches into the
+trained characters. Tokenizing the pieces separately and concatenating would be wrong for
+SentencePiece-style tokenizers (Llama 2, Mistral, Gemma): each piece gets its own leading
+"\u2581", so "A:" + "Paris" would train on "\u2581A : \u2581Paris" while the tokenizer (and
+generation after the prompt) sees "\u2581A : Paris".
+
 * text: every token is trained on.
-* prompt/completion: prompt and completion are tokenized separately and concatenated,
-  exactly as generation sees them (the prompt alone, then the model's continuation);
-  only completion tokens are trained on.
-* messages: rendered with the tokenizer's chat template. The tokens of assistant message
-  ``i`` are found by rendering prefixes of the conversation: they start where
-  ``messages[:i]`` rendered with the generation prompt ends and stop where
-  ``messages[:i + 1]`` ends, so the assistant header is not trained on and the template's
-  end-of-turn token is; whitespace the template writes after that token (ChatML's and
-  Gemma's "\\n") is left out, as generation stops before it. This needs no
-  ``{% generation %}`` markers and works for any template whose rendering of a prefix
-  tokenizes to a prefix of the whole conversation (Llama, Mistral, Gemma, ChatML, ...);
-  that is checked for every reply, so a template that rewrites earlier turns raises
-  DataError rather than training on the wrong tokens.
+* prompt/completion: ``prompt + completion`` is tokenized together; tokens whose character span
+  ends after ``len(prompt)`` are trained on (so a token that straddles the join, such as
+  "\u2581Paris" in "A: " + "Paris", is trained: it holds completion text), as TRL's
+  completion mask does.
+* messages: rendered with the tokenizer's chat template and tokenized once. The characters of
+  assistant message ``i`` start where ``messages[:i]`` rendered with the generation prompt
+  ends and stop where ``messages[:i + 1]`` ends, so the assistant header is not trained on and
+  the template's end-of-turn token is; whitespace the template writes after that token
+  (ChatML's and Gemma's "\n") is left out, as generation stops before it. This needs no
+  ``{% generation %}`` markers and works for any template whose rendering of a prefix of the
+  conversation is a prefix of the rendering of the whole (Llama, Mistral, Gemma, ChatML, ...);
+  that is checked for every reply, so a template that rewrites earlier turns raises DataError
+  rather than training on the wrong tokens.
+
+Tokenizers without offsets (slow, Python-only ones) fall back to counting the tokens of the
+text before the boundary, which must then tokenize to a prefix of the whole (else DataError).
 
 BOS is prepended when the tokenizer has one and the tokens don't already start with it.
 EOS is appended to text and completions (unless already there); for messages the
@@ -49,10 +60,9 @@ def tokenize_record(record: Record, tokenizer) -> Example:
         mask = [True] * len(ids)
         ids, mask = _append_eos(tokenizer, ids, mask)
     elif kind == "prompt_completion":
-        prompt = _encode(tokenizer, data["prompt"])
-        completion = _encode(tokenizer, data["completion"])
-        ids = prompt + completion
-        mask = [False] * len(prompt) + [True] * len(completion)
+        text = data["prompt"] + data["completion"]
+        ids, spans = _encode_spans(tokenizer, text, record)
+        mask = _char_mask(ids, spans, len(data["prompt"]), len(text))
         ids, mask = _append_eos(tokenizer, ids, mask)
     else:
         ids, mask = _chat(tokenizer, record)
@@ -64,6 +74,44 @@ def tokenize_record(record: Record, tokenizer) -> Example:
 
 def _encode(tokenizer, text: str) -> list[int]:
     return list(tokenizer.encode(text, add_special_tokens=False))
+
+
+def _encode_spans(tokenizer, text: str, record: Record):
+    """(ids, spans): the tokens of ``text`` and a function ``(start, end) -> (first, stop)`` that
+    gives the token range holding the characters ``text[start:end]``."""
+    if getattr(tokenizer, "is_fast", False):
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids, offsets = list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
+
+        def spans(start, end):
+            # token t holds trained characters when its span reaches past `start` (a zero-width
+            # token at `start` counts) and begins before `end`; offsets are non-decreasing.
+            first = next((t for t, (a, b) in enumerate(offsets) if b > start or a >= start), len(ids))
+            stop = next((t for t, (a, b) in enumerate(offsets) if t >= first and a >= end), len(ids))
+            return first, max(first, stop)
+        return ids, spans
+
+    ids = _encode(tokenizer, text)
+
+    def spans(start, end):
+        return _prefix_length(tokenizer, ids, text[:start], record), (
+            len(ids) if end >= len(text) else _prefix_length(tokenizer, ids, text[:end], record))
+    return ids, spans
+
+
+def _prefix_length(tokenizer, ids, prefix: str, record: Record) -> int:
+    """The number of tokens of ``prefix``, which must tokenize to a prefix of ``ids``."""
+    head = _encode(tokenizer, prefix)
+    if ids[:len(head)] != head:
+        raise DataError(f"{record.where}: cannot find where the trained text starts: {prefix[-40:]!r} "
+                        "does not tokenize to a prefix of the whole text, and the tokenizer gives no "
+                        "offsets (use a fast tokenizer)")
+    return len(head)
+
+
+def _char_mask(ids, spans, start: int, end: int) -> list[bool]:
+    first, stop = spans(start, end)
+    return [first <= t < stop for t in range(len(ids))]
 
 
 def _append_eos(tokenizer, ids, mask):
@@ -79,23 +127,23 @@ def _chat(tokenizer, record: Record):
         raise DataError(f'{record.where}: the "messages" format needs a chat template, '
                         "and the tokenizer has none")
 
-    def encode_prefix(n: int, add_generation_prompt: bool) -> list[int]:
+    def render(n: int, add_generation_prompt: bool) -> str:
         try:
-            text = tokenizer.apply_chat_template(
+            return tokenizer.apply_chat_template(
                 messages[:n], tokenize=False, add_generation_prompt=add_generation_prompt)
         except Exception as e:  # jinja errors such as "roles must alternate"
             raise DataError(
                 f"{record.where}: the chat template failed on messages[:{n}]: {e}") from e
-        return _encode(tokenizer, text)
 
-    def prefix_length(ids, prefix, i, what):
-        if ids[:len(prefix)] != prefix:
+    def prefix_length(text, prefix, i, what):
+        if not text.startswith(prefix):
             raise DataError(
                 f"{record.where}: cannot locate the tokens of messages[{i}]: the chat template "
-                f"rendering of {what} does not tokenize to a prefix of the whole conversation")
+                f"rendering of {what} is not a prefix of the rendering of the whole conversation")
         return len(prefix)
 
-    ids = encode_prefix(len(messages), add_generation_prompt=False)
+    text = render(len(messages), add_generation_prompt=False)
+    ids, spans = _encode_spans(tokenizer, text, record)
     mask = [False] * len(ids)
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
@@ -103,10 +151,13 @@ def _chat(tokenizer, record: Record):
         if i == 0:
             raise DataError(f"{record.where}: messages[0] is an assistant message; a reply "
                             "needs a message before it")
-        start = prefix_length(ids, encode_prefix(i, True), i, f"messages[:{i}] + generation prompt")
-        end = prefix_length(ids, encode_prefix(i + 1, False), i, f"messages[:{i + 1}]")
-        end = _drop_trailing_separator(tokenizer, ids, start, end)
-        mask[start:end] = [True] * (end - start)
+        start = prefix_length(text, render(i, True), i, f"messages[:{i}] + generation prompt")
+        end = prefix_length(text, render(i + 1, False), i, f"messages[:{i + 1}]")
+        if end <= start:
+            continue  # nothing rendered for this reply
+        first, stop = spans(start, end)
+        stop = _drop_trailing_separator(tokenizer, ids, first, stop)
+        mask[first:stop] = [True] * (stop - first)
     return ids, mask
 
 

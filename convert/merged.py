@@ -5,10 +5,18 @@ written as HF `weight = kernel'^T`, with config.json and the source's tokenizer 
 is dequantized first, as bitsandbytes does (to the dtype it was quantized from), so a QLoRA model
 exports as a plain 16-bit checkpoint (Unsloth's `merged_16bit`) that transformers loads without
 bitsandbytes.
+
+Writes are whole-directory swaps (jlora.atomic_files.atomic_directory): the checkpoint is written into a
+temporary sibling of `out_dir` and renamed into place, so `out_dir` holds exactly one complete export
+(never a new sharded layout beside an old single file, which loaders would prefer), and a failure midway
+leaves the previous contents untouched. A non-empty `out_dir` is replaced only when every entry in it is
+a file a checkpoint export writes (CHECKPOINT_FILES, model shards, tokenizer files); anything else is an
+error naming it, so a mistyped path never deletes unrelated files.
 """
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 from typing import Iterable
@@ -18,13 +26,19 @@ import numpy as np
 
 from jlora import nf4
 from jlora.convert.hf_names import tensor_map, variable_at
-from jlora.convert.safetensors_io import write_atomic, write_text_atomic
+from jlora.atomic_files import atomic_directory, write_json, write_text
+from jlora.convert.safetensors_io import write_atomic
 from jlora.llama import LlamaForCausalLM
 from jlora.qlora import NF4Weight
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "generation_config.json")
 SHARD_BYTES = 5 * 1024**3
+# What a checkpoint dir written by write_checkpoint (or transformers' save_pretrained) may hold, besides
+# TOKENIZER_FILES; a directory holding only these is a previous export and may be replaced as a whole.
+CHECKPOINT_FILES = re.compile(r"^(config\.json|model\.safetensors|model\.safetensors\.index\.json|"
+                              r"model-\d+-of-\d+\.safetensors|pytorch_model(-\d+-of-\d+)?\.bin|"
+                              r"pytorch_model\.bin\.index\.json)$")
 
 
 def merged_tensors(model: LlamaForCausalLM, dtype=None):
@@ -50,11 +64,21 @@ def merged_tensors(model: LlamaForCausalLM, dtype=None):
         yield name, value.T if entry.transpose else value
 
 
-def write_checkpoint(tensors: Iterable[tuple[str, np.ndarray]], hf_config: dict, out_dir, *,
-                     source_dir: str | None = None, shard_bytes: int = SHARD_BYTES) -> Path:
-    """model.safetensors (sharded with an index above `shard_bytes`), config.json and the tokenizer files
-    of `source_dir`."""
+def check_replaceable(out_dir) -> None:
+    """Raises unless `out_dir` is absent, empty, or holds only files a checkpoint export writes."""
     out_dir = Path(out_dir)
+    if not out_dir.exists():
+        return
+    if not out_dir.is_dir():
+        raise ValueError(f"{out_dir} exists and is not a directory; expected a directory for the checkpoint")
+    foreign = sorted(p.name for p in out_dir.iterdir()
+                     if not (CHECKPOINT_FILES.match(p.name) or p.name in TOKENIZER_FILES))
+    if foreign:
+        raise ValueError(f"{out_dir} holds {foreign[:5]}{' ...' if len(foreign) > 5 else ''}, which are not part of a "
+                         f"checkpoint; the export replaces the whole directory, so choose an empty or new directory")
+
+
+def _write_files(tensors, hf_config: dict, out_dir: Path, source_dir, shard_bytes: int) -> None:
     shards: list[dict[str, np.ndarray]] = [{}]
     size = 0
     for name, value in tensors:
@@ -72,13 +96,22 @@ def write_checkpoint(tensors: Iterable[tuple[str, np.ndarray]], hf_config: dict,
             write_atomic(out_dir / fname, shard, metadata={"format": "pt"})
             weight_map.update({k: fname for k in shard})
         total = sum(v.nbytes for s in shards for v in s.values())
-        write_text_atomic(out_dir / "model.safetensors.index.json",
-                          json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
-    write_text_atomic(out_dir / "config.json", json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
+        write_json(out_dir / "model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map})
+    write_text(out_dir / "config.json", json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
     if source_dir:
         for f in TOKENIZER_FILES:
             if (Path(source_dir) / f).exists():
                 shutil.copy2(Path(source_dir) / f, out_dir / f)
+
+
+def write_checkpoint(tensors: Iterable[tuple[str, np.ndarray]], hf_config: dict, out_dir, *,
+                     source_dir: str | None = None, shard_bytes: int = SHARD_BYTES) -> Path:
+    """model.safetensors (sharded with an index above `shard_bytes`), config.json and the tokenizer files
+    of `source_dir`, swapped into `out_dir` as one directory (see the module docstring)."""
+    out_dir = Path(out_dir)
+    check_replaceable(out_dir)
+    with atomic_directory(out_dir) as tmp:
+        _write_files(tensors, hf_config, tmp, source_dir, shard_bytes)
     return out_dir
 
 
@@ -95,7 +128,7 @@ def save_merged(model: LlamaForCausalLM, out_dir, *, dtype=None, shard_bytes: in
 
     `dtype` (default: the model's) is the dtype of every tensor written, e.g. "bfloat16" for a
     16-bit export of a float32 or NF4 model. NF4 projections are dequantized; no quantization_config
-    is written, so the result loads in plain transformers.
+    is written, so the result loads in plain transformers. `out_dir` is replaced as a whole (module docstring).
     """
     dtype = jnp.dtype(dtype or model.dtype)
     return write_checkpoint(merged_tensors(model, dtype), hf_config_with_dtype(model, dtype), out_dir,

@@ -122,7 +122,8 @@ def save_quantized(model: LlamaForCausalLM, out_dir, *, shard_bytes: int = SHARD
 
     `AutoModelForCausalLM.from_pretrained(out_dir)` then loads it as a bitsandbytes 4-bit model
     (bit-exact NF4 weights) and `jlora.load_hf(out_dir)` loads it back. LoRA adapters are not part
-    of the base: save them with `jlora.save_pretrained`.
+    of the base: save them with `jlora.save_pretrained`. `out_dir` is replaced as a whole, atomically
+    (see jlora.convert.merged: a previous export in it is swapped out, any other file is an error).
     """
     hf = hf_config_with_dtype(model, model.dtype)
     hf["quantization_config"] = bnb_quantization_config(model)

@@ -38,5 +38,6 @@ def build_default_base(out_dir, seed: int = 0) -> Path:
     hidden = hf["hidden_size"]
     head = jax.random.normal(jax.random.key(seed + 1), (hidden, vocab), jnp.float32) / hidden ** 0.5
     model.lm_head.kernel.set_value(head)
+    model.source_dir = str(out_dir)  # save_merged replaces out_dir as a whole: carry the tokenizer over
     save_merged(model, out_dir)
     return out_dir

@@ -63,3 +63,17 @@ def test_merged_export_is_a_plain_checkpoint(qlora_model, ids, hf_model, ref, re
     want = ref.logits(hf_model(tmp_path), ids)
     ours = np.asarray(qlora_model(ids))
     assert rel(ours, want) <= (1e-5 if dtype is None else 2e-2)
+
+
+def test_save_quantized_replaces_the_previous_layout(base_dir, qlora_model, ids, ref, rel, tmp_path):
+    """Single file (A: the plain NF4 base) then shards (B: another quantization) into one dir loads B (issue 16.1)."""
+    a = jlora.load_hf(base_dir, quantize=jlora.NF4Config(blocksize=128))
+    out = tmp_path / "q"
+    jlora.save_quantized(a, out)
+    jlora.save_quantized(qlora_model, out, shard_bytes=20_000)
+    names = {p.name for p in out.iterdir()}
+    assert "model.safetensors" not in names and "model.safetensors.index.json" in names, names
+    want = np.asarray(jlora.load_hf(base_dir, quantize="nf4")(ids))
+    assert rel(np.asarray(a(ids)), want) > 1e-5, "A and B must differ, or this test proves nothing"
+    assert rel(np.asarray(jlora.load_hf(out)(ids)), want) <= 1e-6
+    assert rel(ref.logits(ref.load_bnb(out), ids), want) <= 1e-4

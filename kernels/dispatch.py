@@ -19,8 +19,6 @@ import jax
 
 from jlora.kernels.block_sizes import TRITON_BLOCK_SIZES
 
-GPU_BACKENDS = ("gpu", "cuda", "rocm")
-
 
 @functools.cache
 def triton_available() -> bool:

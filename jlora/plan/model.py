@@ -16,6 +16,7 @@ from jlora.llama_config import LlamaConfig
 from jlora.lora_config import TARGET_PRESETS, LoraConfig
 from jlora.peft_model import get_peft_model
 from jlora.presets import PRESETS, preset_config
+from jlora.qlora import quantize_model
 
 
 class PlanError(ValueError):
@@ -49,17 +50,7 @@ def quantizer(kind: str | None):
         return None
     if kind != "nf4":
         raise PlanError(f"--quantize {kind!r} is not supported; supported: nf4")
-    import jlora
-    fn = getattr(jlora, "quantize_model", None)
-    if fn is None:
-        try:
-            from jlora.qlora import quantize_model as fn  # pylint: disable=import-outside-toplevel
-        except ImportError:
-            fn = None
-    if fn is None:
-        raise PlanError("--quantize nf4 is not available yet: it needs jlora.quantize_model (jlora/qlora.py), "
-                        "which this jlora does not have; plan in bfloat16 (leave out --quantize) meanwhile")
-    return fn
+    return quantize_model
 
 
 def lora_config(r: int, lora_alpha: float | None = None, targets: str = "all-linear") -> LoraConfig:
@@ -75,8 +66,7 @@ def abstract_lora_model(config: LlamaConfig, *, lora: LoraConfig, dtype: str = "
     def build():
         model = LlamaForCausalLM(config, dtype=dtype, rngs=nnx.Rngs(0))
         if quant is not None:
-            out = quant(model)  # converts the projection kernels in place
-            model = out if isinstance(out, nnx.Module) else model
+            model = quant(model)  # converts the projection kernels in place
         return get_peft_model(model, lora, rngs=nnx.Rngs(params=0, dropout=1))
 
     model = nnx.eval_shape(build)

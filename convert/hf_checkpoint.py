@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jlora import nf4
+from jlora.convert.hub import resolve_model
 from jlora.convert.hf_names import IGNORED, bnb_weight_name, tensor_map, variable_at
 from jlora.convert.safetensors_io import CheckpointError, iter_tensors, read_header
 from jlora.llama import LlamaForCausalLM, abstract_model
@@ -26,14 +27,19 @@ PICKLE_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json")
 def read_config(model_dir: Path) -> dict:
     path = model_dir / "config.json"
     if not model_dir.is_dir():
-        raise CheckpointError(f"{model_dir}: not a directory (expected a transformers checkpoint dir)")
+        found = "is a file" if model_dir.exists() else "does not exist"
+        raise CheckpointError(f"{model_dir}: not a directory ({found}); expected a transformers checkpoint dir "
+                              "with config.json, model.safetensors and tokenizer files")
     if not path.exists():
         raise CheckpointError(f"{model_dir}: no config.json (expected a transformers checkpoint dir with "
                               f"config.json and model.safetensors)")
     try:
-        return json.loads(path.read_text())
-    except ValueError as e:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
         raise CheckpointError(f"{path}: not valid JSON: {e}") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path}: expected a JSON object of model settings, found {type(config).__name__}")
+    return config
 
 
 def weight_files(model_dir: Path, *, allow_pickle: bool) -> list[Path]:
@@ -42,8 +48,7 @@ def weight_files(model_dir: Path, *, allow_pickle: bool) -> list[Path]:
     if single.exists():
         return [single]
     if index.exists():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        files = [model_dir / f for f in dict.fromkeys(weight_map.values())]
+        files = index_files(index)
         missing = [str(f) for f in files if not f.exists()]
         if missing:
             raise CheckpointError(f"{index}: names shard files that do not exist: {missing}")
@@ -58,6 +63,34 @@ def weight_files(model_dir: Path, *, allow_pickle: bool) -> list[Path]:
     raise CheckpointError(f"{model_dir}: no weights found (expected one of {list(WEIGHT_FILES)})")
 
 
+def index_files(index: Path) -> list[Path]:
+    """The shard files a sharded checkpoint's index names, in order of first use.
+
+    The index is `{"weight_map": {tensor name: shard file name}, ...}`; every shard must be a plain
+    file name or a relative path inside the index's directory (an index from elsewhere must not make
+    the loader read `../x.safetensors` or an absolute path)."""
+    try:
+        data = json.loads(index.read_text(encoding="utf-8"))
+    except ValueError as e:
+        raise CheckpointError(f"{index}: not valid JSON: {e}") from None
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        found = (f"keys {sorted(data)}" if isinstance(data, dict) else type(data).__name__)
+        raise CheckpointError(f'{index}: expected a JSON object with a non-empty "weight_map" '
+                              f"(tensor name -> shard file), found {found}")
+    root = index.parent.resolve()
+    files = []
+    for shard in dict.fromkeys(weight_map.values()):
+        if not isinstance(shard, str) or not shard:
+            raise CheckpointError(f"{index}: weight_map values must be shard file names, found {shard!r}")
+        path = (index.parent / shard)
+        if Path(shard).is_absolute() or not path.resolve().is_relative_to(root):
+            raise CheckpointError(f"{index}: weight_map names {shard!r}, outside the model directory {root}; "
+                                  "expected shard files inside it")
+        files.append(path)
+    return files
+
+
 def _iter_pickle(path: Path):
     try:
         import torch
@@ -65,10 +98,25 @@ def _iter_pickle(path: Path):
         raise CheckpointError(f"{path}: reading pickle weights needs torch (pip install torch)") from None
     files = [path]
     if path.name.endswith(".index.json"):
-        files = [path.parent / f for f in dict.fromkeys(json.loads(path.read_text())["weight_map"].values())]
+        files = index_files(path)
     for f in files:
         for name, t in torch.load(f, map_location="cpu", weights_only=True).items():
             yield name, t.float().numpy() if t.dtype == torch.bfloat16 else t.numpy()
+
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def check_dtype(dtype) -> str:
+    """The name of an allowed weight dtype (a string or a numpy/jax dtype), else a ValueError naming it."""
+    try:
+        name = jnp.dtype(dtype).name
+    except TypeError:
+        name = None
+    if name not in DTYPES:
+        raise ValueError(f"load_hf: dtype={dtype!r} is not allowed; expected one of {', '.join(DTYPES)} "
+                         "(the dtype the frozen weights are stored and computed in)")
+    return name
 
 
 def load_hf(model_dir, dtype="float32", *, allow_pickle: bool = False, quantize: str | None = None
@@ -78,7 +126,8 @@ def load_hf(model_dir, dtype="float32", *, allow_pickle: bool = False, quantize:
     Unknown or missing tensors, wrong shapes, truncated files and pickle weights (without
     `allow_pickle=True`) are errors that name the file and tensor.
     """
-    model_dir = Path(model_dir)
+    dtype = check_dtype(dtype)
+    model_dir = resolve_model(model_dir)
     hf = read_config(model_dir)
     if quantize is not None or hf.get("quantization_config"):
         from jlora.convert.quantized import load_quantized  # QLoRA path

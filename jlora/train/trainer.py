@@ -67,8 +67,9 @@ class Trainer:
         out.mkdir(parents=True, exist_ok=True)
 
     def _model_dir(self) -> Path:
-        if self.config.model:
-            return Path(self.config.model)
+        if self.config.model:  # a local dir or a Hub id, checked before any tokenizer/weights load
+            from jlora.convert.model_dir import open_model_dir
+            return open_model_dir(self.config.model)
         from jlora.default.checkpoint import build_default_base
         return build_default_base(self.out / "base")
 
@@ -92,9 +93,8 @@ class Trainer:
 
     # -- the run -----------------------------------------------------------------------------------
     def run(self) -> dict:
-        from transformers import AutoTokenizer
-
         from jlora.convert.hf_checkpoint import load_hf
+        from jlora.convert.model_dir import load_tokenizer
         from jlora.convert.merged import save_merged
         from jlora.convert.peft_adapter import save_pretrained
 
@@ -104,7 +104,7 @@ class Trainer:
             self._model_dir()  # builds the default base when no --model is given
         hosts.barrier("jlora: run directory and base model ready")
         model_dir = self._model_dir()
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        tokenizer = load_tokenizer(model_dir)
         train_examples, eval_examples, stats = self._data(tokenizer)
         self.log(f"data: {stats}" + (f"; {stats.truncated:,} examples cut to --seq-len {c.seq_len}"
                                      if stats.truncated else ""))

@@ -16,6 +16,7 @@ from flax import nnx
 from jlora.convert.safetensors_io import CheckpointError, iter_tensors, write_atomic, write_text_atomic
 from jlora.llama import LlamaForCausalLM
 from jlora.lora_config import ALL_LINEAR, LoraConfig
+from jlora.module_patterns import PatternError
 from jlora.peft_model import adapted_modules, get_peft_model, linear_modules
 
 PREFIX = "base_model.model."
@@ -139,7 +140,11 @@ def load_adapter(model: LlamaForCausalLM, adapter_dir, *, allow_pickle: bool = F
     adapter_dir = Path(adapter_dir)
     d = _read_adapter_config(adapter_dir)
     tensors = {_normalise_key(k): v for k, v in read_adapter_weights(adapter_dir, allow_pickle).items()}
-    config = config_from_peft(d)
+    try:  # patterns from the file: invalid or too costly ones fail here, before the model changes
+        config = config_from_peft(d)
+        config.check_patterns(n for n, _ in linear_modules(model))
+    except PatternError as e:
+        raise CheckpointError(f"{adapter_dir / CONFIG_FILE}: {e}") from None
     model = get_peft_model(model, config, rngs=rngs or nnx.Rngs(0))
     used = set()
     for name, m in adapted_modules(model):

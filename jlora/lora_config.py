@@ -3,14 +3,15 @@
 - `target_modules` as a list matches module name m when m == entry or m ends with "." + entry;
   as a string it is a full regex match (`re.fullmatch`), except the presets below.
 - `rank_pattern` / `alpha_pattern`: key k applies to m when `re.match(rf"(.*\\.)?({k})$", m)`; first key wins.
+  Both run in jlora/module_patterns.py, which bounds the work a pattern from a file can cause.
 - scaling = alpha / r, or alpha / sqrt(r) with `use_rslora`.
 """
 from __future__ import annotations
 
 import dataclasses
-import re
-from typing import Sequence
+from typing import Iterable, Sequence
 
+from jlora import module_patterns
 from jlora.lora_layer import lora_scaling
 
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -46,19 +47,26 @@ class LoraConfig:
             raise ValueError(f"init_lora_weights must be True, False or 'gaussian', got {self.init_lora_weights!r}")
         if isinstance(self.target_modules, str) and self.target_modules in TARGET_PRESETS:
             self.target_modules = list(TARGET_PRESETS[self.target_modules])
+        module_patterns.check(self.target_modules,
+                              {"rank_pattern": self.rank_pattern, "alpha_pattern": self.alpha_pattern})
 
     def matches(self, module_name: str) -> bool:
         """PEFT's target rule on an HF module name such as `model.layers.0.self_attn.q_proj`."""
-        t = self.target_modules
-        if isinstance(t, str):
-            return re.fullmatch(t, module_name) is not None
-        return any(module_name == e or module_name.endswith("." + e) for e in t)
+        return module_patterns.target_matches(self.target_modules, module_name)
 
     def rank_for(self, module_name: str) -> int:
-        return _pattern_value(self.rank_pattern, module_name, self.r)
+        return _pattern_value(self.rank_pattern, module_name, self.r, "rank_pattern")
 
     def alpha_for(self, module_name: str) -> float:
-        return _pattern_value(self.alpha_pattern, module_name, self.lora_alpha)
+        return _pattern_value(self.alpha_pattern, module_name, self.lora_alpha, "alpha_pattern")
+
+    def check_patterns(self, module_names: Iterable[str]) -> None:
+        """Runs every rule on every name now, so a pattern too costly to match (`PatternError`) fails
+        before a model is changed; the answers are cached for the calls that follow."""
+        for name in module_names:
+            self.matches(name)
+            self.rank_for(name)
+            self.alpha_for(name)
 
     def scaling_for(self, module_name: str) -> float:
         return lora_scaling(self.rank_for(module_name), self.alpha_for(module_name), self.use_rslora)
@@ -69,8 +77,6 @@ def _check_rank(r, what):
         raise ValueError(f"LoRA rank {what} must be a positive integer, got {r!r}")
 
 
-def _pattern_value(pattern: dict, module_name: str, default):
-    for key, value in pattern.items():
-        if re.match(rf"(.*\.)?({key})$", module_name):
-            return value
-    return default
+def _pattern_value(pattern: dict, module_name: str, default, field: str):
+    key = module_patterns.pattern_key(pattern, module_name, field)
+    return default if key is None else pattern[key]

@@ -20,6 +20,7 @@ import numpy as np
 from jlora.convert.peft_adapter import read_adapter_weights
 from jlora.convert.safetensors_io import CheckpointError
 from jlora.lora_config import ALL_LINEAR, LoraConfig
+from jlora.module_patterns import PatternError
 
 PREFIX = "base_model.model."
 CONFIG_FILE = "adapter_config.json"
@@ -94,10 +95,6 @@ def read_adapter(path, *, allow_pickle: bool = False) -> Adapter:
     if config.get("peft_type", "LORA") != "LORA":
         raise CheckpointError(f"{adapter_dir / CONFIG_FILE}: peft_type={config.get('peft_type')!r}, "
                               f"expected a LORA adapter")
-    rules = LoraConfig(r=int(config.get("r", 8)), lora_alpha=config.get("lora_alpha", 8),
-                       use_rslora=bool(config.get("use_rslora", False)),
-                       rank_pattern=dict(config.get("rank_pattern") or {}),
-                       alpha_pattern=dict(config.get("alpha_pattern") or {}))
     parts: dict[str, dict[str, np.ndarray]] = {}
     other: dict[str, np.ndarray] = {}
     for key, value in read_adapter_weights(adapter_dir, allow_pickle).items():
@@ -106,6 +103,14 @@ def read_adapter(path, *, allow_pickle: bool = False) -> Adapter:
             other[key] = value
         else:
             parts.setdefault(m.group("module"), {})[m.group("part").split(".")[0]] = value
+    try:  # rank_pattern / alpha_pattern keys come from the file: invalid or too costly ones fail by name
+        rules = LoraConfig(r=int(config.get("r", 8)), lora_alpha=config.get("lora_alpha", 8),
+                           use_rslora=bool(config.get("use_rslora", False)),
+                           rank_pattern=dict(config.get("rank_pattern") or {}),
+                           alpha_pattern=dict(config.get("alpha_pattern") or {}))
+        rules.check_patterns(parts)
+    except PatternError as e:
+        raise CheckpointError(f"{adapter_dir / CONFIG_FILE}: {e}") from None
     modules = []
     for name in sorted(parts, key=sort_key):
         p = parts[name]

@@ -115,3 +115,27 @@ def test_dora_adapter_refused(checkpoint, tmp_path):
 def test_save_without_adapters(checkpoint, tmp_path):
     with pytest.raises(ValueError, match="get_peft_model"):
         jlora.save_pretrained(jlora.load_hf(checkpoint("llama")), tmp_path / "a")
+
+
+@pytest.mark.parametrize("dtype", ["int8", "uint8", "float64", "nf4", None])
+def test_load_hf_refuses_dtypes_other_than_floats(checkpoint, dtype):
+    # int8 used to cast every weight to 0
+    with pytest.raises(ValueError, match=rf"load_hf: dtype={dtype!r} is not allowed; expected one of "
+                                         "float32, bfloat16, float16"):
+        jlora.load_hf(checkpoint("llama"), dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype", ["float16", np.float32])
+def test_load_hf_accepts_float_dtypes_by_name_or_type(checkpoint, dtype):
+    model = jlora.load_hf(checkpoint("llama"), dtype=dtype)
+    kernel = model.model.layers[0].self_attn.q_proj.kernel
+    assert kernel.dtype == np.dtype(dtype) and np.abs(np.asarray(kernel, np.float32)).max() > 0
+
+
+def test_shard_index_outside_the_model_dir_is_refused(checkpoint, tmp_path):
+    shutil.copytree(checkpoint("llama"), tmp_path / "m")
+    (tmp_path / "m" / "model.safetensors").rename(tmp_path / "x.safetensors")
+    (tmp_path / "m" / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {"model.embed_tokens.weight": "../x.safetensors"}}))
+    with pytest.raises(jlora.CheckpointError, match=r"names '\.\./x\.safetensors', outside the model directory"):
+        jlora.load_hf(tmp_path / "m")

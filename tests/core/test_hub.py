@@ -1,0 +1,73 @@
+"""`--model` as a Hugging Face Hub id: resolved through the HF cache, offline without network, local dirs as-is."""
+import shutil
+
+import numpy as np
+import pytest
+
+import jlora
+from jlora.convert.hub import ALLOW_PATTERNS, is_hub_id, resolve_model
+
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+@pytest.fixture
+def hf_home(tmp_path, monkeypatch):
+    """An empty HF_HOME, offline (the tests never touch the network)."""
+    home = tmp_path / "hf-home"
+    monkeypatch.setenv("HF_HOME", str(home))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    monkeypatch.delenv("HUGGINGFACE_HUB_CACHE", raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    return home
+
+
+def _cache_snapshot(hf_home, repo: str, source):
+    """Lays `source`'s files out as huggingface_hub's cache does: models--org--name/{refs/main, snapshots/<sha>/}."""
+    root = hf_home / "hub" / ("models--" + repo.replace("/", "--"))
+    (root / "refs").mkdir(parents=True)
+    (root / "refs" / "main").write_text(COMMIT)
+    snapshot = root / "snapshots" / COMMIT
+    shutil.copytree(source, snapshot)
+    return snapshot
+
+
+@pytest.mark.parametrize("name, hub", [
+    ("meta-llama/Llama-3.2-1B", True), ("Qwen/Qwen2.5-0.5B-Instruct@main", True),
+    ("./meta-llama/Llama", False), ("/abs/dir", False), ("~/models/x", False), ("a/b/c", False),
+    ("runs/demo/", False), ("../x/y", False), ("gpt2", False),
+])
+def test_what_reads_as_a_hub_id(name, hub):
+    assert is_hub_id(name) is hub
+
+
+def test_local_directory_is_used_as_is(checkpoint, hf_home, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    local = shutil.copytree(checkpoint("llama"), tmp_path / "org" / "tiny")
+    _cache_snapshot(hf_home, "org/tiny", checkpoint("mistral"))  # same name in the cache: not used
+    assert resolve_model("org/tiny") == local.relative_to(tmp_path)
+    assert jlora.load_hf("org/tiny").config.model_type == "llama"
+
+
+def test_cached_snapshot_resolves_offline(checkpoint, hf_home, tmp_path, monkeypatch, rel):
+    monkeypatch.chdir(tmp_path)  # no ./org/tiny here
+    snapshot = _cache_snapshot(hf_home, "org/tiny", checkpoint("llama"))
+    assert resolve_model("org/tiny") == snapshot
+    ids = np.arange(12)[None]
+    assert rel(jlora.load_hf("org/tiny")(ids), jlora.load_hf(checkpoint("llama"))(ids)) == 0
+
+
+def test_uncached_id_offline_is_one_clear_error(hf_home, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(jlora.CheckpointError, match=r"'org/absent'.*could not be fetched.*HF_HUB_OFFLINE.*"
+                                                    r"local checkpoint directory"):
+        jlora.load_hf("org/absent")
+
+
+def test_only_what_jlora_reads_is_downloaded():
+    import fnmatch
+    wanted = ["config.json", "model.safetensors", "model-00001-of-00004.safetensors",
+              "model.safetensors.index.json", "tokenizer.json", "tokenizer.model", "tokenizer_config.json"]
+    unwanted = ["pytorch_model.bin", "consolidated.safetensors", "original/consolidated.00.pth",
+                "model.gguf", "onnx/model.onnx", "flax_model.msgpack"]
+    assert all(any(fnmatch.fnmatch(f, p) for p in ALLOW_PATTERNS) for f in wanted)
+    assert not any(fnmatch.fnmatch(f, p) for f in unwanted for p in ALLOW_PATTERNS)

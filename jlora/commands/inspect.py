@@ -1,4 +1,9 @@
-"""`jlora inspect ADAPTER_DIR`: per adapted module, |delta W|, its singular values and effective rank."""
+"""`jlora inspect ADAPTER_DIR`: per adapted module, |delta W|, its singular values and effective rank.
+
+Reads the adapter and writes nothing into it: the heat map goes to --out (default: the run dir given a
+`jlora train` run dir, else the current directory). Tensors it does not analyse (DoRA magnitudes,
+modules_to_save weights, ...) are named, one line per kind.
+"""
 from __future__ import annotations
 
 import json
@@ -12,8 +17,11 @@ def register(sub):
     p.add_argument("--json", action="store_true",
                    help="print only a JSON list: module, layer, kind, r, scale, norm, singular_values, "
                         "effective_rank_90, effective_rank_99")
-    p.add_argument("--plot", default=None, help="heat map PNG (default: effective_rank.png in the given dir; "
-                                                "with --json only when given)")
+    p.add_argument("--out", default=None, metavar="DIR",
+                   help="where effective_rank.png goes (default: the run dir when given a `jlora train` run dir, "
+                        "else the current directory; never into the adapter dir, which may not be yours); "
+                        "with --json, a plot is written only when --out or --plot is given")
+    p.add_argument("--plot", default=None, metavar="FILE", help="the heat map PNG's exact path (overrides --out)")
     p.add_argument("--allow-pickle", action="store_true", help="read adapter_model.bin (pickle)")
     p.set_defaults(func=run)
     return p
@@ -25,6 +33,7 @@ def run(args) -> int:
     from jlora.convert.safetensors_io import CheckpointError
     from jlora.ranks.adapter import read_adapter
     from jlora.ranks.plots import rank_heatmap
+    from jlora.ranks.unanalysed import not_analysed
     from jlora.ranks.usage import rank_usage, usage_summary
 
     try:
@@ -33,13 +42,16 @@ def run(args) -> int:
         print(f"jlora inspect: error: {e}", file=sys.stderr)
         return 2
     rows = rank_usage(adapter)
-    plot = Path(args.plot) if args.plot else (None if args.json else Path(args.adapter) / "effective_rank.png")
+    plot = _plot_path(args, adapter.path)
     if plot is not None and any(r["layer"] is not None for r in rows):
         rank_heatmap(rows, plot, title=f"{Path(args.adapter).name}: effective rank")
     else:
         plot = None
+    skipped = not_analysed(adapter.other, adapter.config)
     if args.json:
         print(json.dumps(rows, indent=1))
+        for line in skipped:  # stdout stays one JSON document
+            print(line, file=sys.stderr)
         return 0
     width = max(len(r["module"]) for r in rows)
     print(f"{adapter.path}: {len(rows)} adapted modules")
@@ -52,6 +64,22 @@ def run(args) -> int:
     print()
     for line in usage_summary(rows):
         print(line)
+    for line in skipped:
+        print(line)
     if plot is not None:
         print(f"heat map: {plot}")
     return 0
+
+
+def _plot_path(args, adapter_dir):
+    """--plot, else --out/effective_rank.png; by default the run dir (given one) or the current directory."""
+    from pathlib import Path
+
+    if args.plot:
+        return Path(args.plot)
+    if args.out:
+        return Path(args.out) / "effective_rank.png"
+    if args.json:
+        return None
+    given = Path(args.adapter)
+    return (given if adapter_dir.resolve() != given.resolve() else Path.cwd()) / "effective_rank.png"

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import numpy as np
 
+from jlora.atomic_files import write_bytes
 from jlora.lora_config import ALL_LINEAR
 
 
@@ -13,6 +14,18 @@ def _pyplot():
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     return plt
+
+
+def _save(plt, fig, out_png) -> Path:
+    """The PNG written atomically (parent dirs created), the figure closed."""
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    out_png = Path(out_png)
+    write_bytes(out_png, buf.getvalue())
+    return out_png
 
 
 def sweep_plot(runs: list[dict], summary: dict, out_png) -> Path:
@@ -45,10 +58,7 @@ def sweep_plot(runs: list[dict], summary: dict, out_png) -> Path:
     ax2.grid(alpha=0.3)
     ax2.legend(fontsize=8)
     fig.tight_layout()
-    out_png = Path(out_png)
-    fig.savefig(out_png, dpi=110)
-    plt.close(fig)
-    return out_png
+    return _save(plt, fig, out_png)
 
 
 def rank_heatmap(rows: list[dict], out_png, *, title: str = "effective rank") -> Path:
@@ -77,7 +87,4 @@ def rank_heatmap(rows: list[dict], out_png, *, title: str = "effective rank") ->
         ax.set_title(f"{title} at {label} energy / r")
         fig.colorbar(im, ax=ax, fraction=0.05)
     fig.tight_layout()
-    out_png = Path(out_png)
-    fig.savefig(out_png, dpi=110)
-    plt.close(fig)
-    return out_png
+    return _save(plt, fig, out_png)

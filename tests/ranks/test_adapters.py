@@ -43,8 +43,14 @@ PATTERNS = dict(r=8, lora_alpha=16, use_rslora=True, rank_pattern={"down_proj": 
                                                              "up_proj", "down_proj"])
 
 
-def test_inspect_matches_peft_delta_weights(checkpoint, hf_model, tmp_path, capsys):
+def _snapshot(d):
+    """Every file under `d` with its bytes and mtime: equal snapshots mean nothing was written there."""
+    return {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(d.rglob("*"))}
+
+
+def test_inspect_matches_peft_delta_weights(checkpoint, hf_model, tmp_path, capsys, monkeypatch):
     ref = _peft(checkpoint("llama"), tmp_path / "a", hf_model, **PATTERNS)
+    before = _snapshot(tmp_path / "a")
     deltas = _peft_deltas(ref)
     assert main(["inspect", str(tmp_path / "a"), "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
@@ -56,15 +62,38 @@ def test_inspect_matches_peft_delta_weights(checkpoint, hf_model, tmp_path, caps
         assert row["norm"] == pytest.approx(np.linalg.norm(deltas[row["module"]]), rel=1e-5)
         assert 1 <= row["effective_rank_90"] <= row["effective_rank_99"] <= row["r"]
     assert {r["r"] for r in rows if r["kind"] == "down_proj"} == {2}
-    assert not (tmp_path / "a" / "effective_rank.png").exists()  # --json writes nothing else
+    assert _snapshot(tmp_path / "a") == before  # --json writes nothing
 
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")
     assert main(["inspect", str(tmp_path / "a")]) == 0
     out = capsys.readouterr().out
-    assert "median effective rank" in out and "least used first" in out
-    assert (tmp_path / "a" / "effective_rank.png").stat().st_size > 5_000
+    assert "median effective rank" in out and "least used first" in out and "not analysed" not in out
+    assert (tmp_path / "cwd" / "effective_rank.png").stat().st_size > 5_000  # default: the current directory
+    assert main(["inspect", str(tmp_path / "a"), "--out", str(tmp_path / "plots")]) == 0
+    assert f"heat map: {tmp_path / 'plots' / 'effective_rank.png'}" in capsys.readouterr().out
+    assert (tmp_path / "plots" / "effective_rank.png").stat().st_size > 5_000
+    assert _snapshot(tmp_path / "a") == before  # the adapter dir it read is never written
 
 
-def test_inspect_flags_untrained_modules(checkpoint, hf_model, tmp_path, capsys):
+def test_inspect_names_what_it_does_not_analyse(checkpoint, hf_model, tmp_path, capsys, monkeypatch):
+    """DoRA magnitudes and modules_to_save weights are named, one line each, not dropped silently."""
+    monkeypatch.chdir(tmp_path)
+    _peft(checkpoint("llama"), tmp_path / "a", hf_model, r=4, use_dora=True, target_modules=["q_proj", "v_proj"],
+          modules_to_save=["lm_head"])
+    assert main(["inspect", str(tmp_path / "a")]) == 0
+    lines = [x for x in capsys.readouterr().out.splitlines() if x.startswith("not analysed")]
+    assert len(lines) == 2, lines
+    assert "DoRA magnitude vectors" in lines[0] and "lora_magnitude_vector" in lines[0] and "(4 in all)" in lines[0]
+    assert "modules_to_save" in lines[1] and "lm_head.weight" in lines[1]
+    assert main(["inspect", str(tmp_path / "a"), "--json"]) == 0
+    captured = capsys.readouterr()
+    assert len(json.loads(captured.out)) == 4  # stdout stays JSON; the notes go to stderr
+    assert sum(x.startswith("not analysed") for x in captured.err.splitlines()) == 2
+
+
+def test_inspect_flags_untrained_modules(checkpoint, hf_model, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     _peft(checkpoint("llama"), tmp_path / "a", hf_model, r=4, init_lora_weights=True, target_modules=["q_proj"])
     assert main(["inspect", str(tmp_path / "a")]) == 0
     assert "zero update" in capsys.readouterr().out

@@ -110,7 +110,7 @@ def test_adapter_files_with_bad_patterns(checkpoint, tmp_path, capsys, rank_patt
     from jlora.cli import main
     capsys.readouterr()
     start = time.perf_counter()
-    assert main(["inspect", str(adapter)]) == 2
+    assert main(["inspect", str(adapter), "--out", str(tmp_path / "plots")]) == 2
     err = capsys.readouterr().err.strip()
     assert time.perf_counter() - start < 5.0
     assert len(err.splitlines()) == 1, err

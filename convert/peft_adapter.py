@@ -6,6 +6,7 @@ The config holds only fields PEFT 0.13 knew, with an explicit `target_modules` l
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -127,11 +128,12 @@ def read_adapter_weights(adapter_dir: Path, allow_pickle: bool = False) -> dict[
     raise CheckpointError(f"{adapter_dir}: no {WEIGHTS_FILE}")
 
 
-def _normalise_key(key: str) -> str:
-    """PEFT key -> `<HF module>.lora_A.weight`, tolerating an adapter name (`.default.`) as in memory."""
+def normalise_key(key: str) -> str:
+    """PEFT key -> `<HF module>.lora_A.weight`: the `base_model.model.` prefix dropped, and PEFT's in-memory
+    adapter name removed after a LoRA part (`.lora_A.default.weight`, `.lora_embedding_A.default`)."""
     if key.startswith(PREFIX):
         key = key[len(PREFIX):]
-    return key.replace(".lora_A.default.", ".lora_A.").replace(".lora_B.default.", ".lora_B.")
+    return re.sub(r"\.(lora_A|lora_B|lora_embedding_A|lora_embedding_B)\.default\b", r".\1", key)
 
 
 def load_adapter(model: LlamaForCausalLM, adapter_dir, *, allow_pickle: bool = False,
@@ -139,7 +141,7 @@ def load_adapter(model: LlamaForCausalLM, adapter_dir, *, allow_pickle: bool = F
     """Adds the adapter PEFT, Unsloth or jlora saved in `adapter_dir` to `model` (in place) and returns it."""
     adapter_dir = Path(adapter_dir)
     d = _read_adapter_config(adapter_dir)
-    tensors = {_normalise_key(k): v for k, v in read_adapter_weights(adapter_dir, allow_pickle).items()}
+    tensors = {normalise_key(k): v for k, v in read_adapter_weights(adapter_dir, allow_pickle).items()}
     try:  # patterns from the file: invalid or too costly ones fail here, before the model changes
         config = config_from_peft(d)
         config.check_patterns(n for n, _ in linear_modules(model))

@@ -17,14 +17,11 @@ from pathlib import Path
 
 import numpy as np
 
-from jlora.convert.peft_adapter import read_adapter_weights
+from jlora.convert.peft_adapter import CONFIG_FILE, PREFIX, WEIGHTS_FILE, normalise_key, read_adapter_weights
 from jlora.convert.safetensors_io import CheckpointError
 from jlora.lora_config import ALL_LINEAR, LoraConfig
 from jlora.module_patterns import PatternError
 
-PREFIX = "base_model.model."
-CONFIG_FILE = "adapter_config.json"
-WEIGHTS_FILE = "adapter_model.safetensors"
 FACTOR_KEY = re.compile(r"^(?P<module>.+)\.(?P<part>lora_A\.weight|lora_B\.weight|lora_embedding_A|lora_embedding_B)$")
 _ORDER = {name: i for i, name in enumerate(ALL_LINEAR)}
 
@@ -76,12 +73,6 @@ def resolve_adapter_dir(path) -> Path:
                           f"(expected a PEFT adapter dir or a `jlora train` run dir)")
 
 
-def _normalise_key(key: str) -> str:
-    if key.startswith(PREFIX):
-        key = key[len(PREFIX):]
-    return re.sub(r"\.(lora_A|lora_B|lora_embedding_A|lora_embedding_B)\.default\b", r".\1", key)
-
-
 def sort_key(name: str):
     m = re.search(r"\blayers\.(\d+)\.", name)
     leaf = name.rsplit(".", 1)[-1]
@@ -98,7 +89,7 @@ def read_adapter(path, *, allow_pickle: bool = False) -> Adapter:
     parts: dict[str, dict[str, np.ndarray]] = {}
     other: dict[str, np.ndarray] = {}
     for key, value in read_adapter_weights(adapter_dir, allow_pickle).items():
-        m = FACTOR_KEY.match(_normalise_key(key))
+        m = FACTOR_KEY.match(normalise_key(key))
         if m is None:
             other[key] = value
         else:

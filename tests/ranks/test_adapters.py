@@ -202,3 +202,38 @@ def test_embedding_adapter(checkpoint, hf_model, rel, tmp_path, capsys):
     check_vllm_adapter(tmp_path / "e2", max_lora_rank=16)
     exported = peft.PeftModel.from_pretrained(hf_model(path), tmp_path / "e2").eval()
     assert rel(_logits(exported), _logits(ref)) <= 1e-6
+
+
+@pytest.mark.parametrize("key,want", [
+    ("base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight", "model.layers.0.self_attn.q_proj.lora_A.weight"),
+    ("base_model.model.model.layers.0.mlp.up_proj.lora_B.default.weight", "model.layers.0.mlp.up_proj.lora_B.weight"),
+    ("base_model.model.model.embed_tokens.lora_embedding_A.default", "model.embed_tokens.lora_embedding_A"),
+    ("base_model.model.model.embed_tokens.lora_embedding_B", "model.embed_tokens.lora_embedding_B"),
+    ("base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector",
+     "model.layers.0.self_attn.q_proj.lora_magnitude_vector"),
+    ("base_model.model.model.default_proj.lora_A.weight", "model.default_proj.lora_A.weight"),
+])
+def test_one_key_normaliser_for_loading_and_inspecting(key, want):
+    import jlora.convert.peft_adapter as convert_side
+    import jlora.ranks.adapter as ranks_side
+    assert convert_side.normalise_key(key) == want
+    assert ranks_side.normalise_key is convert_side.normalise_key  # one source, so the two cannot drift apart
+
+
+def test_adapter_name_in_keys_loads_and_inspects_alike(checkpoint, hf_model, tmp_path):
+    """Keys saved with PEFT's in-memory adapter name (`.default.`) load into jlora and read in inspect alike."""
+    import jlora
+    path = checkpoint("llama")
+    _peft(path, tmp_path / "p", hf_model, r=4, target_modules=["q_proj", "down_proj"])
+    tensors = load_file(tmp_path / "p" / "adapter_model.safetensors")
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "adapter_config.json").write_text((tmp_path / "p" / "adapter_config.json").read_text())
+    save_file({k.replace(".weight", ".default.weight"): v for k, v in tensors.items()},
+              tmp_path / "a" / "adapter_model.safetensors", metadata={"format": "pt"})
+    model = jlora.load_adapter(jlora.load_hf(path), tmp_path / "a")
+    got = {n: m for n, m in jlora.peft_model.adapted_modules(model)}
+    factors = read_adapter(tmp_path / "a").by_name()
+    assert set(got) == set(factors) and len(got) == 4
+    for name, m in got.items():
+        np.testing.assert_array_equal(np.asarray(m.lora.a[...]).T, tensors[f"base_model.model.{name}.lora_A.weight"])
+        np.testing.assert_array_equal(factors[name].b, tensors[f"base_model.model.{name}.lora_B.weight"])

@@ -1,7 +1,12 @@
-"""`jlora export SRC --out DIR`: an adapter every vLLM serves alike, optionally SVD-cut to --max-lora-rank."""
+"""`jlora export SRC --out DIR`: an adapter every vLLM serves alike, optionally SVD-cut to --max-lora-rank.
+
+Everything (adapter, export_report.json, merged/) is written into a temporary sibling of DIR and swapped
+in as a whole (jlora.atomic_files.atomic_directory): DIR holds one complete export, and any failure (a
+drift check against the wrong base, --merge running out of disk) leaves DIR as it was. DIR may be new,
+empty or a previous jlora export (it holds export_report.json); anything else needs --overwrite.
+"""
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -12,10 +17,14 @@ def register(sub):
     p.add_argument("source", metavar="RUN_OR_ADAPTER_DIR", help="a `jlora train` run dir or an adapter dir "
                                                                 "(jlora, PEFT, Unsloth)")
     p.add_argument("--out", required=True,
-                   help="directory for adapter_config.json + adapter_model.safetensors (+ export_report.json)")
+                   help="directory for adapter_config.json + adapter_model.safetensors + export_report.json; "
+                        "replaced as a whole: it must be new, empty or a previous jlora export (else --overwrite)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out even if it is not a previous export")
     p.add_argument("--max-lora-rank", type=int, default=None,
                    help="the vLLM server's --max-lora-rank: modules above it are cut to their best rank-N "
                         "approximation (default: no cut, checked against vLLM's default 16)")
+    p.add_argument("--max-drift", type=float, default=None, metavar="PCT",
+                   help="acceptable logit drift, in percent of max |logits| (default 1)")
     p.add_argument("--merge", action="store_true", help="also write base + delta W as a transformers "
                                                         "checkpoint to OUT/merged (needs the base)")
     p.add_argument("--base", default=None, help="base checkpoint dir (default: the adapter's "
@@ -33,23 +42,48 @@ def _base_dir(args, adapter) -> Path | None:
     return Path(name) if name and Path(name).is_dir() else None
 
 
+def _inside(path: Path, parent: Path) -> bool:
+    return path.resolve() == parent.resolve() or parent.resolve() in path.resolve().parents
+
+
+def _out_problem(out: Path, adapter_dir: Path, base_dir: Path | None, overwrite: bool) -> str | None:
+    from jlora.ranks.export import REPORT_FILE, is_previous_export
+    for what, path in (("the source adapter dir", adapter_dir), ("the base model dir", base_dir)):
+        if path is not None and _inside(path, out):
+            return f"--out {out} is or contains {what} {path}, which the export would replace; choose another directory"
+    if out.exists() and not out.is_dir():
+        return f"--out {out} is a file; expected a directory"
+    if out.is_dir() and any(out.iterdir()) and not is_previous_export(out) and not overwrite:
+        return (f"--out {out} is not empty and holds no {REPORT_FILE} (not a previous jlora export); "
+                f"the export replaces the whole directory: pass --overwrite to replace it, or choose another")
+    return None
+
+
 def run(args) -> int:
-    from jlora.convert.safetensors_io import CheckpointError, write_atomic, write_text_atomic
-    from jlora.ranks.adapter import CONFIG_FILE, WEIGHTS_FILE, read_adapter
-    from jlora.ranks.export import VLLM_DEFAULT_MAX_LORA_RANK, build_export, export_violations
+    from jlora.atomic_files import atomic_directory, write_json
+    from jlora.convert.safetensors_io import CheckpointError
+    from jlora.ranks.adapter import CONFIG_FILE, read_adapter
+    from jlora.ranks.export import (REPORT_FILE, VLLM_DEFAULT_MAX_LORA_RANK, build_export, export_violations,
+                                    write_export)
+    from jlora.ranks.verdict import DRIFT_THRESHOLD, recommend_max_lora_rank, verdict, verdict_lines
 
     def fail(msg):
         print(f"jlora export: error: {msg}", file=sys.stderr)
         return 2
 
+    if args.max_drift is not None and not args.max_drift > 0:
+        return fail(f"--max-drift must be a positive percentage, got {args.max_drift}")
+    threshold = DRIFT_THRESHOLD if args.max_drift is None else args.max_drift / 100
     try:
         adapter = read_adapter(args.source, allow_pickle=args.allow_pickle)
         export = build_export(adapter, args.max_lora_rank)
     except (CheckpointError, ValueError) as e:
         return fail(e)
     out = Path(args.out)
-    if out.resolve() == adapter.path.resolve():
-        return fail(f"--out {out} is the source adapter dir; choose another directory")
+    base_dir = _base_dir(args, adapter)
+    problem = _out_problem(out, adapter.path, base_dir, args.overwrite)
+    if problem:
+        return fail(problem)
     server = args.max_lora_rank or VLLM_DEFAULT_MAX_LORA_RANK
     problems = export_violations(export, args.max_lora_rank)
     if problems:
@@ -64,57 +98,56 @@ def run(args) -> int:
                      "resized, re-save with save_embedding_layers=False)")
         return fail(f"{adapter.path}: vLLM would not serve the export (nothing written):\n  - "
                     + "\n  - ".join(problems) + hint)
-    base_dir = _base_dir(args, adapter)
     if args.merge and base_dir is None:
         return fail(f"--merge needs the base model: {adapter.path / CONFIG_FILE} names "
                     f"{adapter.config.get('base_model_name_or_path')!r}, not a local dir; pass --base DIR")
 
-    write_atomic(out / WEIGHTS_FILE, export.tensors, metadata={"format": "pt"})
-    write_text_atomic(out / CONFIG_FILE, json.dumps(export.config, indent=2) + "\n")
     cfg = export.config
-    print(f"{adapter.path} -> {out}: r={cfg['r']} lora_alpha={cfg['lora_alpha']:g}"
-          f"{' use_rslora' if cfg['use_rslora'] else ''}, {len(export.modules)} modules, empty rank/alpha patterns")
+    lines = [f"{adapter.path} -> {out}: r={cfg['r']} lora_alpha={cfg['lora_alpha']:g}"
+             f"{' use_rslora' if cfg['use_rslora'] else ''}, {len(export.modules)} modules, empty rank/alpha patterns"]
     folded = [m for m in export.modules if m.folded]
     if folded:
-        print(f"folded the per-module scale of {len(folded)} modules into lora_B")
+        lines.append(f"folded the per-module scale of {len(folded)} modules into lora_B")
     cut = [m for m in export.modules if m.truncated]
     if cut:
         energies = sorted(m.energy_kept for m in cut)
-        print(f"cut {len(cut)} of {len(export.modules)} modules to rank <= {args.max_lora_rank} by SVD; energy kept "
-              f"(||delta W_k||^2 / ||delta W||^2): min {energies[0]:.4%}, median {energies[len(energies) // 2]:.4%}")
-        for m in sorted(cut, key=lambda m: m.energy_kept)[:min(len(cut), 8)]:
-            print(f"  {m.module}: rank {m.r} -> {m.rank}, energy kept {m.energy_kept:.4%}")
-    report = {"source": str(adapter.path), "max_lora_rank": args.max_lora_rank,
+        lines.append(f"cut {len(cut)} of {len(export.modules)} modules to rank <= {args.max_lora_rank} by SVD; "
+                     f"energy kept (||delta W_k||^2 / ||delta W||^2): min {energies[0]:.4%}, "
+                     f"median {energies[len(energies) // 2]:.4%}")
+    report = {"written_by": "jlora export", "source": str(adapter.path), "base": str(base_dir) if base_dir else None,
+              "base_model_name_or_path": cfg.get("base_model_name_or_path"), "max_lora_rank": args.max_lora_rank,
               "modules": [vars(m) for m in export.modules]}
-
-    model = None
-    changed = bool(cut or folded)
-    if base_dir is not None and changed and not args.no_drift:
-        from jlora.ranks.drift import logit_drift
-        try:
-            drift, model = logit_drift(base_dir, adapter.path, out)
-        except (CheckpointError, ValueError) as e:
-            print(f"logit drift not measured: {e}")
-        else:
-            report["logit_drift"] = drift
-            print(f"logit drift on {drift['samples']} random sequences of {drift['length']} tokens: "
-                  f"max |delta logits| {drift['max_abs']:.3g} = {drift['relative']:.3%} of max |logits|, "
-                  f"{drift['of_update']:.3%} of the adapter's own change")
-    elif changed and not args.no_drift:
-        print("logit drift not measured: no local base (pass --base DIR)")
-    (out / "export_report.json").write_text(json.dumps(report, indent=2) + "\n")
-
-    if args.merge:
-        import jlora
-        try:
-            if model is None:
-                model = jlora.load_adapter(jlora.load_hf(base_dir), out)
-            merged = jlora.save_merged(model, out / "merged")
-        except (CheckpointError, ValueError) as e:
-            return fail(f"--merge: {e}")
-        print(f"merged checkpoint: {merged}")
+    drift = recommended = None
+    try:
+        with atomic_directory(out) as tmp:
+            write_export(export, tmp)
+            probe = None
+            if base_dir is not None and not args.no_drift:
+                from jlora.ranks.drift import DriftProbe
+                probe = DriftProbe(base_dir, adapter)
+                if export.folded or export.truncated:
+                    drift = report["logit_drift"] = probe.measure(tmp)
+                    lines.append(f"logit drift on {drift['samples']} random sequences of {drift['length']} tokens: "
+                                 f"max |delta logits| {drift['max_abs']:.3g} = {drift['relative']:.3%} of max "
+                                 f"|logits|, {drift['of_update']:.3%} of the adapter's own change")
+                known = {args.max_lora_rank: drift["relative"]} if drift and export.truncated else {}
+                recommended = recommend_max_lora_rank(adapter, probe, threshold, known)
+            elif not args.no_drift and (export.folded or export.truncated):
+                lines.append("logit drift not measured: no local base (pass --base DIR)")
+            report["verdict"] = verdict(export, drift, threshold, recommended)
+            lines += verdict_lines(report["verdict"])
+            write_json(tmp / REPORT_FILE, report)
+            if args.merge:
+                import jlora
+                model = (probe.with_adapter(tmp) if probe is not None
+                         else jlora.load_adapter(jlora.load_hf(base_dir), tmp))
+                jlora.save_merged(model, tmp / "merged")
+                lines.append(f"merged checkpoint: {out / 'merged'}")
+    except (CheckpointError, ValueError, OSError) as e:
+        return fail(f"{e} (nothing written: {out} is as it was)")
+    print("\n".join(lines))
     base_text = str(base_dir.resolve()) if base_dir else cfg.get("base_model_name_or_path") or "BASE"
-    print(f"vLLM check passed (--max-lora-rank {server}). Serve it with:\n"
+    caveat = " (but see the verdict: the drift is not acceptable)" if report["verdict"]["acceptable"] is False else ""
+    print(f"vLLM check passed (--max-lora-rank {server}){caveat}. Serve it with:\n"
           f"  vllm serve {base_text} --enable-lora --max-lora-rank {server} --lora-modules adapter={out.resolve()}")
     return 0
-

@@ -4,13 +4,28 @@
     relative = drift / max |logits(base + original)|
     of_update = drift / max |logits(base + original) - logits(base)|   (share of the adapter's own effect)
 
-The base is loaded once; adapters are swapped on it (jlora.load_adapter), float32 throughout.
+The base is loaded once (float32); base and original logits are computed once; each export measured
+is swapped onto the same base (jlora.load_adapter).
+
+The base must be the one the adapter was trained on, or the numbers mean nothing. `check_base` refuses:
+- an adapted module the base lacks, or whose [out, in] differs from the adapter's factors;
+- a base whose config.json differs in an architecture field (ARCH_FIELDS) from the config.json of the
+  adapter's `base_model_name_or_path`, when that names a local directory.
+Two checkpoints of one architecture with different weights (a base and its instruct tune) cannot be
+told apart this way; the report records both paths.
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
+
+from jlora.convert.safetensors_io import CheckpointError
+
+ARCH_FIELDS = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+               "num_attention_heads", "num_key_value_heads", "head_dim", "tie_word_embeddings", "rope_theta",
+               "rope_scaling", "rms_norm_eps", "sliding_window")
 
 
 def _drop_adapters(model) -> None:
@@ -19,23 +34,72 @@ def _drop_adapters(model) -> None:
         m.lora = None
 
 
-def logit_drift(base_dir, original_dir, exported_dir, *, samples: int = 4, length: int = 32, seed: int = 0,
-                model=None) -> tuple[dict, object]:
-    """(drift report, the base model carrying the exported adapter) for reuse by --merge."""
-    import jlora
+def _config(path: Path) -> dict | None:
+    try:
+        return json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
 
-    model = model if model is not None else jlora.load_hf(Path(base_dir), dtype="float32")
-    vocab = model.config.vocab_size
-    ids = np.random.RandomState(seed).randint(0, vocab, (samples, length))
-    base = np.asarray(model(ids), np.float64)
-    jlora.load_adapter(model, Path(original_dir))
-    original = np.asarray(model(ids), np.float64)
-    _drop_adapters(model)
-    jlora.load_adapter(model, Path(exported_dir))
-    exported = np.asarray(model(ids), np.float64)
-    drift = float(np.abs(exported - original).max())
-    update = float(np.abs(original - base).max())
-    report = {"samples": samples, "length": length, "max_abs": drift,
-              "relative": drift / max(float(np.abs(original).max()), 1e-30),
-              "of_update": drift / update if update > 0 else 0.0}
-    return report, model
+
+def check_base(adapter, base_dir, model) -> None:
+    """Raises CheckpointError when `base_dir` (loaded as `model`) is not a base `adapter` fits (module docstring)."""
+    from jlora.peft_model import linear_modules
+    base_dir = Path(base_dir)
+    named = adapter.config.get("base_model_name_or_path")
+    trained_on = Path(named) if named and Path(named).is_dir() else None
+    if trained_on is not None and trained_on.resolve() != base_dir.resolve():
+        want, got = _config(trained_on), _config(base_dir)
+        if want is not None and got is not None:
+            diff = [f"{k}: {want.get(k)!r} vs {got.get(k)!r}" for k in ARCH_FIELDS if want.get(k) != got.get(k)]
+            if diff:
+                raise CheckpointError(
+                    f"--base {base_dir} is not the base {adapter.path / 'adapter_config.json'} names "
+                    f"({named}): config.json differs in {'; '.join(diff)}")
+    shapes = {n: (m.out_features, m.in_features) for n, m in linear_modules(model)}
+    for m in adapter.modules:
+        want = (m.b.shape[0], m.a.shape[1])
+        if m.embedding:
+            raise CheckpointError(f"{adapter.path}: {m.name} is an embedding adapter, which jlora's model cannot "
+                                  f"apply; pass --no-drift to export without the logit-drift check")
+        if m.name not in shapes:
+            raise CheckpointError(f"--base {base_dir} has no module {m.name} that {adapter.path} adapts "
+                                  f"(the base has {model.config.num_hidden_layers} layers); wrong base?")
+        if shapes[m.name] != want:
+            raise CheckpointError(f"--base {base_dir}: {m.name} is [out, in] = {list(shapes[m.name])}, the adapter's "
+                                  f"factors need {list(want)}; was {adapter.path} trained on another base?")
+
+
+class DriftProbe:
+    """Logits of the base and of base + original adapter on fixed random token ids; `measure` an export."""
+
+    def __init__(self, base_dir, adapter, *, samples: int = 4, length: int = 32, seed: int = 0):
+        import jlora
+
+        self.model = jlora.load_hf(Path(base_dir), dtype="float32")
+        check_base(adapter, base_dir, self.model)
+        self.samples, self.length = samples, length
+        self.ids = np.random.RandomState(seed).randint(0, self.model.config.vocab_size, (samples, length))
+        self.base = np.asarray(self.model(self.ids), np.float64)
+        self.original = np.asarray(self.with_adapter(adapter.path)(self.ids), np.float64)
+
+    def with_adapter(self, adapter_dir):
+        """The base model carrying (only) the adapter in `adapter_dir`."""
+        import jlora
+        _drop_adapters(self.model)
+        return jlora.load_adapter(self.model, Path(adapter_dir))
+
+    def measure(self, exported_dir) -> dict:
+        exported = np.asarray(self.with_adapter(exported_dir)(self.ids), np.float64)
+        drift = float(np.abs(exported - self.original).max())
+        update = float(np.abs(self.original - self.base).max())
+        return {"samples": self.samples, "length": self.length, "max_abs": drift,
+                "relative": drift / max(float(np.abs(self.original).max()), 1e-30),
+                "of_update": drift / update if update > 0 else 0.0}
+
+
+def logit_drift(base_dir, original_dir, exported_dir, *, samples: int = 4, length: int = 32, seed: int = 0
+                ) -> tuple[dict, object]:
+    """(drift report, the base model carrying the exported adapter) for reuse by --merge."""
+    from jlora.ranks.adapter import read_adapter
+    probe = DriftProbe(base_dir, read_adapter(original_dir), samples=samples, length=length, seed=seed)
+    return probe.measure(exported_dir), probe.model

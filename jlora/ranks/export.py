@@ -12,23 +12,32 @@ releases ignored alpha_pattern, and folding per-module scales into lora_B makes 
 the source's default scaling (lora_alpha rescaled to r_out, rounded to an integer when the source's was);
 an adapter that needs no change is copied with its values bit-exact (as float32).
 Everything else (use_dora, bias, modules_to_save, non-LoRA tensors) is carried over as found, so the vLLM
-check names it instead of the export dropping it silently.
+check names it instead of the export dropping it silently. Non-finite factors (NaN or inf, e.g. from a
+diverged run) are an error naming the tensor: vLLM would load them and serve NaN logits.
+
+A directory is a previous `jlora export` when it holds export_report.json (REPORT_FILE, written by every
+export, as a JSON object with a "modules" list); `jlora export` replaces such a directory as a whole.
 """
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import re
+from pathlib import Path
 
 import numpy as np
 
+from jlora.atomic_files import write_json
+from jlora.convert.safetensors_io import write_atomic
 from jlora.lora_config import ALL_LINEAR
 from jlora.lora_layer import lora_scaling
-from jlora.ranks.adapter import PREFIX, Adapter
+from jlora.ranks.adapter import CONFIG_FILE, PREFIX, WEIGHTS_FILE, Adapter
 from jlora.ranks.truncate import pad_rank, truncate
 from jlora.vllm_rules import vllm_violations
 
 VLLM_DEFAULT_MAX_LORA_RANK = 16
+REPORT_FILE = "export_report.json"
 
 
 @dataclasses.dataclass
@@ -94,9 +103,24 @@ def _alpha_out(config: dict, r_out: int) -> tuple[float, float]:
     return new, lora_scaling(r_out, new, rs)
 
 
+def check_finite(adapter: Adapter) -> None:
+    """Raises naming the first tensor that holds NaN or inf (and how many of its values do)."""
+    named = []
+    for m in adapter.modules:
+        parts = ("lora_embedding_A", "lora_embedding_B") if m.embedding else ("lora_A.weight", "lora_B.weight")
+        named += [(f"{PREFIX}{m.name}.{parts[0]}", m.a), (f"{PREFIX}{m.name}.{parts[1]}", m.b)]
+    named += [(k, v) for k, v in adapter.other.items() if np.issubdtype(np.asarray(v).dtype, np.floating)]
+    for key, value in named:
+        bad = int(np.size(value) - np.count_nonzero(np.isfinite(np.asarray(value, np.float32))))
+        if bad:
+            raise ValueError(f"{adapter.path}: {key} has {bad} non-finite values (NaN or inf) of {np.size(value)}; "
+                             f"expected finite weights (did the run diverge?); nothing written")
+
+
 def build_export(adapter: Adapter, max_lora_rank: int | None = None) -> Export:
     """The exported config and tensors (in memory) and what happened to each module."""
     src = adapter.config
+    check_finite(adapter)
     if src.get("fan_in_fan_out"):
         raise ValueError(f"{adapter.path}: fan_in_fan_out=true is not a Llama-family layout")
     if max_lora_rank is not None and max_lora_rank < 1:
@@ -143,3 +167,19 @@ def export_violations(export: Export, max_lora_rank: int | None) -> list[str]:
     server = max_lora_rank or VLLM_DEFAULT_MAX_LORA_RANK
     ranks = {m.module: m.rank for m in export.modules}
     return vllm_violations(export.config, list(export.tensors), server, ranks)
+
+
+def write_export(export: Export, out_dir) -> None:
+    """adapter_model.safetensors + adapter_config.json of `export` into `out_dir` (each file atomically)."""
+    out_dir = Path(out_dir)
+    write_atomic(out_dir / WEIGHTS_FILE, export.tensors, metadata={"format": "pt"})
+    write_json(out_dir / CONFIG_FILE, export.config)
+
+
+def is_previous_export(path) -> bool:
+    """True when `path` holds a REPORT_FILE that `jlora export` wrote (see the module docstring)."""
+    try:
+        report = json.loads((Path(path) / REPORT_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(report, dict) and isinstance(report.get("modules"), list)

@@ -9,11 +9,17 @@ The NNX path `model/layers/0/self_attn/q_proj/kernel` is the HF tensor `model.la
 """
 from __future__ import annotations
 
+import functools
+import warnings
+
 import jax
 import jax.numpy as jnp
 
 from flax import nnx
 
+from jlora.kernels.dispatch import auto_impl
+from jlora.kernels.mixed_dot import einsum as mixed_einsum
+from jlora.kernels.mixed_dot import linear as mixed_linear
 from jlora.llama_config import LlamaConfig
 from jlora.lora_layer import LoRA
 from jlora.nf4 import NF4Tensor
@@ -23,11 +29,39 @@ from jlora.rope import apply_rotary, cos_sin, inverse_frequencies
 Dtype = jnp.dtype
 
 
+DEFAULT_KERNELS = "xla"  # the custom-VJP path over XLA dots: GSPMD-partitionable, fastest measured on CPU
+
+
+def _dropout_active(lora: LoRA) -> bool:
+    return lora.dropout is not None and not lora.dropout.deterministic
+
+
+@functools.cache
+def _warn_dropout_skips_kernels(impl: str, rate: float) -> None:
+    """Once per (impl, rate): the Pallas/Triton kernels do not apply dropout, so those projections skip them."""
+    if impl == "xla" or (impl == "auto" and auto_impl(False) == "xla"):
+        return  # the XLA path with dropout is the same ops, split: nothing is lost
+    warnings.warn(f"lora_dropout={rate}: the fused {impl!r} kernels do not apply dropout, so while training the "
+                  f"adapted projections run as XLA ops instead (set lora_dropout=0 to use the kernels)",
+                  stacklevel=3)
+
+
 class Linear(nnx.Module):
     """A frozen projection `x @ kernel + bias` (kernel [in, out]) with an optional LoRA adapter.
 
     `kernel` is an `nnx.Param` [in, out], or after `jlora.quantize_model` an `NF4Weight` holding the
     weight in torch orientation [out, in] as bitsandbytes stores it (see jlora/qlora.py).
+
+    Paths (`kernel_impl`, set by `use_kernels`):
+    - DEFAULT_KERNELS ("xla", every backend and dtype): an adapted projection is one custom-VJP op
+      (`jlora.kernels.lora_linear`: the frozen product and the rank-r path on 2-D rows, no dW); an
+      unadapted one is `jlora.kernels.mixed_dot.linear` (16-bit operands stay native in the forward
+      and input-gradient dots). With active LoRA dropout the frozen product takes the same op and
+      the adapter runs as `LoRA.__call__`.
+    - "auto" / "pallas" / "triton": the fused kernels for adapted projections (see jlora.kernels).
+    - None: the plain jnp path, `x @ kernel + bias + lora(x)` by ordinary autodiff: the reference.
+    Each rounds `frozen + low-rank` to the compute dtype once; the low-rank part is computed in the
+    adapters' dtype (float32), as PEFT does (the Pallas/Triton kernels: in the compute dtype).
     """
 
     def __init__(self, in_features: int, out_features: int, *, use_bias: bool, dtype: Dtype,
@@ -38,15 +72,31 @@ class Linear(nnx.Module):
         self.bias = nnx.data(nnx.Param(jnp.zeros((out_features,), param_dtype)) if use_bias else None)
         self.dtype = dtype
         self.lora: LoRA | None = nnx.data(None)
-        self.kernel_impl: str | None = None  # set by `use_kernels`: "auto" | "xla" | "pallas" | "triton"
+        self.kernel_impl: str | None = DEFAULT_KERNELS  # `use_kernels`: auto | xla | pallas | triton | None
         self.kernel_mesh = None              # set by `use_kernels`: run the kernel per device over this mesh
         self.row_parallel = False            # o_proj / down_proj: input axis split over tensor
 
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
         x = x.astype(self.dtype)
         kernel = self.kernel.get_value()
-        if self.kernel_impl is not None and self.lora is not None and self.lora.dropout is None:
+        if self.kernel_impl is None:
+            return self._plain(x, kernel)
+        if self.lora is not None and not _dropout_active(self.lora):
             return self._fused(x, kernel)
+        if self.lora is not None:
+            _warn_dropout_skips_kernels(self.kernel_impl, self.lora.dropout.rate)
+        if isinstance(kernel, NF4Tensor):
+            y = nf4_matmul(x, kernel)
+        else:
+            y = mixed_linear(x, kernel)
+        if self.bias is not None:
+            y = y + self.bias[...].astype(self.dtype)
+        if self.lora is not None:
+            y = (y + self.lora(x)).astype(self.dtype)
+        return y
+
+    def _plain(self, x: jnp.ndarray, kernel) -> jnp.ndarray:
+        """The reference: plain jnp ops and ordinary autodiff (dW included when asked for)."""
         if isinstance(kernel, NF4Tensor):
             y = nf4_matmul(x, kernel)
         else:
@@ -54,7 +104,7 @@ class Linear(nnx.Module):
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         if self.lora is not None:
-            y = y + self.lora(x)
+            y = (y + self.lora(x)).astype(self.dtype)
         return y
 
     def _fused(self, x: jnp.ndarray, kernel) -> jnp.ndarray:
@@ -100,8 +150,8 @@ class Embedding(nnx.Module):
         return jnp.take(self.weight[...], ids, axis=0).astype(self.dtype)
 
     def attend(self, x: jnp.ndarray) -> jnp.ndarray:
-        """Tied output head: x @ weight^T."""
-        return x @ self.weight[...].astype(self.dtype).T
+        """Tied output head: x @ weight^T (16-bit operands stay native, jlora.kernels.mixed_dot)."""
+        return mixed_linear(x, self.weight[...].astype(self.dtype), transpose_w=True)
 
 
 def attention_mask(segment_ids: jnp.ndarray, sliding_window: int | None) -> jnp.ndarray:
@@ -135,10 +185,10 @@ class Attention(nnx.Module):
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         group = self.heads // self.kv_heads
         q = q.reshape(b, t, self.kv_heads, group, self.head_dim)
-        scores = jnp.einsum("btkgd,bskd->bkgts", q, k) * jnp.asarray(self.head_dim ** -0.5, self.dtype)
+        scores = mixed_einsum("btkgd,bskd->bkgts", q, k) * jnp.asarray(self.head_dim ** -0.5, self.dtype)
         scores = jnp.where(mask, scores.astype(jnp.float32), jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
-        out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, self.heads * self.head_dim)
+        out = mixed_einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, self.heads * self.head_dim)
         return self.o_proj(out)
 
 
@@ -248,7 +298,9 @@ def abstract_model(config: LlamaConfig, *, dtype="float32") -> LlamaForCausalLM:
 
 def use_kernels(model: nnx.Module, impl: str | None = "auto", *, mesh=None) -> nnx.Module:
     """Routes every adapted projection through `jlora.kernels` (`impl`: auto | xla | pallas | triton), or
-    back to the plain jnp path with None. Projections with active LoRA dropout keep the plain path.
+    through the plain jnp reference path with None. A new model already runs DEFAULT_KERNELS ("xla");
+    call this to force another backend. Projections with active LoRA dropout run their frozen product
+    and adapter as separate XLA ops (a warning says so once when a Pallas/Triton kernel is skipped).
 
     mesh: the (data, fsdp, tensor) mesh the model trains on (jlora.train.sharding.make_mesh). Pallas and
     Triton kernels are opaque to XLA's partitioner, so on several devices each kernel runs per device

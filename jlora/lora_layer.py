@@ -3,7 +3,8 @@
     y = x W + b + scaling * (dropout(x) A) B,     A [in, r], B [r, out]   (Flax orientation)
 
 scaling = lora_alpha / r, or lora_alpha / sqrt(r) with rsLoRA (arXiv 2312.03732).
-A and B are `LoRAParam`s stored in float32 (`param_dtype`) and cast to the compute dtype.
+A and B are `LoRAParam`s stored in float32 (`param_dtype`); the rank-r path runs in their dtype
+(x cast up, as PEFT does) and the sum with the frozen output is rounded to the compute dtype once.
 Init as PEFT: True -> A ~ U(-1/sqrt(in), 1/sqrt(in)) (kaiming-uniform, a=sqrt(5)), B = 0;
 "gaussian" -> A ~ N(0, (1/r)^2), B = 0; False -> A as True and B ~ U(-1/sqrt(r), 1/sqrt(r)).
 """
@@ -56,10 +57,20 @@ class LoRA(nnx.Module):
         self.dropout = nnx.data(nnx.Dropout(dropout, deterministic=True, rngs=rngs) if dropout > 0 else None)
 
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        """scaling * (dropout(x) @ A) @ B [..., out], computed and returned in the adapters' dtype.
+
+        As PEFT's `lora.Linear`: x is cast to A's dtype first (float32 adapters on a bf16 base run the
+        rank-r path in float32), and the caller adds it to the frozen output before rounding to the
+        compute dtype. The leading axes are folded into one row axis: XLA:CPU runs the gradient
+        x^T @ g of a [batch, seq, in] activation several times slower than the same [rows, in] product.
+        """
+        a, b = self.a[...], self.b[...]
+        *lead, k = x.shape
+        x = x.reshape(-1, k).astype(a.dtype)
         if self.dropout is not None:
             x = self.dropout(x)
-        h = x @ self.a[...].astype(x.dtype)
-        return (h @ self.b[...].astype(x.dtype)) * jnp.asarray(self.scaling, x.dtype)
+        y = ((x @ a) @ b.astype(a.dtype)) * jnp.asarray(self.scaling, a.dtype)
+        return y.reshape(*lead, y.shape[-1])
 
     def delta_kernel(self) -> jnp.ndarray:
         """scaling * A @ B in float32: the update of the Flax kernel [in, out] (PEFT's B @ A transposed)."""

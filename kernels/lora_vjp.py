@@ -10,6 +10,11 @@ The two [M, K] x [K, N]-sized products (y and dx) go through ``fused_matmul``
 (Pallas, Triton or XLA); the small rank-r products (xa, g, da, db) are plain XLA dots
 with fp32 accumulation. Residuals are x, w, a, b, scale and xa; xa is saved
 rather than recomputed because it is only [M, r].
+
+Precision of the rank-r path: with impl="xla" it runs in the adapters' dtype (float32 adapters on
+a bf16 base: x is cast up, xa and g stay float32 and are summed with the frozen product in the
+float32 accumulator), as PEFT's ``lora.Linear`` casts x to ``lora_A.weight.dtype``. The Pallas and
+Triton kernels take xa and g rounded to x's dtype (one dtype per kernel operand).
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from __future__ import annotations
 import functools
 
 import jax
+import jax.numpy as jnp
 
 from jlora.kernels.block_sizes import BlockSizes
 from jlora.kernels.fused_matmul import fused_matmul_pallas
@@ -54,10 +60,16 @@ def lora_matmul(x, w, a, b, scale, impl, block_sizes, interpret):
     return y
 
 
+def low_rank_dtype(impl: str, x_dtype, a_dtype):
+    """The dtype of the rank-r path: the adapters' for XLA (as PEFT), x's for the fused kernels."""
+    return jnp.dtype(a_dtype) if impl == "xla" else jnp.dtype(x_dtype)
+
+
 def _lora_matmul_fwd(x, w, a, b, scale, impl, block_sizes, interpret):
     dt = x.dtype
-    xa = _small_dot(x, a.astype(dt), scale).astype(dt)
-    y = fused_matmul(x, w.astype(dt), xa, b.astype(dt), transpose_rhs=False,
+    lo = low_rank_dtype(impl, dt, a.dtype)
+    xa = _small_dot(x.astype(lo), a.astype(lo), scale).astype(lo)
+    y = fused_matmul(x, w.astype(dt), xa, b.astype(lo), transpose_rhs=False,
                      impl=impl, block_sizes=block_sizes, interpret=interpret)
     return y, (x, w, a, b, scale, xa)
 
@@ -65,12 +77,13 @@ def _lora_matmul_fwd(x, w, a, b, scale, impl, block_sizes, interpret):
 def _lora_matmul_bwd(impl, block_sizes, interpret, residuals, dy):
     x, w, a, b, scale, xa = residuals
     dt = x.dtype
+    lo = xa.dtype
     dy = dy.astype(dt)
-    g = _small_dot(dy, b.astype(dt).T, scale).astype(dt)
-    dx = fused_matmul(dy, w.astype(dt), g, a.astype(dt), transpose_rhs=True,
+    g = _small_dot(dy.astype(lo), b.astype(lo).T, scale).astype(lo)
+    dx = fused_matmul(dy, w.astype(dt), g, a.astype(lo), transpose_rhs=True,
                       impl=impl, block_sizes=block_sizes, interpret=interpret)
-    da = _small_dot(x.T, g).astype(a.dtype)
-    db = _small_dot(xa.T, dy).astype(b.dtype)
+    da = _small_dot(x.astype(lo).T, g).astype(a.dtype)
+    db = _small_dot(xa.T, dy.astype(lo)).astype(b.dtype)
     return dx, None, da, db, None
 
 

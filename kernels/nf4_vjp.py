@@ -14,6 +14,9 @@ a, b, scale and xa. The two large products go to the chosen backend:
 * "pallas": ``nf4_matmul_fwd_pallas`` / ``nf4_matmul_dx_pallas`` (dequant in
   the tiles; XLA only decodes absmax and lays it out per K tile).
 * "triton": the Triton kernel of triton_nf4.py for both passes (GPU).
+
+The rank-r path runs in the adapters' dtype with "xla" (as PEFT) and in x's dtype in the
+Pallas and Triton kernels (lora_vjp.low_rank_dtype).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import jax.numpy as jnp
 
 from jlora.kernels.block_sizes import BlockSizes
 from jlora.kernels.block_sizes import NF4_CACHE_BYTES
+from jlora.kernels.lora_vjp import low_rank_dtype
 from jlora.kernels.nf4_matmul import absmax_tiles
 from jlora.kernels.nf4_matmul import dequantize_xla
 from jlora.kernels.nf4_matmul import nf4_matmul_dx_pallas
@@ -55,7 +59,7 @@ def _cache(m: int, block_m: int, band_bytes: int) -> bool:
 
 
 def _forward(x, codes, absmax, xa, b, cfg: NF4Config):
-    """x @ W.T + xa @ b, all in x's dtype (b already cast)."""
+    """x @ W.T + xa @ b in x's dtype (xa and b in the rank-r dtype, already cast)."""
     n, k = cfg.shape
     dt = x.dtype
     if cfg.impl == "xla":
@@ -81,7 +85,7 @@ def _forward(x, codes, absmax, xa, b, cfg: NF4Config):
 
 
 def _input_grad(dy, codes, absmax, g, a, cfg: NF4Config):
-    """dy @ W + g @ a.T, all in dy's dtype (a already cast)."""
+    """dy @ W + g @ a.T in dy's dtype (g and a in the rank-r dtype, already cast)."""
     n, k = cfg.shape
     dt = dy.dtype
     m = dy.shape[0]
@@ -120,19 +124,21 @@ def nf4_lora_matmul(x, codes, absmax, a, b, scale, cfg: NF4Config):
 
 def _nf4_lora_matmul_fwd(x, codes, absmax, a, b, scale, cfg):
     dt = x.dtype
-    xa = _small_dot(x, a.astype(dt), scale).astype(dt)
-    y = _forward(x, codes, absmax, xa, b.astype(dt), cfg)
+    lo = low_rank_dtype(cfg.impl, dt, a.dtype)
+    xa = _small_dot(x.astype(lo), a.astype(lo), scale).astype(lo)
+    y = _forward(x, codes, absmax, xa, b.astype(lo), cfg)
     return y, (x, codes, absmax, a, b, scale, xa)
 
 
 def _nf4_lora_matmul_bwd(cfg, residuals, dy):
     x, codes, absmax, a, b, scale, xa = residuals
     dt = x.dtype
+    lo = xa.dtype
     dy = dy.astype(dt)
-    g = _small_dot(dy, b.astype(dt).T, scale).astype(dt)
-    dx = _input_grad(dy, codes, absmax, g, a.astype(dt), cfg)
-    da = _small_dot(x.T, g).astype(a.dtype)
-    db = _small_dot(xa.T, dy).astype(b.dtype)
+    g = _small_dot(dy.astype(lo), b.astype(lo).T, scale).astype(lo)
+    dx = _input_grad(dy, codes, absmax, g, a.astype(lo), cfg)
+    da = _small_dot(x.astype(lo).T, g).astype(a.dtype)
+    db = _small_dot(xa.T, dy.astype(lo)).astype(b.dtype)
     return dx, None, None, da, db, None
 
 

@@ -1,4 +1,5 @@
-"""On 8 virtual CPU devices the sharded step equals the single-device step (float32, rel <= 1e-5)."""
+"""On 8 virtual CPU devices the sharded step equals the single-device step (see sharded_step_check.py for
+why the adapter updates are compared under SGD, and the bound)."""
 import json
 import os
 import subprocess
@@ -16,11 +17,17 @@ def test_sharded_step_equals_single_device(checkpoint):
     proc = subprocess.run([sys.executable, str(script), str(checkpoint("llama"))], env=env, capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    errors = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert set(errors) == {"data=8", "fsdp=4,tensor=2", "data=2,fsdp=2,tensor=2", "fsdp=4,tensor=2 kernels",
-                           "data=2,fsdp=2,tensor=2 kernels", "data=2,fsdp=2,tensor=2 kernels nf4"}
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    errors = result["errors"]
+    assert set(errors) == {"data=8", "fsdp=4,tensor=2", "data=2,fsdp=2,tensor=2", "fsdp=4,tensor=2 nf4",
+                           "fsdp=4,tensor=2 kernels", "data=2,fsdp=2,tensor=2 kernels",
+                           "data=2,fsdp=2,tensor=2 kernels nf4"}
+    # Summation order moves a float32 update by ~1e-5 relative here (AVX-512; the AVX2 order is another
+    # of the same size); 1e-4 leaves 10x, while a wrong reduction (a dropped psum on a row-parallel
+    # slice) gives ~0.3.
     for mesh, err in errors.items():
-        assert err <= 1e-5, (mesh, err)
+        assert err <= 1e-4, (mesh, err)
+    assert result["nf4_split"] == 2 * 7, result  # every projection's NF4 codes: 1/8 per device
 
 
 def test_parse_mesh():

@@ -5,11 +5,18 @@ killed mid-save leaves the previous checkpoint intact; the last `keep` are kept.
 """
 from __future__ import annotations
 
+import contextlib
+import logging
+import os
+import re
 from pathlib import Path
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
+
+from jlora.convert.safetensors_io import CheckpointError
 
 
 class Checkpoints:
@@ -23,16 +30,80 @@ class Checkpoints:
 
     def save(self, step: int, train_state: dict[str, Any], meta: dict[str, Any]) -> None:
         """train_state: {"params", "opt_state"} pytrees; meta: JSON (data position, rng seed, config)."""
-        self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(train_state),
-                                                        meta=ocp.args.JsonSave(meta)))
-        self.manager.wait_until_finished()
+        try:
+            with _orbax_quiet():
+                self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(train_state),
+                                                                meta=ocp.args.JsonSave(meta)))
+                self.manager.wait_until_finished()
+        except Exception as e:  # noqa: BLE001 - orbax/tensorstore errors (a full disk, permissions) in one line
+            raise CheckpointError(f"{self.directory / str(step)}: could not write the checkpoint "
+                                  f"({_first_line(e)}); the previous checkpoint is kept") from e
 
     def restore(self, step: int, like: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
         """Restores into the structure, dtypes and shardings of `like`."""
+        where = self.directory / str(step)
+        _check_matches(where, self._saved_shapes(step), like)
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
-        out = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
-                                                                 meta=ocp.args.JsonRestore()))
+        try:
+            with _orbax_quiet():
+                out = self.manager.restore(step, args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+        except Exception as e:  # noqa: BLE001 - orbax's messages run to many lines
+            raise CheckpointError(f"{where}: cannot restore the checkpoint ({_first_line(e)})") from e
         return out["state"], out["meta"]
+
+    def _saved_shapes(self, step: int) -> dict[str, tuple] | None:
+        """{"params.<path>": shape} of the saved train state, or None when orbax cannot say."""
+        try:
+            handler = ocp.StandardCheckpointHandler()
+            tree = handler.metadata(epath.Path(self.directory / str(step) / "state")).tree
+            handler.close()
+        except Exception:  # noqa: BLE001 - then the restore itself reports what is wrong
+            return None
+        return {jax.tree_util.keystr(k, simple=True, separator="."): tuple(v.shape)
+                for k, v in jax.tree_util.tree_flatten_with_path(tree)[0] if hasattr(v, "shape")}
 
     def close(self):
         self.manager.close()
+
+
+def _first_line(e: BaseException) -> str:
+    """The cause in a few words: the OS error tensorstore reports (a full disk), else the first line."""
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    code = re.search(r"os_error_code='?(\d+)", str(e))
+    if code:
+        return f"{os.strerror(int(code[1]))} (errno {code[1]})"
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    first = lines[0] if lines else ""
+    return f"{type(e).__name__}: {first[:300]}" if first else type(e).__name__
+
+
+@contextlib.contextmanager
+def _orbax_quiet():
+    """orbax logs each failing writer thread's traceback (absl ERROR) before raising; the error raised
+    from save/restore says what failed in one line, so those logs are held back while it runs."""
+    logger = logging.getLogger("absl")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _check_matches(where: Path, saved: dict[str, tuple] | None, like: dict[str, Any]) -> None:
+    """One line naming the first array whose presence or shape differs between checkpoint and run."""
+    if saved is None:
+        return
+    wanted = {jax.tree_util.keystr(k, simple=True, separator="."): tuple(v.shape)
+              for k, v in jax.tree_util.tree_flatten_with_path(like)[0]}
+    hint = "it was saved with other LoRA settings (r, targets); resume with those or start a new --out"
+    for name in sorted(set(saved) | set(wanted), key=lambda n: (not n.startswith("params"), n)):
+        if name not in saved:
+            raise CheckpointError(f"{where}: the checkpoint has no {name}, which this run trains: {hint}")
+        if name not in wanted:
+            raise CheckpointError(f"{where}: the checkpoint holds {name}, which this run does not train: {hint}")
+        if saved[name] != wanted[name]:
+            raise CheckpointError(f"{where}: {name} has shape {saved[name]} in the checkpoint, this run needs "
+                                  f"{wanted[name]}: {hint}")

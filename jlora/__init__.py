@@ -3,33 +3,64 @@
     model = jlora.load_hf("path/to/llama", dtype="bfloat16")      # quantize="nf4" for QLoRA
     model = jlora.get_peft_model(model, jlora.LoraConfig(r=16, lora_alpha=16), rngs=nnx.Rngs(0))
     jlora.save_pretrained(model, "out/adapter")
+
+The public names load on first use (PEP 562 `__getattr__`), so `import jlora.kernels` or
+`import jlora.nf4` loads only what that package needs, not the model, converters and trainer;
+`import jlora` alone loads nothing. `jlora.<submodule>` (e.g. `jlora.nf4`, `jlora.convert`) also
+works without importing it first, as it did when this file imported everything.
 """
-from jlora.llama_config import LlamaConfig
-from jlora.llama_config import SUPPORTED_ARCHITECTURES
-from jlora.presets import PRESETS
-from jlora.presets import preset_config
-from jlora.lora_layer import LoRA
-from jlora.lora_layer import LoRAParam
-from jlora.lora_config import LoraConfig
-from jlora.lora_config import TARGET_PRESETS
-from jlora.llama import LlamaForCausalLM
-from jlora.llama import abstract_model
-from jlora.llama import init_random
-from jlora.llama import use_kernels
-from jlora import nf4
-from jlora.qlora import NF4Config
-from jlora.qlora import NF4Weight
-from jlora.qlora import quantize_model
-from jlora.memory import MemoryReport
-from jlora.memory import memory_report
-from jlora.peft_model import get_peft_model
-from jlora.peft_model import trainable_parameters
-from jlora.peft_model import print_trainable_parameters
-from jlora.convert.hf_checkpoint import load_hf
-from jlora.convert.peft_adapter import save_pretrained
-from jlora.convert.peft_adapter import load_adapter
-from jlora.convert.merged import save_merged
-from jlora.convert.quantized import save_quantized
-from jlora.convert.safetensors_io import CheckpointError
+import importlib
 
 __version__ = "0.1.0"
+
+# Public name -> the module that defines it. One line per name, as the eager imports were.
+_EXPORTS = {
+    "LlamaConfig": "jlora.llama_config",
+    "SUPPORTED_ARCHITECTURES": "jlora.llama_config",
+    "PRESETS": "jlora.presets",
+    "preset_config": "jlora.presets",
+    "LoRA": "jlora.lora_layer",
+    "LoRAParam": "jlora.lora_layer",
+    "LoraConfig": "jlora.lora_config",
+    "TARGET_PRESETS": "jlora.lora_config",
+    "LlamaForCausalLM": "jlora.llama",
+    "abstract_model": "jlora.llama",
+    "init_random": "jlora.llama",
+    "use_kernels": "jlora.llama",
+    "NF4Config": "jlora.qlora",
+    "NF4Weight": "jlora.nf4_weight",
+    "quantize_model": "jlora.qlora",
+    "MemoryReport": "jlora.memory",
+    "memory_report": "jlora.memory",
+    "get_peft_model": "jlora.peft_model",
+    "trainable_parameters": "jlora.peft_model",
+    "print_trainable_parameters": "jlora.peft_model",
+    "load_hf": "jlora.convert.hf_checkpoint",
+    "save_pretrained": "jlora.convert.peft_adapter",
+    "load_adapter": "jlora.convert.peft_adapter",
+    "save_merged": "jlora.convert.merged",
+    "save_quantized": "jlora.convert.quantized",
+    "CheckpointError": "jlora.convert.safetensors_io",
+}
+
+__all__ = sorted(_EXPORTS) + ["nf4"]
+
+
+def __getattr__(name: str):
+    """Loads a public name from its module, or a submodule (`jlora.nf4`), on first access."""
+    module = _EXPORTS.get(name)
+    if module is not None:
+        value = getattr(importlib.import_module(module), name)
+    else:
+        try:
+            value = importlib.import_module(f"{__name__}.{name}")
+        except ModuleNotFoundError as e:
+            if e.name != f"{__name__}.{name}":
+                raise
+            raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

@@ -1,7 +1,7 @@
 """The fused LoRA kernels on a device mesh: one kernel call per device under `shard_map`.
 
 XLA partitions plain dots by itself, but a Pallas (Mosaic) or Triton kernel is an opaque custom call:
-it must be told what each device holds. With the trainer's placement (jlora.train.sharding) each
+it must be told what each device holds. With the placement of jlora.mesh_axes (the trainer's) each
 device runs the kernel on its rows and, with `tensor` > 1, its slice of the projection:
 
     column-parallel (q, k, v, gate, up):  y[:, Nt] = x W[:, Nt] + s (x A) B[:, Nt]
@@ -24,8 +24,8 @@ import dataclasses
 import jax
 from jax.sharding import Mesh, PartitionSpec as P
 
+from jlora.mesh_axes import ROW_AXES
 from jlora.nf4 import NF4Tensor
-from jlora.train.sharding import ROW_AXES
 
 
 def _divides(mesh: Mesh, axis, dim: int):

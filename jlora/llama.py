@@ -23,7 +23,7 @@ from jlora.kernels.mixed_dot import linear as mixed_linear
 from jlora.llama_config import LlamaConfig
 from jlora.lora_layer import LoRA
 from jlora.nf4 import NF4Tensor
-from jlora.qlora import nf4_matmul
+from jlora.nf4_weight import nf4_matmul
 from jlora.rope import apply_rotary, cos_sin, inverse_frequencies
 
 Dtype = jnp.dtype
@@ -307,7 +307,7 @@ def use_kernels(model: nnx.Module, impl: str | None = "auto", *, mesh=None) -> n
     under shard_map (jlora.kernel_sharding); without a mesh they need one device.
     """
     from jlora.kernels import IMPLS
-    from jlora.train.sharding import ROW_PARALLEL_MODULES
+    from jlora.mesh_axes import ROW_PARALLEL_MODULES
 
     if impl is not None and impl not in IMPLS:
         raise ValueError(f"kernel impl {impl!r} is not one of {list(IMPLS)} (or None for the plain path)")

@@ -17,7 +17,7 @@ import numpy as np
 from flax import nnx
 
 from jlora.lora_layer import LoRAParam
-from jlora.qlora import NF4Weight
+from jlora.nf4_weight import NF4Weight
 
 
 def _nbytes(tree) -> int:

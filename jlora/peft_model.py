@@ -10,7 +10,8 @@ from flax import nnx
 from jlora.llama import Linear, LlamaForCausalLM
 from jlora.lora_config import LoraConfig
 from jlora.lora_layer import LoRA, LoRAParam
-from jlora.qlora import NF4Weight
+from jlora.memory import memory_report
+from jlora.nf4_weight import NF4Weight
 
 
 def linear_modules(model: LlamaForCausalLM) -> Iterator[tuple[str, Linear]]:
@@ -87,8 +88,6 @@ def trainable_parameters(model: nnx.Module) -> tuple[int, int]:
 
 def print_trainable_parameters(model: nnx.Module) -> None:
     """Prints PEFT's line `trainable params: N || all params: M || trainable%: P`, then bytes by kind."""
-    from jlora.memory import memory_report
-
     trainable, total = trainable_parameters(model)
     print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
     print(memory_report(model))

@@ -17,9 +17,10 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-AXES = ("data", "fsdp", "tensor")
-ROW_AXES = ("data", "fsdp")                     # batch rows split over these
-ROW_PARALLEL_MODULES = ("o_proj", "down_proj")  # input axis over tensor, output over fsdp
+from jlora.mesh_axes import AXES
+from jlora.mesh_axes import ROW_AXES
+from jlora.mesh_axes import ROW_PARALLEL_MODULES
+
 ROW_PARALLEL = re.compile(r"\.(" + "|".join(ROW_PARALLEL_MODULES) + r")\.")
 
 

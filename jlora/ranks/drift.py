@@ -9,10 +9,12 @@ is swapped onto the same base (jlora.load_adapter).
 
 The base must be the one the adapter was trained on, or the numbers mean nothing. `check_base` refuses:
 - an adapted module the base lacks, or whose [out, in] differs from the adapter's factors;
-- a base whose config.json differs in an architecture field (ARCH_FIELDS) from the config.json of the
-  adapter's `base_model_name_or_path`, when that names a local directory.
-Two checkpoints of one architecture with different weights (a base and its instruct tune) cannot be
-told apart this way; the report records both paths.
+- when the adapter's `base_model_name_or_path` names another local directory: a base whose config.json
+  differs from that one's in an architecture field (ARCH_FIELDS), or whose dense FINGERPRINT tensors
+  (the final norm and the first FINGERPRINT_ROWS embedding rows: 16-bit in every layout, bitsandbytes
+  4-bit included) differ by more than FINGERPRINT_TOL of their largest magnitude. A copy of the same
+  model in another dtype (bf16 rounds by 2^-8) passes; a fine-tune that left those tensors as they were
+  (a merged LoRA) cannot be told apart.
 """
 from __future__ import annotations
 
@@ -26,6 +28,28 @@ from jlora.convert.safetensors_io import CheckpointError
 ARCH_FIELDS = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                "num_attention_heads", "num_key_value_heads", "head_dim", "tie_word_embeddings", "rope_theta",
                "rope_scaling", "rms_norm_eps", "sliding_window")
+
+
+FINGERPRINT = ("model.norm.weight", "model.embed_tokens.weight")
+FINGERPRINT_ROWS = 64
+FINGERPRINT_TOL = 2.0 ** -7
+
+
+def _fingerprint(model_dir: Path) -> dict[str, np.ndarray]:
+    """FINGERPRINT tensors (their first FINGERPRINT_ROWS rows) in float64; {} where they cannot be read."""
+    from safetensors import SafetensorError, safe_open
+
+    from jlora.convert.hf_checkpoint import weight_files
+    out = {}
+    try:
+        for f in weight_files(model_dir, allow_pickle=False):
+            with safe_open(str(f), framework="numpy") as h:
+                for name in set(FINGERPRINT) & set(h.keys()):
+                    part = h.get_slice(name)
+                    out[name] = np.asarray(part[:min(FINGERPRINT_ROWS, part.get_shape()[0])], np.float64)
+    except (CheckpointError, SafetensorError, OSError, ValueError, TypeError):
+        return {}
+    return out
 
 
 def _drop_adapters(model) -> None:
@@ -55,6 +79,15 @@ def check_base(adapter, base_dir, model) -> None:
                 raise CheckpointError(
                     f"--base {base_dir} is not the base {adapter.path / 'adapter_config.json'} names "
                     f"({named}): config.json differs in {'; '.join(diff)}")
+        want, got = _fingerprint(trained_on), _fingerprint(base_dir)
+        for name in sorted(set(want) & set(got)):
+            w, g = want[name], got[name]
+            gap = float(np.abs(w - g).max()) if w.shape == g.shape else float("inf")
+            if not gap <= FINGERPRINT_TOL * float(np.abs(w).max()):
+                raise CheckpointError(
+                    f"--base {base_dir} is not the base {adapter.path / 'adapter_config.json'} names ({named}): "
+                    f"{name} differs (max |difference| {gap:.3g}, max |value| {float(np.abs(w).max()):.3g}); "
+                    f"pass --base {named}, or --no-drift to export without the drift check")
     shapes = {n: (m.out_features, m.in_features) for n, m in linear_modules(model)}
     for m in adapter.modules:
         want = (m.b.shape[0], m.a.shape[1])

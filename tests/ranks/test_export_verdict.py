@@ -191,3 +191,22 @@ def test_failed_merge_leaves_the_previous_export(checkpoint, adapter, tmp_path, 
     assert "No space left" in err and "nothing written" in err
     assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
     assert [p.name for p in tmp_path.iterdir()] == ["e"]
+
+
+def test_same_architecture_other_weights_is_an_error_but_a_bf16_copy_is_not(checkpoint, adapter, tmp_path, capsys):
+    import transformers
+    path = checkpoint("llama")
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    model.to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    with torch.no_grad():  # a "tune" of the same architecture: every weight moved by about 5%
+        for p in model.parameters():
+            p.mul_(1 + 0.05 * torch.randn_like(p))
+    model.to(torch.float32).save_pretrained(tmp_path / "tuned")
+    capsys.readouterr()
+    assert main(["export", str(adapter), "--out", str(tmp_path / "e"), "--max-lora-rank", "8", "--base",
+                 str(tmp_path / "tuned")]) == 2
+    err = capsys.readouterr().err
+    assert "is not the base" in err and "model.embed_tokens.weight differs" in err and f"--base {path}" in err
+    assert not (tmp_path / "e").exists()
+    assert main(["export", str(adapter), "--out", str(tmp_path / "e"), "--max-lora-rank", "8", "--base",
+                 str(tmp_path / "bf16")]) == 0

@@ -30,6 +30,8 @@ def register(sub):
 def run(args) -> int:
     from pathlib import Path
 
+    import numpy as np
+
     from jlora.convert.safetensors_io import CheckpointError
     from jlora.ranks.adapter import read_adapter
     from jlora.ranks.plots import rank_heatmap
@@ -40,6 +42,13 @@ def run(args) -> int:
         adapter = read_adapter(args.adapter, allow_pickle=args.allow_pickle)
     except (CheckpointError, ValueError) as e:
         print(f"jlora inspect: error: {e}", file=sys.stderr)
+        return 2
+    bad = [f"{m.name}.{w} ({'NaN' if np.isnan(t).any() else 'inf'})" for m in adapter.modules
+           for w, t in (("lora_A", m.a), ("lora_B", m.b)) if not np.isfinite(t).all()]
+    if bad:  # the SVD below would fail with numpy's bare "SVD did not converge"
+        print(f"jlora inspect: error: {adapter.path}: expected finite adapter weights, found NaN/inf in "
+              f"{len(bad)} tensor(s): {', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''} "
+              "(the run that wrote it diverged)", file=sys.stderr)
         return 2
     rows = rank_usage(adapter)
     plot = _plot_path(args, adapter.path)

@@ -143,3 +143,24 @@ def test_unexpected_exception_is_one_line_unless_debug(monkeypatch, capsys):
     assert "internal error: KeyError" in line and "--debug" in line
     with pytest.raises(KeyError):
         main(["plan", "--debug"])
+
+
+def test_inspect_adapter_with_nan_weights(checkpoint, tmp_path, capsys):
+    from flax import nnx
+
+    import jlora
+    from jlora.convert.safetensors_io import iter_tensors, write_atomic
+
+    model = jlora.get_peft_model(jlora.load_hf(checkpoint("llama")), jlora.LoraConfig(r=4), rngs=nnx.Rngs(0))
+    jlora.save_pretrained(model, tmp_path / "a")
+    f = tmp_path / "a" / "adapter_model.safetensors"
+    tensors = dict(iter_tensors(f))
+    name = "base_model.model.model.layers.1.mlp.up_proj.lora_B.weight"
+    tensors[name] = tensors[name].copy()
+    tensors[name][0, 0] = float("nan")
+    write_atomic(f, tensors, metadata={"format": "pt"})
+    capsys.readouterr()
+    code = main(["inspect", str(tmp_path / "a"), "--out", str(tmp_path)])
+    line = _one_line(capsys.readouterr().err)
+    assert code == 2
+    assert str(tmp_path / "a") in line and "model.layers.1.mlp.up_proj.lora_B" in line and "NaN" in line

@@ -90,14 +90,14 @@ def run(args) -> int:
         hint = ""
         if args.max_lora_rank is None and any("exceeds --max-lora-rank" in p for p in problems):
             r = export.config["r"]
-            hint = (f"\n  (checked against vLLM's default --max-lora-rank {VLLM_DEFAULT_MAX_LORA_RANK}; pass "
+            hint = (f" (checked against vLLM's default --max-lora-rank {VLLM_DEFAULT_MAX_LORA_RANK}; pass "
                     f"--max-lora-rank N to check against your server's value, and to cut modules above N to rank "
                     f"N by SVD, e.g. --max-lora-rank {VLLM_DEFAULT_MAX_LORA_RANK} for this rank-{r} adapter)")
         if any(".base_layer.weight" in p for p in problems):
-            hint += ("\n  (PEFT saved full embedding weights (`save_embedding_layers`); if the vocabulary was not "
+            hint += (" (PEFT saved full embedding weights (`save_embedding_layers`); if the vocabulary was not "
                      "resized, re-save with save_embedding_layers=False)")
-        return fail(f"{adapter.path}: vLLM would not serve the export (nothing written):\n  - "
-                    + "\n  - ".join(problems) + hint)
+        return fail(f"{adapter.path}: vLLM would not serve the export (nothing written): "
+                    + "; ".join(problems) + hint)
     if args.merge and base_dir is None:
         return fail(f"--merge needs the base model: {adapter.path / CONFIG_FILE} names "
                     f"{adapter.config.get('base_model_name_or_path')!r}, not a local dir; pass --base DIR")
@@ -139,8 +139,13 @@ def run(args) -> int:
             write_json(tmp / REPORT_FILE, report)
             if args.merge:
                 import jlora
-                model = (probe.with_adapter(tmp) if probe is not None
-                         else jlora.load_adapter(jlora.load_hf(base_dir), tmp))
+                if probe is None:
+                    from jlora.ranks.drift import check_base
+                    model = jlora.load_hf(base_dir)
+                    check_base(adapter, base_dir, model)
+                    model = jlora.load_adapter(model, tmp)
+                else:
+                    model = probe.with_adapter(tmp)
                 jlora.save_merged(model, tmp / "merged")
                 lines.append(f"merged checkpoint: {out / 'merged'}")
     except (CheckpointError, ValueError, OSError) as e:

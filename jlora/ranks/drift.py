@@ -93,7 +93,7 @@ def check_base(adapter, base_dir, model) -> None:
         want = (m.b.shape[0], m.a.shape[1])
         if m.embedding:
             raise CheckpointError(f"{adapter.path}: {m.name} is an embedding adapter, which jlora's model cannot "
-                                  f"apply; pass --no-drift to export without the logit-drift check")
+                                  f"apply (the logit-drift check and --merge need it): pass --no-drift, no --merge")
         if m.name not in shapes:
             raise CheckpointError(f"--base {base_dir} has no module {m.name} that {adapter.path} adapts "
                                   f"(the base has {model.config.num_hidden_layers} layers); wrong base?")

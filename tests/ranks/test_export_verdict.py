@@ -141,6 +141,8 @@ def test_wrong_base_is_an_error_and_leaves_out_as_it_was(checkpoint, adapter, tm
     assert main(["export", str(adapter), "--out", str(out), "--max-lora-rank", "1", "--base", str(qwen2)]) == 2
     err = capsys.readouterr().err
     assert "model_type: 'llama' vs 'qwen2'" in err and "nothing written" in err
+    assert main(["export", str(adapter), "--out", str(out), "--no-drift", "--merge", "--base", str(qwen2)]) == 2
+    assert "model_type: 'llama' vs 'qwen2'" in capsys.readouterr().err  # --merge checks the base too
     # a hub id in the config (nothing local to compare), a base whose projections have other shapes
     hub = tmp_path / "hub"
     hub.mkdir()

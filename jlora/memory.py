@@ -6,6 +6,18 @@
 
 Counted from shapes and dtypes only (nothing is read or allocated); the total is for one copy of every
 array, before any sharding divides it between devices.
+
+This module is also the one source of the arithmetic the other two memory models share: the formula for
+`jlora ranks` (jlora/ranks/memory.py) and the abstract-evaluation estimate of `jlora plan`
+(jlora/plan/estimate.py) take these from here:
+
+    array bytes            = prod(shape) * itemsize(dtype)
+    NF4 bits per parameter = 4 + 8/blocksize + 32/(blocksize * nested_blocksize)   with double quant
+                                                  (4.127 at 64 / 256, bitsandbytes' default)
+                           = 4 + 32/blocksize                                      without (4.5 at 64)
+    adapter + AdamW        = 4 (float32 A and B) + 8 (float32 mu and nu) = 12 bytes per trainable parameter
+    during a train step    + 8: the float32 gradient accumulator and one micro-batch's float32 gradient
+                             (jlora/train/step.py carries the accumulator even without accumulation)
 """
 from __future__ import annotations
 
@@ -17,15 +29,39 @@ import numpy as np
 from flax import nnx
 
 from jlora.lora_layer import LoRAParam
-from jlora.nf4_weight import NF4Weight
+from jlora.qlora import NF4Weight
 
 
-def _nbytes(tree) -> int:
-    return sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize
+ADAPTER_BYTES_PER_PARAM = 4          # float32 A and B
+OPTIMIZER_BYTES_PER_PARAM = 8        # AdamW's mu and nu, float32
+STEP_GRADIENT_BYTES_PER_PARAM = 8    # float32 gradient accumulator + one micro-batch's gradient
+
+
+def nf4_bits_per_param(blocksize: int = 64, *, double_quant: bool = True, nested_blocksize: int = 256) -> float:
+    """Storage bits per quantized weight: 4-bit codes, one absmax per block (uint8 codes plus one float32
+    per nested block with double quantization, else float32), as bitsandbytes stores them."""
+    if double_quant:
+        return 4 + 8 / blocksize + 32 / (blocksize * nested_blocksize)
+    return 4 + 32 / blocksize
+
+
+def dtype_bytes(dtype) -> int:
+    """Bytes of one element: 2 for bfloat16 / float16, 4 for float32."""
+    return np.dtype(dtype).itemsize
+
+
+def array_bytes(shape, dtype) -> int:
+    return math.prod(shape) * dtype_bytes(dtype)
+
+
+def tree_bytes(tree) -> int:
+    """Bytes of every array (concrete or abstract) in `tree`."""
+    return sum(array_bytes(x.shape, x.dtype)
                for x in jax.tree.leaves(tree) if hasattr(x, "shape") and hasattr(x, "dtype"))
 
 
 def format_bytes(n: float) -> str:
+    """1536 -> '1.50 KiB'; 512 -> '512 B'."""
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if abs(n) < 1024 or unit == "TiB":
             return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.2f} {unit}"
@@ -87,8 +123,8 @@ def memory_report(model: nnx.Module, opt_state=None) -> MemoryReport:
     return MemoryReport(
         quantized_base=sum(q.nbytes for q in quantized),
         quantized_params=sum(q.size for q in quantized),
-        dense_base=_nbytes(dense),
+        dense_base=tree_bytes(dense),
         dense_dtypes=tuple(dtypes),
-        adapters=_nbytes(nnx.state(model, LoRAParam)),
-        optimizer_state=None if opt_state is None else _nbytes(opt_state),
+        adapters=tree_bytes(nnx.state(model, LoRAParam)),
+        optimizer_state=None if opt_state is None else tree_bytes(opt_state),
     )

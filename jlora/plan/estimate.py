@@ -21,16 +21,16 @@ import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from jlora.llama_config import LlamaConfig
+from jlora.memory import ADAPTER_BYTES_PER_PARAM, STEP_GRADIENT_BYTES_PER_PARAM, array_bytes
 from jlora.plan.arguments import BATCH_KEYS, trace_safe_split
 from jlora.train.loss import token_loss_sum
 
 
 def _aval_bytes(aval) -> int:
-    return math.prod(aval.shape) * np.dtype(aval.dtype).itemsize
+    return array_bytes(aval.shape, aval.dtype)
 
 
 def saved_activation_bytes(model: nnx.Module, *, batch_size: int, seq_len: int) -> tuple[int, int, int]:
@@ -120,6 +120,7 @@ class ActivationModel:
 def estimate_bytes_per_device(argument_bytes: int, adapter_bytes: int, activations: ActivationModel, *,
                               rows_per_device: float, remat: bool, tensor: int = 1, fsdp: int = 1) -> int:
     """The estimate of the module docstring, for one device."""
-    grads = 2 * adapter_bytes  # float32 accumulator + this micro-batch's gradient
+    # float32 accumulator + this micro-batch's gradient (jlora/memory.py): 2 x the float32 adapters
+    grads = adapter_bytes * STEP_GRADIENT_BYTES_PER_PARAM // ADAPTER_BYTES_PER_PARAM
     acts = activations.bytes(rows=rows_per_device, remat=remat, tensor=tensor, fsdp=fsdp)
     return int(argument_bytes + grads + acts)

@@ -16,26 +16,28 @@ jlora's Llama needs (frozen projections keep no weight gradients; adapters need 
 XLA's fusion and temporaries, so treat it as an estimate within a small factor, not a measurement.
 
 Adapter + optimizer state: float32 A and B plus AdamW's two float32 moments = 12 bytes per trainable
-parameter (gradients add 4 more during the step). Base weights: the dtype's bytes per parameter, or NF4
-(4.127 bits per projection parameter with double quantization; embeddings, head and norms in the dtype).
+parameter (the float32 gradient accumulator and a micro-batch's gradient add 8 more during the step).
+Base weights: the dtype's bytes per parameter, or NF4 (4.127 bits per projection parameter with double
+quantization; embeddings, head and norms in the dtype). These per-parameter figures come from jlora/memory.py,
+which jlora.memory_report and `jlora plan` share.
 """
 from __future__ import annotations
 
+from jlora import memory
 from jlora.llama_config import LlamaConfig
 from jlora.ranks.params import base_parameter_count, linear_parameter_count, target_suffixes
 
-ADAPTER_STATE_BYTES_PER_PARAM = 12  # float32 weight + AdamW mu + nu
-GRADIENT_BYTES_PER_PARAM = 4
-NF4_BITS_PER_PARAM = 4 + 8 / 64 + 32 / (64 * 256)  # 4.127: codes + uint8 absmax + fp32 nested absmax
+ADAPTER_STATE_BYTES_PER_PARAM = memory.ADAPTER_BYTES_PER_PARAM + memory.OPTIMIZER_BYTES_PER_PARAM  # 12
+GRADIENT_BYTES_PER_PARAM = memory.STEP_GRADIENT_BYTES_PER_PARAM  # 8
+NF4_BITS_PER_PARAM = memory.nf4_bits_per_param()  # 4.127: codes + uint8 absmax + fp32 nested absmax
 
-
-DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
+DTYPES = ("bfloat16", "float16", "float32")
 
 
 def dtype_bytes(dtype: str) -> int:
-    if dtype not in DTYPE_BYTES:
-        raise ValueError(f"dtype {dtype!r} is not one of {sorted(DTYPE_BYTES)}")
-    return DTYPE_BYTES[dtype]
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
+    return memory.dtype_bytes(dtype)
 
 
 def base_weight_bytes(config: LlamaConfig, dtype: str = "bfloat16", quantize: str | None = None) -> float:
@@ -73,12 +75,3 @@ def activation_bytes(config: LlamaConfig, *, batch: int, seq: int, r: int, targe
     if remat:
         return c.num_hidden_layers * n * c.hidden_size * d + layer + head
     return c.num_hidden_layers * layer + head
-
-
-def human_bytes(n: float) -> str:
-    """1536 -> '1.5 KiB'."""
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    raise AssertionError

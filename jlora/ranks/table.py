@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 from jlora.llama_config import LlamaConfig
+from jlora.memory import format_bytes
 from jlora.ranks.advice import max_lora_rank
-from jlora.ranks.memory import (GRADIENT_BYTES_PER_PARAM, activation_bytes, adapter_state_bytes,
-                                base_weight_bytes, human_bytes)
+from jlora.ranks.memory import (ADAPTER_STATE_BYTES_PER_PARAM, GRADIENT_BYTES_PER_PARAM, activation_bytes,
+                                adapter_state_bytes, base_weight_bytes)
 from jlora.ranks.params import (TABLE_RANKS, TABLE_TARGETS, base_parameter_count, lora_parameter_count,
                                 target_suffixes, trainable_percent)
 
@@ -33,10 +34,10 @@ def format_report(config: LlamaConfig, name: str, rows: list[dict], *, batch: in
     lines = [
         f"{name}: {c.model_type}, {c.num_hidden_layers} layers, hidden {c.hidden_size:,}, MLP {c.intermediate_size:,}, "
         f"{c.num_attention_heads} heads / {c.num_key_value_heads} kv heads, vocab {c.vocab_size:,}",
-        f"base: {total:,} parameters; weights {human_bytes(weights)} "
+        f"base: {total:,} parameters; weights {format_bytes(weights)} "
         + (f"(NF4 projections, {dtype} embeddings/head/norms)" if quantize else f"in {dtype}"),
-        f"adapter+Adam: float32 A, B and AdamW's two moments, 12 bytes per trainable parameter "
-        f"(+4 of gradients during a step)",
+        f"adapter+Adam: float32 A, B and AdamW's two moments, {ADAPTER_STATE_BYTES_PER_PARAM} bytes per trainable "
+        f"parameter (+{GRADIENT_BYTES_PER_PARAM} of float32 gradients and their accumulator during a step)",
         f"activations: ESTIMATE for batch {batch} x seq {seq} in {dtype} (formula in jlora/ranks/memory.py); "
         f"--remat keeps one input per layer and recomputes the rest",
     ]
@@ -46,16 +47,16 @@ def format_report(config: LlamaConfig, name: str, rows: list[dict], *, batch: in
         per_rank = lora_parameter_count(c, 1, t)
         lines += ["", f"targets {t} ({', '.join(target_suffixes(t))}): {per_rank:,} trainable parameters per unit of r"]
         cells = [header] + [(str(row["r"]), f"{row['trainable']:,}", f"{row['percent']:.4f}%",
-                             human_bytes(row["adapter_state_bytes"]), human_bytes(row["activation_bytes"]),
-                             human_bytes(row["activation_bytes_remat"]), str(row["max_lora_rank"]))
+                             format_bytes(row["adapter_state_bytes"]), format_bytes(row["activation_bytes"]),
+                             format_bytes(row["activation_bytes_remat"]), str(row["max_lora_rank"]))
                             for row in part]
         widths = [max(len(cell[i]) for cell in cells) for i in range(len(header))]
         for cell in cells:
             lines.append("  " + "  ".join(x.rjust(w) for x, w in zip(cell, widths)))
     lines.append("")
     lines.append(f"peak memory ~ weights + adapter+Adam + gradients + activations "
-                 f"(e.g. r=16 all-linear: {human_bytes(_peak(rows, weights, 16, False))}, "
-                 f"{human_bytes(_peak(rows, weights, 16, True))} with --remat)"
+                 f"(e.g. r=16 all-linear: {format_bytes(_peak(rows, weights, 16, False))}, "
+                 f"{format_bytes(_peak(rows, weights, 16, True))} with --remat)"
                  if any(row["r"] == 16 and row["targets"] == "all-linear" for row in rows) else
                  "peak memory ~ weights + adapter+Adam + gradients + activations")
     return lines

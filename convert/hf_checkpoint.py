@@ -2,6 +2,12 @@
 
 Peak host memory is about one copy of the model in the target dtype plus one tensor: the model is
 built abstractly (`nnx.eval_shape`), then each tensor is read, cast, transposed and placed.
+
+QLoRA (`load_quantized`, where `load_hf` goes when `quantize` is given or config.json has a
+`quantization_config`): a 16/32-bit checkpoint has its 7 projections per layer quantized to NF4 as
+each is read (peak about the NF4 model plus one tensor in the load dtype); a transformers +
+bitsandbytes 4-bit NF4 checkpoint is read bit-exactly, each projection's tensors gathered until all
+are read, then placed as one `NF4Weight`. Writing one is jlora/convert/quantized.py.
 """
 from __future__ import annotations
 
@@ -18,7 +24,7 @@ from jlora.convert.hf_names import IGNORED, bnb_weight_name, tensor_map, variabl
 from jlora.convert.safetensors_io import CheckpointError, iter_tensors, read_header
 from jlora.llama import LlamaForCausalLM, abstract_model
 from jlora.llama_config import LlamaConfig
-from jlora.qlora import NF4Config, NF4Weight
+from jlora.qlora import NF4Config, NF4Weight, nf4_config
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
 PICKLE_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json")
@@ -119,6 +125,60 @@ def check_dtype(dtype) -> str:
     return name
 
 
+SUPPORTED = ("jlora reads bitsandbytes 4-bit NF4 checkpoints (quantization_config with quant_method "
+             "'bitsandbytes', load_in_4bit true, bnb_4bit_quant_type 'nf4') and quantizes 16/32-bit "
+             "checkpoints itself (quantize='nf4')")
+
+
+def is_bnb_nf4_checkpoint(hf: dict, where: str) -> bool:
+    """True for a bitsandbytes 4-bit NF4 config.json, False without quantization_config; else an error."""
+    qc = hf.get("quantization_config")
+    if not qc:
+        return False
+    method = qc.get("quant_method")
+    if method is None and ("load_in_4bit" in qc or "load_in_8bit" in qc):
+        method = "bitsandbytes"  # configs written before transformers named the method
+    if method != "bitsandbytes":
+        raise CheckpointError(f"{where}: quantization_config.quant_method is {method!r}, not supported; {SUPPORTED}")
+    if qc.get("load_in_8bit"):
+        raise CheckpointError(f"{where}: a bitsandbytes 8-bit (LLM.int8, load_in_8bit) checkpoint is not "
+                              f"supported; {SUPPORTED}")
+    if not qc.get("load_in_4bit"):
+        raise CheckpointError(f"{where}: quantization_config has neither load_in_4bit nor load_in_8bit; {SUPPORTED}")
+    quant_type = qc.get("bnb_4bit_quant_type", "fp4")  # BitsAndBytesConfig's default is fp4
+    if quant_type != "nf4":
+        raise CheckpointError(f"{where}: bnb_4bit_quant_type is {quant_type!r}, not supported; {SUPPORTED}")
+    return True
+
+
+def load_quantized(model_dir, hf: dict, *, dtype="float32", quantize=None,
+                   allow_pickle: bool = False) -> LlamaForCausalLM:
+    """A `LlamaForCausalLM` with NF4 projections from a checkpoint dir (see the module docstring).
+
+    Args:
+      model_dir: a transformers checkpoint dir.
+      hf: its config.json as a dict.
+      dtype: compute dtype, and the dtype of the dense parts (embeddings, norms, lm_head). Quantizing
+        while loading casts each projection to `dtype` first, as transformers' `dtype=` with
+        `load_in_4bit` does.
+      quantize: "nf4" or a `jlora.NF4Config` to quantize an unquantized checkpoint; ignored for a
+        checkpoint that is already NF4 (its stored block sizes are kept).
+    """
+    model_dir = Path(model_dir)
+    where = str(model_dir / "config.json")
+    prequantized = is_bnb_nf4_checkpoint(hf, where)
+    config_nf4 = nf4_config(quantize)
+    config = LlamaConfig.from_hf_dict(hf, where=where)
+    files = weight_files(model_dir, allow_pickle=allow_pickle)
+    if prequantized and any(f.suffix != ".safetensors" for f in files):
+        raise CheckpointError(f"{model_dir}: a bitsandbytes 4-bit checkpoint must be safetensors, found "
+                              f"{[f.name for f in files]}")
+    model = abstract_model(config, dtype=dtype)
+    fill_from_tensors(model, config, files, None if prequantized else config_nf4)
+    model.source_dir = str(model_dir.resolve())
+    return model
+
+
 def load_hf(model_dir, dtype="float32", *, allow_pickle: bool = False, quantize: str | None = None
             ) -> LlamaForCausalLM:
     """Reads a transformers Llama/Mistral/Qwen2 checkpoint dir into a `LlamaForCausalLM` in `dtype`.
@@ -130,7 +190,6 @@ def load_hf(model_dir, dtype="float32", *, allow_pickle: bool = False, quantize:
     model_dir = resolve_model(model_dir)
     hf = read_config(model_dir)
     if quantize is not None or hf.get("quantization_config"):
-        from jlora.convert.quantized import load_quantized  # QLoRA path
         return load_quantized(model_dir, hf, dtype=dtype, quantize=quantize, allow_pickle=allow_pickle)
     config = LlamaConfig.from_hf_dict(hf, where=str(model_dir / "config.json"))
     files = weight_files(model_dir, allow_pickle=allow_pickle)

@@ -19,8 +19,7 @@ hiding an upward edge in a function was how the cycles here used to be broken). 
 Name` counts as an import of the module that defines Name (jlora/__init__.py's _EXPORTS); a bare
 `import jlora` counts as an import of every one of them (the whole public API, up to convert).
 jlora/__init__.py itself is the facade and is exempt: it names modules of every layer but imports
-none of them until a name is used. No upward import is allowed; the one cycle left inside a
-layer is listed with its reason in ALLOWED_CYCLE_EDGES.
+none of them until a name is used. There are no allowed exceptions, to either check.
 
 Two checks: an `ast` walk of every .py under jlora/, kernels/ and convert/ (no upward edge, and no
 cycle among modules); and, per package, a fresh interpreter that imports only that package and
@@ -186,22 +185,12 @@ def test_no_upward_import():
     assert not upward, "upward imports:\n" + "\n".join(upward)
 
 
-# Edges left out of the cycle check, each with its reason. Keep this empty.
-ALLOWED_CYCLE_EDGES = {
-    ("jlora.convert.hf_checkpoint", "jlora.convert.quantized"):
-        "load_hf dispatches to load_quantized, which reuses hf_checkpoint's weight_files and "
-        "fill_from_tensors (same layer; to break by moving the loading helpers into one module)",
-}
-
-
 def test_no_import_cycle():
     """No cycle among modules, counting function-local imports. Package __init__ re-exports
     are left out of the graph (a package importing its own submodules is not a dependency)."""
     graph: dict[str, set[str]] = {}
     for a, b, _ in EDGES:
         if MODULES[a].name == "__init__.py" and b.startswith(a + "."):
-            continue
-        if (a, b) in ALLOWED_CYCLE_EDGES:
             continue
         graph.setdefault(a, set()).add(b)
     state: dict[str, int] = {}

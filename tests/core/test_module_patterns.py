@@ -115,3 +115,9 @@ def test_adapter_files_with_bad_patterns(checkpoint, tmp_path, capsys, rank_patt
     assert time.perf_counter() - start < 5.0
     assert len(err.splitlines()) == 1, err
     assert "adapter_config.json" in err and repr(key) in err and says in err
+
+    start = time.perf_counter()
+    assert main(["export", str(adapter), "--out", str(tmp_path / "e")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert time.perf_counter() - start < 5.0
+    assert "adapter_config.json" in err and repr(key) in err and not (tmp_path / "e").exists()

@@ -78,6 +78,29 @@ def rel():
     return rel_err
 
 
+EPS32 = 2.0 ** -23
+
+
+def float32_close(got, ref32, ref64, *, factor: float = 8.0, what: str = "") -> None:
+    """Asserts that `got` (a float32 computation) is about as close to the float64 truth `ref64` as the
+    reference implementation's own float32 result `ref32` is: rel(got, ref64) <= factor * rel(ref32,
+    ref64) + 64 * eps32 (relative to max |ref64|).
+
+    Calibrating on the reference's float32 error on the same machine makes the bound hold on any x86
+    CPU (AVX2 and AVX-512 sum float32 in different orders, and both sides move together), while an
+    error a bug makes (a wrong scale, a missing term) is orders of magnitude above it.
+    """
+    got_err, ref_err = rel_err(got, ref64), rel_err(ref32, ref64)
+    bound = factor * ref_err + 64 * EPS32
+    assert got_err <= bound, f"{what}: rel error {got_err:.3g} vs float64 > {bound:.3g} ({factor} x the " \
+                             f"reference's float32 error {ref_err:.3g} + 64 eps32)"
+
+
+@pytest.fixture
+def close32():
+    return float32_close
+
+
 @pytest.fixture(scope="session")
 def default_base(tmp_path_factory):
     """The embedded default base checkpoint (tiny Llama + tokenizer), built once per session."""

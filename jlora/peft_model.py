@@ -11,6 +11,7 @@ from jlora.llama import Linear, LlamaForCausalLM
 from jlora.lora_config import LoraConfig
 from jlora.lora_layer import LoRA, LoRAParam
 from jlora.memory import memory_report
+from jlora.module_patterns import list_entry_matches
 from jlora.nf4_weight import NF4Weight
 
 
@@ -58,7 +59,7 @@ def get_peft_model(model: LlamaForCausalLM, config: LoraConfig, *, rngs: nnx.Rng
         )
     if not isinstance(config.target_modules, str):
         have = {n.rsplit(".", 1)[1] for n in names}
-        unknown = [t for t in config.target_modules if not any(n == t or n.endswith("." + t) for n in names)]
+        unknown = [t for t in config.target_modules if not any(list_entry_matches(t, n) for n in names)]
         if unknown:
             raise ValueError(f"target_modules {unknown} are not modules of this model; it has {sorted(have)}")
     for name, module in targets:

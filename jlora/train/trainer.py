@@ -249,7 +249,11 @@ class Trainer:
         max_rank = smallest_max_lora_rank(self.config.r)
         self.log(f"\nloss {first:.4f} -> {last:.4f}" + (f"; eval loss {evals[-1]:.4f}" if evals else ""))
         self.log(f"adapter (PEFT format): {adapter_dir}\nloss curve: {self.out / 'loss.png'}\n")
-        self.log("Load it in PEFT:\n"
+        self.log("Load it in PEFT (needs torch and peft, which jlora does not install; without a GPU take the CPU "
+                 "build of torch first,\nas a plain `pip install peft` pulls ~3 GB of CUDA wheels):\n"
+                 "  pip install torch --index-url https://download.pytorch.org/whl/cpu\n"
+                 "  pip install peft\n"
+                 "then in Python:\n"
                  "  from transformers import AutoModelForCausalLM\n  from peft import PeftModel\n"
                  f"  base = AutoModelForCausalLM.from_pretrained({str(model_dir.resolve())!r})\n"
                  f"  model = PeftModel.from_pretrained(base, {str(adapter_dir.resolve())!r})\n"

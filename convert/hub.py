@@ -79,3 +79,11 @@ def _reason(e: Exception, offline: bool) -> str:
         return "no such repo or revision on the Hub, or it is private: log in with `hf auth login`"
     first = str(e).strip().splitlines()[0] if str(e).strip() else ""
     return f"{name}: {first}" if first else name
+
+
+def base_model_name(model, model_dir: Path) -> str:
+    """What an adapter's `base_model_name_or_path` should say: the Hub repo id when `model` was fetched
+    through the Hub (portable, as PEFT writes it), else the absolute local directory."""
+    if isinstance(model, str) and is_hub_id(model) and Path(model_dir) != Path(model).expanduser():
+        return _HUB_ID.match(model)["repo"]
+    return str(Path(model_dir).resolve())

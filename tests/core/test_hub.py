@@ -71,3 +71,20 @@ def test_only_what_jlora_reads_is_downloaded():
                 "model.gguf", "onnx/model.onnx", "flax_model.msgpack"]
     assert all(any(fnmatch.fnmatch(f, p) for p in ALLOW_PATTERNS) for f in wanted)
     assert not any(fnmatch.fnmatch(f, p) for f in unwanted for p in ALLOW_PATTERNS)
+
+
+def test_train_with_a_cached_hub_id(default_base, hf_home, tmp_path, monkeypatch, capsys):
+    """`jlora train --model org/name` end to end from the HF cache, offline; the adapter names the id."""
+    import json
+
+    from jlora.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    _cache_snapshot(hf_home, "org/demo", default_base)
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"{i}+1=", "completion": f"{i + 1}"}) + "\n" for i in range(8)))
+    code = main(["train", "--model", "org/demo", "--data", str(data), "--out", str(tmp_path / "run"),
+                 "--steps", "1", "--batch-size", "2", "--seq-len", "32", "--eval-every", "0", "--no-progress"])
+    assert code == 0, capsys.readouterr().err
+    config = json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == "org/demo"

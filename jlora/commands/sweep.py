@@ -1,13 +1,11 @@
 """`jlora sweep --ranks 4,8,16,32`: train each rank on the same data, seed and budget; pick by eval loss."""
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import sys
 
-from jlora.train.config import TrainConfig
+from jlora.commands.train_settings import add_train_flags, settings_from_args
 
-_TYPES = {"int": int, "float": float, "int | None": int, "float | None": float}
+SWEEP_DEFAULTS = {"out": "runs/sweep"}
 
 
 def register(sub):
@@ -17,16 +15,7 @@ def register(sub):
     p.add_argument("--alpha-ratio", type=float, default=None,
                    help="lora_alpha = ratio * r for every rank (default: the train settings' lora_alpha / r: "
                         "1, or 2 on the embedded default); --lora-alpha fixes alpha instead")
-    p.add_argument("--config", help="YAML file of train settings; flags given here override it")
-    for f in dataclasses.fields(TrainConfig):
-        if f.name == "r":
-            continue
-        flag = "--" + f.name.replace("_", "-")
-        default = "runs/sweep" if f.name == "out" else f.default
-        if isinstance(f.default, bool):
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=f"(default {default})")
-        else:
-            p.add_argument(flag, type=_TYPES.get(str(f.type), str), default=None, help=f"(default {default})")
+    add_train_flags(p, skip=("r",), defaults=SWEEP_DEFAULTS)
     p.set_defaults(func=run)
     return p
 
@@ -37,24 +26,20 @@ def run(args) -> int:
     from jlora.convert.safetensors_io import CheckpointError
     from jlora.data import DataError
     from jlora.ranks.sweep import embedded_default, parse_ranks, run_sweep
-    from jlora.train.trainer import NonFiniteLoss, RunDirError
+    from jlora.train.trainer import RunDirError, TrainingStopped
 
-    skip = ("command", "config", "func", "ranks", "alpha_ratio")
-    given = {k: v for k, v in vars(args).items() if k not in skip and v is not None}
     try:
         ranks = parse_ranks(args.ranks)
-        if args.alpha_ratio is not None and "lora_alpha" in given:
+        base, chosen = settings_from_args(args, skip=("r",), defaults=SWEEP_DEFAULTS, demo=False)
+        if args.alpha_ratio is not None and "lora_alpha" in chosen:
             raise ValueError("give --alpha-ratio (alpha = ratio * r) or --lora-alpha (one alpha for every r), "
                              "not both")
-        base = TrainConfig.from_yaml(args.config, **given) if args.config else TrainConfig(**given)
-        if "out" not in given and not (args.config and base.out != TrainConfig.out):
-            base = dataclasses.replace(base, out="runs/sweep")
         out = Path(base.out)
         if base.model is None and base.data is None:
-            base = embedded_default(base, out, set(given))
-        lora_alpha = given.get("lora_alpha")
+            base = embedded_default(base, out, chosen)
+        lora_alpha = base.lora_alpha if "lora_alpha" in chosen else None
         report = run_sweep(base, ranks, out, alpha_ratio=args.alpha_ratio, lora_alpha=lora_alpha)
-    except (RunDirError, DataError, CheckpointError, NonFiniteLoss, ValueError) as e:
+    except (RunDirError, DataError, CheckpointError, TrainingStopped, ValueError) as e:
         print(f"jlora sweep: error: {e}", file=sys.stderr)
         return 2
     print()

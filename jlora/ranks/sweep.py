@@ -11,12 +11,11 @@ lora_alpha is given. Overfitting is flagged two ways:
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from pathlib import Path
 
-from jlora.train.config import DEMO_SETTINGS as DEMO_DEFAULTS
-from jlora.train.config import TrainConfig
+from jlora.atomic_files import write_json
+from jlora.train.config import TrainConfig, with_demo_settings
 
 RISE = 1e-3   # relative change that counts as "rising" / "falling"
 RUN_FILES = ("metrics.jsonl", "checkpoints", "run_config.json")
@@ -103,11 +102,11 @@ def check_run_dirs(configs: list[TrainConfig]) -> None:
                           f"--overwrite to replace it")
 
 
-def embedded_default(base: TrainConfig, out: Path, given: set[str]) -> TrainConfig:
-    """The embedded default (tiny Llama + bundled data) with `jlora train`'s demo settings, its base built
-    once in <out>/base and shared by every rank."""
+def embedded_default(base: TrainConfig, out: Path, chosen: set[str]) -> TrainConfig:
+    """The embedded default (tiny Llama + bundled data) with `jlora train`'s demo settings except those in
+    `chosen`, its base built once in <out>/base and shared by every rank."""
     from jlora.default import build_default_base, dataset_paths
-    base = dataclasses.replace(base, **{k: v for k, v in DEMO_DEFAULTS.items() if k not in given})
+    base = with_demo_settings(base, chosen)
     train_path, eval_path = dataset_paths()
     return dataclasses.replace(base, model=str(build_default_base(out / "base")), data=str(train_path),
                                eval=str(eval_path))
@@ -147,7 +146,7 @@ def run_sweep(base: TrainConfig, ranks: list[int], out, *, alpha_ratio: float | 
                            "alpha_ratio": alpha_ratio if lora_alpha is None else None,
                            "lora_alpha": lora_alpha}}
     report["plot"] = str(sweep_plot(runs, summary, out / "sweep.png"))
-    (out / "sweep.json").write_text(json.dumps(report, indent=2) + "\n")
+    write_json(out / "sweep.json", report)
     return report
 
 

@@ -1,5 +1,8 @@
 """Training: exact gradient accumulation, orbax checkpoints, sharding, the `jlora train` job."""
+from jlora.train.config import ConfigError
 from jlora.train.config import TrainConfig
+from jlora.train.guard import DeadGradient
+from jlora.train.guard import TrainingStopped
 from jlora.train.trainer import NonFiniteLoss
 from jlora.train.trainer import RunDirError
 from jlora.train.trainer import Trainer

@@ -63,6 +63,9 @@ class Checkpoints:
         return {jax.tree_util.keystr(k, simple=True, separator="."): tuple(v.shape)
                 for k, v in jax.tree_util.tree_flatten_with_path(tree)[0] if hasattr(v, "shape")}
 
+    def delete(self, step: int) -> None:
+        self.manager.delete(step)
+
     def close(self):
         self.manager.close()
 

@@ -1,7 +1,13 @@
-"""Every setting of a training run, with the defaults `jlora train` uses; loadable from YAML."""
+"""Every setting of a training run, with the defaults `jlora train` uses; loadable from YAML; checked up front.
+
+Each field is checked when a `TrainConfig` is built (type, range, allowed values), so a bad setting fails
+before any file is touched, with an error naming the flag: `--steps 0: expected an integer >= 1 ...`.
+"""
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +18,52 @@ import yaml
 # a higher learning rate and alpha = 2r so the loss falls to well under half in ~1 minute on a CPU.
 DEMO_SETTINGS = dict(r=16, lora_alpha=32, lr=3e-3, steps=150, batch_size=16, seq_len=64, packing=True,
                      dtype="float32", eval_every=25, save_every=50, warmup_steps=10)
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+# One line of help per setting (the CLI's --help; the README's flag list says the same).
+HELP = {
+    "out": "run directory: metrics.jsonl, checkpoints/, adapter/, loss.png",
+    "model": "HF checkpoint dir; unset: the embedded default (tiny Llama + bundled data, demo settings)",
+    "data": "training JSONL: text | prompt+completion | messages per line",
+    "eval": "eval JSONL; unset: hold out --eval-fraction of --data",
+    "eval_fraction": "share of --data held out for eval when --eval is not given (needs >= 20 examples)",
+    "r": "LoRA rank",
+    "lora_alpha": "LoRA alpha: scaling = alpha / r (alpha / sqrt(r) with --use-rslora)",
+    "lora_dropout": "dropout on the LoRA input",
+    "use_rslora": "scale by alpha / sqrt(r)",
+    "targets": "all-linear | attention | qv | mlp | comma-separated module names",
+    "lr": "peak learning rate (AdamW)",
+    "lr_schedule": "cosine | linear | constant, after linear warmup",
+    "warmup_steps": "linear warmup steps",
+    "weight_decay": "AdamW weight decay",
+    "max_grad_norm": "global-norm gradient clipping (0: none)",
+    "steps": "optimizer steps; unset: --epochs over the data",
+    "epochs": "passes over the data when --steps is unset",
+    "batch_size": "rows per micro-batch (global, over all devices)",
+    "grad_accum": "micro-batches per optimizer step (exact accumulation)",
+    "seq_len": "tokens per row; longer examples are truncated and counted",
+    "packing": "pack several examples per row (attention and positions reset per example)",
+    "dtype": "compute and base-weight dtype: float32 | bfloat16 | float16 (adapters stay float32)",
+    "remat": "recompute activations in the backward pass (less memory)",
+    "quantize": "nf4: QLoRA (base weights in NF4)",
+    "kernels": "fused LoRA kernels: auto | xla | pallas | triton; unset: plain jnp",
+    "mesh": "device mesh, e.g. data=2,fsdp=2,tensor=2; unset: all devices on data",
+    "seed": "seed of the adapter init, dropout and data order",
+    "log_every": "write metrics.jsonl every N steps",
+    "eval_every": "eval loss every N steps (0: never)",
+    "save_every": "checkpoint every N steps (0: only at the end)",
+    "keep_checkpoints": "checkpoints kept (the latest N)",
+    "resume": "continue the run in --out from its latest checkpoint",
+    "force": "with --resume: accept settings that differ from the run's run_config.json",
+    "overwrite": "replace the run in --out (the old run is kept in <out>.previous until the first checkpoint)",
+    "merge": "also write the merged model to <out>/merged",
+    "progress": "show a progress bar",
+}
+
+
+class ConfigError(ValueError):
+    """A setting of the wrong type or out of range; the message names the flag (or the YAML file and key)."""
 
 
 @dataclasses.dataclass
@@ -52,20 +104,138 @@ class TrainConfig:
     save_every: int = 100
     keep_checkpoints: int = 3
     resume: bool = False
+    force: bool = False               # --resume although settings differ from run_config.json
     overwrite: bool = False
     merge: bool = False
     progress: bool = True
 
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            try:
+                setattr(self, f.name, check_setting(f.name, getattr(self, f.name)))
+            except ConfigError as e:
+                raise ConfigError(f"{flag(f.name)} {getattr(self, f.name)!r}: {e}") from None
+        if self.resume and self.overwrite:
+            raise ConfigError("--resume and --overwrite exclude each other: continue the run in --out, or "
+                              "replace it")
+
+    @classmethod
+    def read_yaml(cls, path: str | Path) -> dict[str, Any]:
+        """The settings in a YAML file, each checked; errors name the file (and line for YAML syntax)."""
+        try:
+            text = Path(path).read_text()
+        except OSError as e:
+            raise ConfigError(f"--config {path}: cannot read it ({e.strerror or e})") from None
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+            problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+            raise ConfigError(f"{where}: not valid YAML ({problem})") from None
+        data = data or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping of TrainConfig fields, found {type(data).__name__}")
+        known = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(map(str, data)) - set(known))
+        if unknown:
+            raise ConfigError(f"{path}: unknown settings {unknown}; known: {sorted(known)}")
+        checked = {}
+        for name, value in data.items():
+            try:
+                checked[name] = check_setting(name, value)
+            except ConfigError as e:
+                raise ConfigError(f"{path}: {name}: {value!r}: {e}") from None
+        return checked
+
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides: Any) -> "TrainConfig":
-        data = yaml.safe_load(Path(path).read_text()) or {}
-        if not isinstance(data, dict):
-            raise ValueError(f"{path}: expected a mapping of TrainConfig fields, found {type(data).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"{path}: unknown settings {unknown}; known: {sorted(known)}")
-        return cls(**{**data, **overrides})
+        return cls(**{**cls.read_yaml(path), **overrides})
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def summary(self) -> str:
+        """The settings that shape the run, `name=value` on one line (printed at the start of every run)."""
+        skip = ("out", "resume", "force", "overwrite", "progress")
+        return " ".join(f"{f.name}={_show(getattr(self, f.name))}" for f in dataclasses.fields(self)
+                        if f.name not in skip and not (getattr(self, f.name) is None and f.default is None))
+
+
+def with_demo_settings(config: TrainConfig, chosen: set[str]) -> TrainConfig:
+    """The embedded default (no --model, no --data) trains with DEMO_SETTINGS except where the user chose."""
+    if config.model is not None or config.data is not None:
+        return config
+    return dataclasses.replace(config, **{k: v for k, v in DEMO_SETTINGS.items() if k not in chosen})
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+# -- per-setting checks --------------------------------------------------------------------------------
+_AT_LEAST = {"r": 1, "steps": 1, "batch_size": 1, "grad_accum": 1, "seq_len": 2, "log_every": 1,
+             "keep_checkpoints": 1, "warmup_steps": 0, "seed": 0, "eval_every": 0, "save_every": 0,
+             "weight_decay": 0.0, "max_grad_norm": 0.0}
+_ABOVE = {"lr": 0.0, "lora_alpha": 0.0, "epochs": 0.0}
+_BELOW_ONE = ("eval_fraction", "lora_dropout")   # in [0, 1)
+_CHOICES = {"lr_schedule": ("cosine", "linear", "constant"), "dtype": DTYPES, "quantize": ("nf4",),
+            "kernels": ("auto", "xla", "pallas", "triton")}
+_NOTES = {"steps": " (or leave it unset to train --epochs)", "eval_every": " (0: never)",
+          "save_every": " (0: only at the end)", "max_grad_norm": " (0: no clipping)"}
+_KINDS = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
+
+
+def check_setting(name: str, value: Any) -> Any:
+    """`value` for setting `name`, converted where unambiguous (a path to str, an int or a numeric string
+    to float: PyYAML reads `2e-4` as a string); raises ConfigError saying what was expected."""
+    kind = str(_KINDS[name])
+    optional = kind.endswith("| None")
+    kind = kind.split("|")[0].strip()
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"expected {_describe(kind)}, found nothing")
+    if kind == "bool":
+        if not isinstance(value, bool):
+            raise ConfigError(f"expected true or false, found {type(value).__name__}")
+        return value
+    if kind == "int":
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"expected an integer, found {type(value).__name__}")
+    elif kind == "float":
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                raise ConfigError("expected a number") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"expected a number, found {type(value).__name__}")
+        value = float(value)
+        if not math.isfinite(value):
+            raise ConfigError("expected a finite number")
+    else:  # str
+        if isinstance(value, os.PathLike):
+            value = os.fspath(value)
+        if not isinstance(value, str):
+            raise ConfigError(f"expected a string, found {type(value).__name__}")
+        if not value.strip():
+            raise ConfigError("expected a non-empty string")
+    note = _NOTES.get(name, "")
+    if name in _AT_LEAST and value < _AT_LEAST[name]:
+        raise ConfigError(f"expected {_describe(kind)} >= {_AT_LEAST[name]:g}{note}")
+    if name in _ABOVE and value <= _ABOVE[name]:
+        raise ConfigError(f"expected {_describe(kind)} > {_ABOVE[name]:g}")
+    if name in _BELOW_ONE and not 0 <= value < 1:
+        raise ConfigError(f"expected {_describe(kind)} in [0, 1)")
+    if name in _CHOICES and value not in _CHOICES[name]:
+        raise ConfigError(f"expected one of {', '.join(_CHOICES[name])}" + (" (or unset)" if optional else ""))
+    return value
+
+
+def _show(value) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _describe(kind: str) -> str:
+    return {"int": "an integer", "float": "a number", "str": "a string", "bool": "true or false"}[kind]

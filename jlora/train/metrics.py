@@ -4,17 +4,19 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from jlora.atomic_files import write_text
+
 
 class MetricsLog:
     def __init__(self, path: Path, *, resume_from_step: int | None = None):
         self.path = Path(path)
         if resume_from_step is not None and self.path.exists():
             # Drop what was logged after the checkpoint we resume from: those steps run again.
-            keep = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= resume_from_step]
-            self.path.write_text("".join(line + "\n" for line in keep))
+            lines = [line for line in self.path.read_text().splitlines() if line.strip()]
+            keep = [line for i, line in enumerate(lines) if _step(line, last=i == len(lines) - 1) <= resume_from_step]
+            write_text(self.path, "".join(line + "\n" for line in keep))
         elif resume_from_step is None:
-            self.path.write_text("")
+            write_text(self.path, "")
 
     def write(self, record: dict) -> None:
         with open(self.path, "a") as f:
@@ -22,6 +24,16 @@ class MetricsLog:
 
     def records(self) -> list[dict]:
         return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+
+
+def _step(line: str, *, last: bool) -> float:
+    """The step of a metrics line; a last line cut short by a killed run counts as not yet written."""
+    try:
+        return json.loads(line).get("step", 0)
+    except ValueError:
+        if last:
+            return float("inf")
+        raise
 
 
 def plot_losses(records: list[dict], out_png: Path, title: str = "jlora training") -> Path:

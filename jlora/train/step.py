@@ -14,7 +14,11 @@ from jlora.train.state import SplitModel
 
 
 def make_train_step(split: SplitModel, tx: optax.GradientTransformation, *, schedule=None):
-    """step(params, opt_state, frozen, batch, key, step) -> (params, opt_state, metrics)."""
+    """step(params, opt_state, frozen, batch, key, step) -> (params, opt_state, metrics).
+
+    metrics: loss (of the params before the update), grad_norm, target_tokens, params_finite (whether every
+    updated adapter weight is finite), lr (with `schedule`).
+    """
 
     def step(params, opt_state, frozen, batch, key, step_index):
         total = jnp.maximum(jnp.sum(batch["loss_mask"].astype(jnp.float32)), 1.0)
@@ -38,7 +42,9 @@ def make_train_step(split: SplitModel, tx: optax.GradientTransformation, *, sche
         (grads, loss), _ = jax.lax.scan(micro, (zeros, jnp.zeros((), jnp.float32)), (batch, jnp.arange(accum)))
         updates, opt_state = tx.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
-        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "target_tokens": total}
+        finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(p)) for p in jax.tree.leaves(params)]))
+        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "target_tokens": total,
+                   "params_finite": finite}  # of the updated params: a non-finite one is never saved
         if schedule is not None:
             metrics["lr"] = schedule(step_index)
         return params, opt_state, metrics

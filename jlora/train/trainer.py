@@ -5,41 +5,33 @@
 """
 from __future__ import annotations
 
-import json
 import math
-import os
-import shutil
-import signal
 import sys
 import time
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
-from jlora.data import BatchIterator, DataError, load_examples, read_jsonl, split_holdout, tokenize_records
+from jlora.atomic_files import write_json
+from jlora.data import BatchIterator, DataError, read_jsonl, split_holdout, tokenize_records
 from jlora.llama import use_kernels
 from jlora.lora_config import TARGET_PRESETS, LoraConfig
 from jlora.peft_model import get_peft_model, trainable_parameters
+from jlora.train import hosts, run_dir
 from jlora.train.checkpoints import Checkpoints
-from jlora.train import hosts
 from jlora.train.config import TrainConfig
+from jlora.train.guard import DeadGradient, Guard, NonFiniteLoss, TrainingStopped
 from jlora.train.metrics import MetricsLog, plot_losses
 from jlora.train.optimizer import learning_rate_schedule, make_optimizer
 from jlora.train.placement import opt_state_shardings, put_batch, shard_state
+from jlora.train.run_dir import RunDirError
 from jlora.train.sharding import flat_shardings, make_mesh, shard_flat
 from jlora.train.state import SplitModel, unflatten
 from jlora.train.step import make_eval_step, make_train_step
 
-
-class RunDirError(RuntimeError):
-    """The output directory holds another run."""
-
-
-class NonFiniteLoss(RuntimeError):
-    """Training stopped because the loss stopped being finite."""
+__all__ = ["Trainer", "RunDirError", "TrainingStopped", "NonFiniteLoss", "DeadGradient"]
 
 
 def _targets(spec: str):
@@ -54,18 +46,6 @@ class Trainer:
         self.log = log if hosts.is_main() else (lambda *a, **k: None)
 
     # -- setup -------------------------------------------------------------------------------------
-    def _prepare_out_dir(self):
-        c, out = self.config, self.out
-        previous = [p for p in ("metrics.jsonl", "checkpoints", "run_config.json") if (out / p).exists()]
-        if previous and not c.resume:
-            if not c.overwrite:
-                raise RunDirError(f"{out} holds another run ({', '.join(previous)}); pass --resume to continue "
-                                  f"it or --overwrite to replace it")
-            for p in ("metrics.jsonl", "checkpoints", "run_config.json", "adapter", "merged", "loss.png"):
-                target = out / p
-                shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
-        out.mkdir(parents=True, exist_ok=True)
-
     def _model_dir(self) -> Path:
         if self.config.model:  # a local dir or a Hub id, checked before any tokenizer/weights load
             from jlora.convert.model_dir import open_model_dir
@@ -99,10 +79,18 @@ class Trainer:
         from jlora.convert.peft_adapter import save_pretrained
 
         c = self.config
+        self.log(f"settings: {c.summary()}")
+        # Everything is checked before the run directory is touched: --out, --resume's settings, the mesh,
+        # the data, the model (a typo must not cost the run that --overwrite would replace).
+        run_dir.check(c, log=self.log)
+        mesh = make_mesh(c.mesh)
+        row_shards = mesh.shape["data"] * mesh.shape["fsdp"]
+        if c.batch_size % row_shards:
+            raise ValueError(f"--batch-size {c.batch_size} must be a multiple of data x fsdp = {row_shards} "
+                             f"(mesh {dict(mesh.shape)})")
         if hosts.is_main():
-            self._prepare_out_dir()
             self._model_dir()  # builds the default base when no --model is given
-        hosts.barrier("jlora: run directory and base model ready")
+        hosts.barrier("jlora: base model ready")
         model_dir = self._model_dir()
         tokenizer = load_tokenizer(model_dir)
         train_examples, eval_examples, stats = self._data(tokenizer)
@@ -128,11 +116,6 @@ class Trainer:
                            process_index=jax.process_index(), process_count=jax.process_count())
         steps = c.steps or max(1, math.ceil(c.epochs * it.steps_per_epoch))
 
-        mesh = make_mesh(c.mesh)
-        row_shards = mesh.shape["data"] * mesh.shape["fsdp"]
-        if c.batch_size % row_shards:
-            raise ValueError(f"--batch-size {c.batch_size} must be a multiple of data x fsdp = {row_shards} "
-                             f"(mesh {dict(mesh.shape)})")
         if c.kernels:
             use_kernels(model, c.kernels, mesh=mesh)
         model.train()
@@ -152,6 +135,12 @@ class Trainer:
         eval_step = jax.jit(make_eval_step(eval_split))
         key = jax.random.key(c.seed)
 
+        # The checks passed: from here on the run directory is written.
+        if hosts.is_main():
+            if c.overwrite:
+                run_dir.set_aside(self.out, log=self.log)
+            self.out.mkdir(parents=True, exist_ok=True)
+        hosts.barrier("jlora: run directory ready")
         ckpt = Checkpoints(self.out / "checkpoints", keep=c.keep_checkpoints)
         start = 0
         if c.resume and ckpt.latest_step() is not None:
@@ -165,11 +154,13 @@ class Trainer:
         metrics_log = (MetricsLog(self.out / "metrics.jsonl", resume_from_step=start if c.resume else None)
                        if hosts.is_main() else None)  # process 0 logs
         if hosts.is_main():
-            (self.out / "run_config.json").write_text(json.dumps(c.to_dict(), indent=2) + "\n")
+            write_json(self.out / "run_config.json", c.to_dict())
 
         def save(step):
             ckpt.save(step, {"params": params, "opt_state": opt_state},
                       {"step": step, "data": it.state(), "seed": c.seed, "config": c.to_dict()})
+            if c.overwrite and hosts.is_main():
+                run_dir.drop_previous(self.out)  # the new run has a checkpoint: the replaced run goes
 
         def evaluate():
             if not eval_examples:
@@ -183,45 +174,69 @@ class Trainer:
                 total_loss, count = total_loss + float(s), count + float(n)
             return total_loss / max(count, 1.0)
 
+        def next_batch():
+            batch = next(it)
+            batch = {k: v.reshape(c.grad_accum, -1, v.shape[-1]) for k, v in batch.items()}
+            tokens = int((batch["segment_ids"] > 0).sum()) * jax.process_count()
+            return put_batch(batch, mesh, 1), tokens
+
+        losses, eval_loss = [], None
+        last_saved = start if start else None
+        guard = Guard()
+        if start < steps:  # compilation is its own phase: the bar's rate and ETA count steps only
+            batch, tokens = next_batch()
+            self.log("compiling the training step ...")
+            t0 = time.perf_counter()
+            train_step = train_step.lower(params, opt_state, frozen, batch, key,
+                                          jnp.asarray(start, jnp.int32)).compile()
+            jax.block_until_ready((params, opt_state, frozen, batch))  # the steps' times count steps only
+            self.log(f"compiled in {time.perf_counter() - t0:.1f} s")
+
         from tqdm.auto import tqdm
         bar = tqdm(total=steps, initial=start, disable=not c.progress or not hosts.is_main(),
                    desc="train", unit="step", dynamic_ncols=True,
                    mininterval=0.5 if sys.stderr.isatty() else 5.0)
-        losses = []
-        last_saved = start if start else None
-        for step in range(start, steps):
-            batch = next(it)
-            batch = {k: v.reshape(c.grad_accum, -1, v.shape[-1]) for k, v in batch.items()}
-            tokens = int((batch["segment_ids"] > 0).sum()) * jax.process_count()
-            t0 = time.perf_counter()
-            params, opt_state, m = train_step(params, opt_state, frozen, put_batch(batch, mesh, 1), key,
-                                              jnp.asarray(step, jnp.int32))
-            loss = float(m["loss"])
-            dt = time.perf_counter() - t0
-            if not math.isfinite(loss):
-                bar.close()
-                where = (f"the last good checkpoint is step {last_saved} in {ckpt.directory}"
-                         if last_saved is not None else "no checkpoint was saved yet")
-                raise NonFiniteLoss(f"loss became {loss} at step {step + 1}: training stopped; {where} "
-                                    f"(try a lower --lr or --max-grad-norm)")
-            losses.append(loss)
-            record = {"step": step + 1, "loss": loss, "lr": float(m["lr"]), "grad_norm": float(m["grad_norm"]),
-                      "tokens_per_sec": tokens / dt, "target_tokens": int(m["target_tokens"])}
-            if c.eval_every and ((step + 1) % c.eval_every == 0 or step + 1 == steps):
-                ev = evaluate()
-                if ev is not None:
-                    record.update(eval_loss=ev, eval_ppl=math.exp(min(ev, 50)))
-            if (step + 1) % c.log_every == 0 or "eval_loss" in record or step + 1 == steps:
-                if metrics_log is not None:
-                    metrics_log.write(record)
-            bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens / dt:,.0f}", refresh=False)
-            bar.update(1)
-            if c.save_every and (step + 1) % c.save_every == 0:
-                save(step + 1)
-                last_saved = step + 1
-                if os.environ.get("JLORA_KILL_AFTER_SAVE") == str(step + 1):  # for the resume test only
-                    os.kill(os.getpid(), signal.SIGKILL)
-        bar.close()
+        try:
+            for step in range(start, steps):
+                if step > start:
+                    batch, tokens = next_batch()
+                t0 = time.perf_counter()
+                params, opt_state, m = train_step(params, opt_state, frozen, batch, key,
+                                                  jnp.asarray(step, jnp.int32))
+                loss = float(m["loss"])
+                dt = time.perf_counter() - t0
+                removed = None
+                if not math.isfinite(loss) and last_saved == step and step != start:
+                    # That checkpoint's next step (this one) is not finite: it is no place to resume from.
+                    ckpt.delete(step)
+                    removed, last_saved = step, ckpt.latest_step()
+                where = (f"the last good checkpoint (its next step's loss was finite) is step {last_saved} in "
+                         f"{ckpt.directory}" if last_saved is not None else "no good checkpoint was saved")
+                if removed is not None:
+                    where += f"; the step-{removed} checkpoint, whose next step was not finite, was removed"
+                guard.check(step + 1, loss, float(m["grad_norm"]), bool(m["params_finite"]), last_good=where)
+                losses.append(loss)
+                record = {"step": step + 1, "loss": loss, "lr": float(m["lr"]),
+                          "grad_norm": float(m["grad_norm"]), "tokens_per_sec": tokens / dt,
+                          "target_tokens": int(m["target_tokens"])}
+                if c.eval_every and ((step + 1) % c.eval_every == 0 or step + 1 == steps):
+                    ev = evaluate()
+                    if ev is not None:
+                        eval_loss = ev
+                        record.update(eval_loss=ev, eval_ppl=math.exp(min(ev, 50)))
+                if (step + 1) % c.log_every == 0 or "eval_loss" in record or step + 1 == steps:
+                    if metrics_log is not None:
+                        metrics_log.write(record)
+                postfix = {"loss": f"{loss:.4f}", "tok/s": f"{tokens / dt:,.0f}"}
+                if eval_loss is not None:
+                    postfix["eval"] = f"{eval_loss:.4f}"
+                bar.set_postfix(postfix, refresh=False)
+                bar.update(1)
+                if c.save_every and (step + 1) % c.save_every == 0:
+                    save(step + 1)
+                    last_saved = step + 1
+        finally:
+            bar.close()
         if last_saved != steps:
             save(steps)
         ckpt.close()

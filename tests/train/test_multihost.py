@@ -4,7 +4,8 @@ Each process runs the same command with JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCES
 reads its own half of every batch, and orbax writes the checkpoints from both. The reference is one
 process with 8 devices on the same mesh (fsdp=8): the losses must agree step by step and the adapters
 written by process 0 must match. A two-host run killed after its step-4 checkpoint resumes on a single
-device (one process) and continues with the reference's losses.
+device (one process) and continues with the reference's losses (both processes are killed from outside
+once the step-4 checkpoint exists; the kill may land after step 8's, never at the end).
 """
 import json
 import os
@@ -17,7 +18,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-ARGS = ["--steps", "8", "--save-every", "4", "--batch-size", "8", "--seq-len", "32", "--dtype", "float32",
+ARGS = ["--steps", "12", "--save-every", "4", "--batch-size", "8", "--seq-len", "32", "--dtype", "float32",
         "--eval-every", "4", "--lora-dropout", "0.1", "--warmup-steps", "2", "--no-progress"]
 
 
@@ -38,12 +39,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _two_hosts(out, *extra, env=None):
+def _host_envs():
     address = f"localhost:{_free_port()}"
+    return [_env(4, JAX_COORDINATOR_ADDRESS=address, JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i)) for i in range(2)]
+
+
+def _two_hosts(out, *extra):
     procs = [subprocess.Popen(_command(out, *extra), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              env=_env(4, JAX_COORDINATOR_ADDRESS=address, JAX_NUM_PROCESSES="2",
-                                       JAX_PROCESS_ID=str(i), **(env or {})))
-             for i in range(2)]
+                              env=env) for env in _host_envs()]
     try:
         return [(p.wait(timeout=600), *p.communicate()) for p in procs]
     finally:
@@ -94,12 +97,14 @@ def test_two_hosts_train_like_one(reference, tmp_path):
     assert (out / "loss.png").is_file() and (out / "checkpoints" / "8").is_dir()
 
 
-def test_two_host_checkpoint_resumes_on_one_device(reference, tmp_path):
+def test_two_host_checkpoint_resumes_on_one_device(reference, tmp_path, run_until_checkpoint):
     out = tmp_path / "run"
-    results = _two_hosts(out, "--mesh", "fsdp=8", env={"JLORA_KILL_AFTER_SAVE": "4"})
+    results = run_until_checkpoint([_command(out, "--mesh", "fsdp=8")] * 2, _host_envs(), out / "checkpoints" / "4")
     for i, (rc, _, stderr) in enumerate(results):
         assert rc == -signal.SIGKILL, f"process {i}: rc={rc}\n{stderr[-3000:]}"
+    latest = max(int(p.name) for p in (out / "checkpoints").iterdir() if p.name.isdigit())
+    assert latest < 12
     resumed = _one_host(out, "--resume", devices=1)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "at step 4" in resumed.stdout, resumed.stdout[-2000:]
+    assert f"at step {latest}" in resumed.stdout, resumed.stdout[-2000:]
     _assert_close(_losses(out)[0], _losses(reference)[0], "train loss")

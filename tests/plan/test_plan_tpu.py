@@ -22,6 +22,10 @@ from pathlib import Path
 
 import pytest
 
+# ~6 min of one core: the README's test command leaves these out (`-m "not slow"` in pyproject's addopts);
+# `python -m pytest -m slow` runs them, and .ci/run does both.
+pytestmark = pytest.mark.slow
+
 GiB = 1 << 30
 HERE = Path(__file__).parent
 JOBS = ("70b", "small", "kernels", "8b", "8b-nf4")

@@ -122,7 +122,11 @@ def run(args) -> int:
         with atomic_directory(out) as tmp:
             write_export(export, tmp)
             probe = None
-            if base_dir is not None and not args.no_drift:
+            embedding = [m.name for m in adapter.modules if m.embedding]
+            if base_dir is not None and not args.no_drift and embedding:
+                lines.append(f"logit drift not measured: jlora's model cannot apply the embedding adapter on "
+                             f"{embedding[0]}")
+            elif base_dir is not None and not args.no_drift:
                 from jlora.ranks.drift import DriftProbe
                 probe = DriftProbe(base_dir, adapter)
                 if export.folded or export.truncated:

@@ -56,7 +56,7 @@ def verdict(export, drift: dict | None, threshold: float, recommended: tuple[int
     if not export.truncated:
         acceptable, why = True, "no module was cut: every delta W is the source's (folded scales are exact)"
     elif drift is None:
-        acceptable, why = None, "drift not measured (no local base: pass --base DIR)"
+        acceptable, why = None, "drift not measured (--no-drift, no local base, or an embedding adapter)"
     else:
         acceptable = drift["relative"] <= threshold
         why = (f"relative drift {drift['relative']:.3%} {'<=' if acceptable else '>'} threshold {threshold:.3%}")

@@ -212,3 +212,16 @@ def test_same_architecture_other_weights_is_an_error_but_a_bf16_copy_is_not(chec
     assert not (tmp_path / "e").exists()
     assert main(["export", str(adapter), "--out", str(tmp_path / "e"), "--max-lora-rank", "8", "--base",
                  str(tmp_path / "bf16")]) == 0
+
+
+def test_cut_without_a_base_has_an_unknown_verdict(adapter, tmp_path, capsys):
+    hub = tmp_path / "hub"
+    hub.mkdir()
+    cfg = json.loads((adapter / "adapter_config.json").read_text())
+    (hub / "adapter_config.json").write_text(json.dumps({**cfg, "base_model_name_or_path": "meta-llama/x"}))
+    (hub / "adapter_model.safetensors").write_bytes((adapter / "adapter_model.safetensors").read_bytes())
+    assert main(["export", str(hub), "--out", str(tmp_path / "e"), "--max-lora-rank", "8"]) == 0
+    out = capsys.readouterr().out
+    v = _report(tmp_path / "e")["verdict"]
+    assert v["acceptable"] is None and "verdict: unknown" in out and "pass --base DIR" in out
+    assert "recommended_max_lora_rank" not in v and len(v["most_energy_lost"]) == 5

@@ -119,7 +119,7 @@ def run(args) -> int:
               "modules": [vars(m) for m in export.modules]}
     drift = recommended = None
     try:
-        with atomic_directory(out) as tmp:
+        with atomic_directory(out.resolve()) as tmp:
             write_export(export, tmp)
             probe = None
             embedding = [m.name for m in adapter.modules if m.embedding]

@@ -74,6 +74,8 @@ def test_save_quantized_replaces_the_previous_layout(base_dir, qlora_model, ids,
     names = {p.name for p in out.iterdir()}
     assert "model.safetensors" not in names and "model.safetensors.index.json" in names, names
     want = np.asarray(jlora.load_hf(base_dir, quantize="nf4")(ids))
-    assert rel(np.asarray(a(ids)), want) > 1e-5, "A and B must differ, or this test proves nothing"
-    assert rel(np.asarray(jlora.load_hf(out)(ids)), want) <= 1e-6
-    assert rel(ref.logits(ref.load_bnb(out), ids), want) <= 1e-4
+    sep = rel(np.asarray(a(ids)), want)
+    assert sep > 1e-3, "A and B must differ, or this test proves nothing"
+    # within 1% of the A-B gap: float32 rounding (~1e-6) cannot reach it, loading A instead of B would
+    assert rel(np.asarray(jlora.load_hf(out)(ids)), want) <= 1e-2 * sep
+    assert rel(ref.logits(ref.load_bnb(out), ids), want) <= 1e-2 * sep

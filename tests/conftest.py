@@ -101,6 +101,22 @@ def close32():
     return float32_close
 
 
+def torch_logits32_and_64(model, ids):
+    """(float32 logits, float64 logits) of a torch model on `ids`; the float64 copy is the reference truth."""
+    import copy
+
+    import numpy as np
+    import torch
+    with torch.no_grad():
+        t = torch.tensor(np.asarray(ids), dtype=torch.long)
+        return model(t).logits.numpy(), copy.deepcopy(model).double()(t).logits.numpy()
+
+
+@pytest.fixture
+def logits32_and_64():
+    return torch_logits32_and_64
+
+
 @pytest.fixture(scope="session")
 def default_base(tmp_path_factory):
     """The embedded default base checkpoint (tiny Llama + tokenizer), built once per session."""

@@ -1,5 +1,4 @@
 """jlora adapters and PEFT adapters move both ways with identical logits (PEFT is the reference)."""
-import copy
 import json
 
 import numpy as np
@@ -31,15 +30,8 @@ def _ids(seed=3):
     return np.random.RandomState(seed).randint(0, 96, (2, 20))
 
 
-def _logits32_and_64(model):
-    """(float32 logits, float64 logits) of a torch model (the float64 copy is the reference truth)."""
-    with torch.no_grad():
-        ids = torch.tensor(_ids())
-        return model(ids).logits.numpy(), copy.deepcopy(model).double()(ids).logits.numpy()
-
-
 @pytest.mark.parametrize("family,kwargs", CASES)
-def test_jlora_export_loads_in_peft(family, kwargs, checkpoint, hf_model, rel, close32, tmp_path):
+def test_jlora_export_loads_in_peft(family, kwargs, checkpoint, hf_model, rel, close32, tmp_path, logits32_and_64):
     path = checkpoint(family)
     cfg = jlora.LoraConfig(init_lora_weights=False, **kwargs)  # random, non-zero B
     model = jlora.get_peft_model(jlora.load_hf(path), cfg, rngs=nnx.Rngs(7))
@@ -51,7 +43,7 @@ def test_jlora_export_loads_in_peft(family, kwargs, checkpoint, hf_model, rel, c
     check_vllm_adapter(tmp_path / "adapter", max_lora_rank=64)
 
     ref = peft.PeftModel.from_pretrained(hf_model(path), tmp_path / "adapter").eval()
-    want, want64 = _logits32_and_64(ref)
+    want, want64 = logits32_and_64(ref, _ids())
     with torch.no_grad(), ref.disable_adapter():
         plain = ref(torch.tensor(_ids())).logits.numpy()
     assert rel(plain, want) > 1e-4, "the adapter must change the logits, or this test proves nothing"
@@ -59,7 +51,7 @@ def test_jlora_export_loads_in_peft(family, kwargs, checkpoint, hf_model, rel, c
 
 
 @pytest.mark.parametrize("family,kwargs", [CASES[1], CASES[4], CASES[9]])
-def test_peft_saved_adapter_loads_in_jlora(family, kwargs, checkpoint, hf_model, close32, tmp_path):
+def test_peft_saved_adapter_loads_in_jlora(family, kwargs, checkpoint, hf_model, close32, tmp_path, logits32_and_64):
     path = checkpoint(family)
     targets = jlora.LoraConfig(**kwargs).target_modules
     pcfg = peft.LoraConfig(r=kwargs["r"], lora_alpha=kwargs["lora_alpha"], target_modules=targets,
@@ -69,7 +61,7 @@ def test_peft_saved_adapter_loads_in_jlora(family, kwargs, checkpoint, hf_model,
     torch.manual_seed(0)
     ref = peft.get_peft_model(hf_model(path), pcfg).eval()
     ref.save_pretrained(tmp_path / "peft")
-    want, want64 = _logits32_and_64(ref)
+    want, want64 = logits32_and_64(ref, _ids())
     model = jlora.load_adapter(jlora.load_hf(path), tmp_path / "peft")
     close32(np.asarray(model(_ids())), want, want64, what=f"{family} {kwargs}")
 
@@ -83,13 +75,13 @@ def test_trainable_parameters_equal_peft(checkpoint, hf_model):
     assert jlora.trainable_parameters(model) == tuple(ref.get_nb_trainable_parameters())
 
 
-def test_merged_export_loads_in_transformers(checkpoint, hf_model, rel, close32, tmp_path):
+def test_merged_export_loads_in_transformers(checkpoint, hf_model, rel, close32, tmp_path, logits32_and_64):
     path = checkpoint("qwen2")
     model = jlora.get_peft_model(jlora.load_hf(path), jlora.LoraConfig(r=8, init_lora_weights=False),
                                  rngs=nnx.Rngs(1))
     ours = np.asarray(model(_ids()))
     jlora.save_merged(model, tmp_path / "merged")
-    merged, merged64 = _logits32_and_64(hf_model(tmp_path / "merged"))
+    merged, merged64 = logits32_and_64(hf_model(tmp_path / "merged"), _ids())
     with torch.no_grad():
         base = hf_model(path)(torch.tensor(_ids())).logits.numpy()
     assert rel(base, ours) > 1e-4
@@ -98,11 +90,11 @@ def test_merged_export_loads_in_transformers(checkpoint, hf_model, rel, close32,
     close32(ours, merged, merged64, what="merged")
 
 
-def test_merged_sharded_export_reloads(checkpoint, hf_model, close32, tmp_path):
+def test_merged_sharded_export_reloads(checkpoint, hf_model, close32, tmp_path, logits32_and_64):
     path = checkpoint("llama")
     model = jlora.get_peft_model(jlora.load_hf(path), jlora.LoraConfig(r=4, init_lora_weights=False),
                                  rngs=nnx.Rngs(1))
     jlora.save_merged(model, tmp_path / "merged", shard_bytes=20_000)
     assert (tmp_path / "merged" / "model.safetensors.index.json").exists()
-    want, want64 = _logits32_and_64(hf_model(tmp_path / "merged"))
+    want, want64 = logits32_and_64(hf_model(tmp_path / "merged"), _ids())
     close32(np.asarray(jlora.load_hf(tmp_path / "merged")(_ids())), want, want64, what="sharded merged")

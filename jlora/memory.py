@@ -29,7 +29,7 @@ import numpy as np
 from flax import nnx
 
 from jlora.lora_layer import LoRAParam
-from jlora.qlora import NF4Weight
+from jlora.nf4_weight import NF4Weight
 
 
 ADAPTER_BYTES_PER_PARAM = 4          # float32 A and B

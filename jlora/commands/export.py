@@ -128,6 +128,7 @@ def run(args) -> int:
                              f"{embedding[0]}")
             elif base_dir is not None and not args.no_drift:
                 from jlora.ranks.drift import DriftProbe
+                print(f"measuring logit drift on {base_dir} ...", flush=True)
                 probe = DriftProbe(base_dir, adapter)
                 if export.folded or export.truncated:
                     drift = report["logit_drift"] = probe.measure(tmp)
@@ -143,6 +144,7 @@ def run(args) -> int:
             write_json(tmp / REPORT_FILE, report)
             if args.merge:
                 import jlora
+                print(f"merging into {base_dir} ...", flush=True)
                 if probe is None:
                     from jlora.ranks.drift import check_base
                     model = jlora.load_hf(base_dir)

@@ -17,4 +17,8 @@ from jlora.ranks.usage import usage_summary
 from jlora.ranks.export import build_export
 from jlora.ranks.export import export_violations
 from jlora.ranks.drift import logit_drift
+from jlora.ranks.drift import DriftProbe
+from jlora.ranks.verdict import DRIFT_THRESHOLD
+from jlora.ranks.verdict import recommend_max_lora_rank
+from jlora.ranks.verdict import verdict
 from jlora.ranks.sweep import run_sweep

@@ -18,7 +18,6 @@ from jlora.atomic_files import write_json
 from jlora.train.config import TrainConfig, with_demo_settings
 
 RISE = 1e-3   # relative change that counts as "rising" / "falling"
-RUN_FILES = ("metrics.jsonl", "checkpoints", "run_config.json")
 
 
 def parse_ranks(text: str) -> list[int]:
@@ -93,13 +92,16 @@ def rank_configs(base: TrainConfig, ranks: list[int], out: Path, *, alpha_ratio:
 
 
 def check_run_dirs(configs: list[TrainConfig]) -> None:
-    """Refuses up front (before any training) when a rank's dir holds a run and neither resume nor overwrite."""
-    from jlora.train.trainer import RunDirError
+    """Refuses up front (before any training) when a rank's dir holds a run and neither resume nor overwrite,
+    or when --resume would continue a rank with settings that differ from its run_config.json."""
+    from jlora.train import run_dir
     taken = [c.out for c in configs if not (c.resume or c.overwrite)
-             and any((Path(c.out) / f).exists() for f in RUN_FILES)]
+             and any((Path(c.out) / f).exists() for f in run_dir.MARKERS)]
     if taken:
-        raise RunDirError(f"{', '.join(taken)} hold earlier runs; pass --resume to continue the sweep or "
-                          f"--overwrite to replace it")
+        raise run_dir.RunDirError(f"{', '.join(taken)} hold earlier runs; pass --resume to continue the sweep or "
+                                  f"--overwrite to replace it")
+    for c in configs:
+        run_dir.check(c, log=lambda *a, **k: None)
 
 
 def embedded_default(base: TrainConfig, out: Path, chosen: set[str]) -> TrainConfig:
@@ -154,6 +156,6 @@ def _quiet(log):
     """Passes on a run's data / model / final-loss lines, not its load-in-PEFT and vLLM instructions."""
     def f(msg="", *a, **k):
         text = str(msg).strip()
-        if text.startswith(("data:", "model:", "loss ", "resumed", "--resume")):
+        if text.startswith(("settings:", "data:", "model:", "loss ", "resumed", "--resume", "--overwrite")):
             log("   " + text.splitlines()[0])
     return f

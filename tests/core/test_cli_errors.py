@@ -124,7 +124,7 @@ def test_hub_id_offline_is_one_line_and_fast(data, tmp_path, capsys, monkeypatch
     assert code == 2
     assert "'meta-llama/Llama-3.2-1B'" in line and "could not be fetched" in line and "HF_HUB_OFFLINE" in line
     assert "local checkpoint directory" in line
-    assert elapsed < 20, elapsed
+    assert elapsed < 40, elapsed  # 77 s of retries before; ~5 s here under load, mostly imports
 
 
 def test_unexpected_exception_is_one_line_unless_debug(monkeypatch, capsys):

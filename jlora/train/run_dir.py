@@ -86,25 +86,28 @@ def differences(saved: dict, config: TrainConfig) -> list[str]:
 def set_aside(out: Path, log=print) -> Path | None:
     """Moves the run in `out` to `<out>.previous` (for `--overwrite`, after the new run's checks passed).
 
-    If `<out>.previous` already exists, an earlier `--overwrite` stopped before its first checkpoint: when
-    `out` holds no checkpoint either, `out`'s files are that unfinished run and are removed, keeping the older
-    complete run in `<out>.previous`; otherwise `<out>.previous` is stale and is replaced."""
+    The files move into `<out>.previous.partial`, which is renamed to `<out>.previous` once all are there; a
+    move cut short by a crash is finished by the next call. If `<out>.previous` already exists, an earlier
+    `--overwrite` stopped before its first checkpoint: when `out` holds no checkpoint either, `out`'s files are
+    that unfinished run and are removed, keeping the older complete run; otherwise it is stale and replaced."""
     out = Path(out)
-    present = [out / p for p in RUN_FILES if (out / p).exists()]
-    if not present:
-        return None
     previous = previous_dir(out)
-    if previous.exists() and not _has_checkpoint(out):
+    staging = previous.with_name(previous.name + ".partial")
+    present = [out / p for p in RUN_FILES if (out / p).exists()]
+    if not present and not staging.exists():
+        return None
+    if previous.exists() and not staging.exists() and not _has_checkpoint(out):
         for p in present:
             _remove(p)
         log(f"--overwrite: removed the unfinished run in {out}; the run before it stays in {previous} until "
             f"this run's first checkpoint")
         return previous
+    staging.mkdir(parents=True, exist_ok=True)
+    for p in present:
+        p.rename(staging / p.name)
     if previous.exists():
         _remove(previous)
-    previous.mkdir(parents=True)
-    for p in present:
-        p.rename(previous / p.name)
+    staging.rename(previous)
     log(f"--overwrite: moved the earlier run to {previous}; it is deleted once this run saves its first "
         f"checkpoint")
     return previous

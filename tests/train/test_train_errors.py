@@ -143,3 +143,17 @@ def test_tokenizer_larger_than_model_vocab_is_refused(checkpoint, default_base, 
     data.write_text('{"text": "hello there"}\n')
     assert main(["train", "--model", str(model), "--data", str(data), "--out", str(tmp_path / "r")]) == 2
     assert "vocab" in capsys.readouterr().err
+
+
+def test_overwrite_move_cut_short_is_finished_next_time(tmp_path):
+    from jlora.train.run_dir import set_aside
+    out = tmp_path / "r"
+    (out / "checkpoints" / "4").mkdir(parents=True)
+    (out / "metrics.jsonl").write_text("{}\n")
+    staging = tmp_path / "r.previous.partial"  # a crash after the adapter had moved
+    (staging / "adapter").mkdir(parents=True)
+    (staging / "adapter" / "adapter_config.json").write_text("{}")
+    assert set_aside(out, log=lambda *a: None) == tmp_path / "r.previous"
+    moved = tmp_path / "r.previous"
+    assert sorted(p.name for p in moved.iterdir()) == ["adapter", "checkpoints", "metrics.jsonl"]
+    assert not staging.exists() and not any(out.iterdir())

@@ -89,6 +89,15 @@ class LlamaConfig:
         missing = [k for k in required if d.get(k) is None]
         if missing:
             raise ConfigError(f"{where}: missing required fields {missing}")
+        sizes = required + ["num_key_value_heads", "head_dim", "max_position_embeddings", "sliding_window"]
+        for k in sizes:
+            v = d.get(k)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise ConfigError(f"{where}: {k} must be a positive integer, found {v!r}")
+        for k in ("rms_norm_eps", "rope_theta", "initializer_range"):
+            v = d.get(k)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
+                raise ConfigError(f"{where}: {k} must be a number, found {v!r}")
         heads = d["num_attention_heads"]
         kv_heads = d.get("num_key_value_heads") or heads
         head_dim = d.get("head_dim") or d["hidden_size"] // heads

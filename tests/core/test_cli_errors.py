@@ -164,3 +164,13 @@ def test_inspect_adapter_with_nan_weights(checkpoint, tmp_path, capsys):
     line = _one_line(capsys.readouterr().err)
     assert code == 2
     assert str(tmp_path / "a") in line and "model.layers.1.mlp.up_proj.lora_B" in line and "NaN" in line
+
+
+@pytest.mark.parametrize("field, value", [("hidden_size", "32"), ("num_attention_heads", 0), ("vocab_size", -1),
+                                          ("num_hidden_layers", 2.5), ("rms_norm_eps", "x")])
+def test_config_json_with_a_wrong_value_names_the_field(model, data, tmp_path, capsys, field, value):
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, field: value}))
+    code, err = _train(model, data, tmp_path, capsys)
+    assert code == 2
+    assert f"{model / 'config.json'}: {field} must be a " in _one_line(err) and repr(value) in err

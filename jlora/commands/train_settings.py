@@ -23,7 +23,7 @@ def add_train_flags(parser: argparse.ArgumentParser, *, skip: tuple[str, ...] = 
             continue
         default = (defaults or {}).get(f.name, f.default)
         text = f"{HELP.get(f.name, '')} (default {_show(default)}"
-        if f.name in DEMO_SETTINGS:
+        if f.name in DEMO_SETTINGS and DEMO_SETTINGS[f.name] != default:
             text += f"; the demo without --model: {_show(DEMO_SETTINGS[f.name])}"
         text = (text + ")").replace("%", "%%")
         kind = str(f.type).split("|")[0].strip()
@@ -60,4 +60,4 @@ def demo_note(config: TrainConfig, chosen: set[str]) -> str | None:
 
 
 def _show(value) -> str:
-    return f"{value:g}" if isinstance(value, float) else str(value)
+    return "unset" if value is None else f"{value:g}" if isinstance(value, float) else str(value)

@@ -24,7 +24,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 # One line of help per setting (the CLI's --help; the README's flag list says the same).
 HELP = {
     "out": "run directory: metrics.jsonl, checkpoints/, adapter/, loss.png",
-    "model": "HF checkpoint dir; unset: the embedded default (tiny Llama + bundled data, demo settings)",
+    "model": "HF checkpoint dir or Hub id; unset: the embedded default (tiny Llama + bundled data, demo settings)",
     "data": "training JSONL: text | prompt+completion | messages per line",
     "eval": "eval JSONL; unset: hold out --eval-fraction of --data",
     "eval_fraction": "share of --data held out for eval when --eval is not given (needs >= 20 examples)",

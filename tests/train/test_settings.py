@@ -83,9 +83,9 @@ def _flag_help(command):
 def test_help_states_the_defaults_that_run_and_the_demo_overrides():
     helps = _flag_help("train")
     for f in dataclasses.fields(TrainConfig):
-        default = f"{f.default:g}" if isinstance(f.default, float) else str(f.default)
+        default = "unset" if f.default is None else f"{f.default:g}" if isinstance(f.default, float) else str(f.default)
         assert f"(default {default}" in helps[f.name], (f.name, helps[f.name])
-        if f.name in DEMO_SETTINGS:
+        if f.name in DEMO_SETTINGS and DEMO_SETTINGS[f.name] != f.default:
             demo = DEMO_SETTINGS[f.name]
             demo = f"{demo:g}" if isinstance(demo, float) else str(demo)
             assert f"the demo without --model: {demo})" in helps[f.name], (f.name, helps[f.name])

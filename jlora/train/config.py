@@ -215,6 +215,8 @@ def check_setting(name: str, value: Any) -> Any:
         if not math.isfinite(value):
             raise ConfigError("expected a finite number")
     else:  # str
+        if name == "targets" and isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+            value = ",".join(value)  # YAML `targets: [q_proj, v_proj]`
         if isinstance(value, os.PathLike):
             value = os.fspath(value)
         if not isinstance(value, str):

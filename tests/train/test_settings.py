@@ -55,9 +55,10 @@ def test_bad_config_file_is_one_clear_line(tmp_path, capsys, text, expected):
 
 def test_yaml_exponent_numbers_and_paths_are_accepted(tmp_path):
     cfg = tmp_path / "run.yaml"
-    cfg.write_text("lr: 2e-4\nlora_alpha: 32\n")  # PyYAML reads 2e-4 as a string (YAML 1.1 wants a dot)
+    cfg.write_text("lr: 2e-4\nlora_alpha: 32\ntargets: [q_proj, v_proj]\n")  # PyYAML reads 2e-4 as a string
     config = TrainConfig.from_yaml(cfg, out=tmp_path / "r")
     assert config.lr == 2e-4 and config.lora_alpha == 32.0 and config.out == str(tmp_path / "r")
+    assert config.targets == "q_proj,v_proj"
 
 
 def test_python_api_checks_settings_too():

@@ -1,8 +1,16 @@
 """One LoRA training step, jlora against transformers + PEFT, on the same checkpoint, batch and LoRA config.
 
-    python benchmarks/train_step.py                    # bf16 and f32, ~4 minutes on 2 idle CPU cores
+    python benchmarks/train_step.py                    # the toy config, bf16 and f32, ~4 minutes on 2 idle CPU cores
     python benchmarks/train_step.py --quick            # a smaller model, a few steps
     python benchmarks/train_step.py --dtype f32 --steps 20
+    python benchmarks/train_step.py --config toy,135m --with-plain   # real shapes; also time the plain jnp path
+
+Configs (`--config`, a comma list; --hidden etc. override one field of each):
+- toy:  hidden 512, 8 layers, 8 / 2 heads, intermediate 1408, vocab 8192, untied head; batch 4 x seq 256
+- 135m: SmolLM2-135M's shape: hidden 576, 30 layers, 9 / 3 heads, intermediate 1536, vocab 49152, tied
+        embeddings; batch 8 x seq 128
+- 1b:   Llama-3.2-1B's shape with 4 of its 16 layers: hidden 2048, 32 / 8 heads, intermediate 8192,
+        vocab 128256, tied; batch 4 x seq 128
 
 The Llama checkpoint is built once by transformers (`torch.manual_seed(0)`, `from_config`, safetensors)
 and read by both sides. LoRA r=16, alpha=16 on all seven projections; AdamW over the adapters only,
@@ -15,8 +23,10 @@ with global-norm clipping at 1.0 on both sides (jlora's `make_optimizer` default
 
 Each side is warmed up (jit compile / first allocations), then N steps of each are timed, alternating
 one jlora step and one PEFT step so that load from other processes on a shared CPU hits both alike,
-and the median is reported. Printed: tokens/s of each, the ratio jlora / PEFT, an achieved-TFLOP/s
-estimate, and the device.
+and the median is reported. Printed per config and dtype: s/step and tokens/s of each, the ratio
+jlora / PEFT, an achieved-TFLOP/s estimate, and the device with the CPU's matmul flags (avx512f,
+avx512_bf16, amx_bf16). `--with-plain` also times jlora's plain jnp reference path
+(`jlora.use_kernels(model, None)`) in the same rotation, so the default path's gain is read off one run.
 """
 from __future__ import annotations
 
@@ -40,12 +50,25 @@ DTYPES = {"bf16": "bfloat16", "f32": "float32"}
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
+SHAPE_FIELDS = ("hidden", "layers", "heads", "kv_heads", "intermediate", "vocab", "tied", "batch", "seq")
+CONFIGS = {
+    "toy": dict(hidden=512, layers=8, heads=8, kv_heads=2, intermediate=1408, vocab=8192, tied=False,
+                batch=4, seq=256),
+    "135m": dict(hidden=576, layers=30, heads=9, kv_heads=3, intermediate=1536, vocab=49152, tied=True,
+                 batch=8, seq=128),
+    "1b": dict(hidden=2048, layers=4, heads=32, kv_heads=8, intermediate=8192, vocab=128256, tied=True,
+               batch=4, seq=128),
+    "quick": dict(hidden=256, layers=4, heads=8, kv_heads=2, intermediate=704, vocab=4096, tied=False,
+                  batch=4, seq=128),
+}
+
+
 def hf_config(args):
     import transformers
     return transformers.LlamaConfig(
         vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
         num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
-        max_position_embeddings=max(2048, args.seq), tie_word_embeddings=False, use_cache=False)
+        max_position_embeddings=max(2048, args.seq), tie_word_embeddings=args.tied, use_cache=False)
 
 
 def write_checkpoint(config, out_dir):
@@ -97,7 +120,7 @@ def interleaved(sides: dict, warmup: int, steps: int) -> tuple[dict, dict]:
     return first, times
 
 
-def make_jlora(ckpt, dtype, tokens_np, args):
+def make_jlora(ckpt, dtype, tokens_np, args, *, plain=False):
     import jax
     import jax.numpy as jnp
     from flax import nnx
@@ -110,6 +133,8 @@ def make_jlora(ckpt, dtype, tokens_np, args):
     model = jlora.load_hf(ckpt, dtype=dtype)
     model = jlora.get_peft_model(model, jlora.LoraConfig(r=16, lora_alpha=16, target_modules=TARGETS),
                                  rngs=nnx.Rngs(0))
+    if plain:
+        jlora.use_kernels(model, None)  # the plain jnp reference path
     lora_params, _ = jlora.trainable_parameters(model)
     split = SplitModel.of(model)
     params, frozen = split.params(), split.frozen
@@ -177,13 +202,25 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+def cpu_flags() -> str:
+    """The matmul-relevant flags of /proc/cpuinfo: which native paths XLA (YNNPACK/oneDNN) and torch can use."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return "unknown"
+    wanted = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
+    return " ".join(f for f in wanted if f in flags) or "none of avx2/avx512/amx"
+
+
 def device_line() -> str:
     import jax
     import torch
     d = jax.devices()[0]
     load = " ".join(f"{x:.1f}" for x in os.getloadavg())
     return (f"jax {jax.__version__} on {d.platform} ({d.device_kind}), torch {torch.__version__} "
-            f"({torch.get_num_threads()} threads); cpu: {cpu_model()}, {os.cpu_count()} cores; "
+            f"({torch.get_num_threads()} threads); cpu: {cpu_model()}, {os.cpu_count()} cores, "
+            f"flags {cpu_flags()}; "
             f"load average {load}")
 
 
@@ -195,24 +232,62 @@ def busy_warning() -> None:
               f"and OpenMP (torch) suffers more from oversubscription than XLA's thread pool.")
 
 
+def run_config(name, args, dtypes, with_plain):
+    """Times every dtype of one config; returns the table rows."""
+    import torch
+    config = hf_config(args)
+    tokens_np = np.random.default_rng(0).integers(0, args.vocab, (args.batch, args.seq + 1), dtype=np.int32)
+    tokens = args.batch * args.seq
+    print(f"[{name}] Llama: hidden {args.hidden}, {args.layers} layers, {args.heads} heads / {args.kv_heads} kv, "
+          f"intermediate {args.intermediate}, vocab {args.vocab}, {'tied' if args.tied else 'untied'} head; "
+          f"batch {args.batch} x seq {args.seq} = {tokens} tokens/step; LoRA r=16 alpha=16 on 7 projections; "
+          f"{args.steps} timed steps (median)", flush=True)
+    rows = []
+    with tempfile.TemporaryDirectory() as ckpt:
+        write_checkpoint(config, ckpt)
+        for d in dtypes:
+            dtype = DTYPES[d]
+            j_run, j_state, lora_params = make_jlora(ckpt, dtype, tokens_np, args)
+            sides = {"jlora": j_run}
+            states = {"jlora": j_state}
+            if with_plain:
+                sides["plain"], states["plain"], _ = make_jlora(ckpt, dtype, tokens_np, args, plain=True)
+            sides["peft"], states["peft"] = make_peft(ckpt, dtype, tokens_np, args)
+            first, times = interleaved(sides, args.warmup, args.steps)
+            med = {k: statistics.median(v) for k, v in times.items()}
+            flops = step_flops(config, lora_params, tokens, args.seq)
+            rows.append(dict(config=name, dtype=d, tokens=tokens, s=med, ratio=med["peft"] / med["jlora"],
+                             best=min(times["peft"]) / min(times["jlora"]), tflops=flops / med["jlora"] / 1e12,
+                             gflop=flops / 1e9))
+            for k in sides:
+                print(f"  {d} {k}: {med[k]:.3f} s/step (first {first[k]:.1f} s, loss {states[k]['loss']:.4f}, "
+                      f"min {min(times[k]):.3f} max {max(times[k]):.3f})", flush=True)
+            del sides, states, j_run, j_state
+            gc.collect()
+            torch.set_num_threads(os.cpu_count())
+    return rows
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--config", default="toy", help=f"comma list of {sorted(CONFIGS)}")
     ap.add_argument("--dtype", default="bf16,f32", help="comma list of bf16, f32")
-    ap.add_argument("--quick", action="store_true", help="small model, few steps")
-    ap.add_argument("--batch", type=int, default=4)
-    ap.add_argument("--seq", type=int, default=256)
+    ap.add_argument("--quick", action="store_true", help="the small 'quick' config, few steps")
+    ap.add_argument("--with-plain", action="store_true", help="also time jlora's plain jnp reference path")
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--warmup", type=int, default=1, help="untimed steps after the first (compile) step")
-    ap.add_argument("--hidden", type=int, default=512)
-    ap.add_argument("--layers", type=int, default=8)
-    ap.add_argument("--heads", type=int, default=8)
-    ap.add_argument("--kv-heads", type=int, default=2)
-    ap.add_argument("--intermediate", type=int, default=1408)
-    ap.add_argument("--vocab", type=int, default=8192)
+    for field in SHAPE_FIELDS:
+        if field == "tied":
+            ap.add_argument("--tied", type=int, choices=(0, 1), default=None, help="tie embeddings (1) or not (0)")
+        else:
+            ap.add_argument("--" + field.replace("_", "-"), type=int, default=None, help=f"override {field}")
     args = ap.parse_args()
+    names = ["quick"] if args.quick else [c.strip() for c in args.config.split(",") if c.strip()]
     if args.quick:
-        args.hidden, args.layers, args.intermediate, args.vocab = 256, 4, 704, 4096
-        args.seq, args.steps, args.warmup = 128, 3, 0
+        args.steps, args.warmup = 3, 0
+    for c in names:
+        if c not in CONFIGS:
+            raise SystemExit(f"--config: expected a comma list of {sorted(CONFIGS)}, found {c!r}")
     dtypes = [d.strip() for d in args.dtype.split(",") if d.strip()]
     for d in dtypes:
         if d not in DTYPES:
@@ -220,43 +295,28 @@ def main():
 
     import torch
     torch.set_num_threads(os.cpu_count())
-    config = hf_config(args)
-    tokens_np = np.random.default_rng(0).integers(0, args.vocab, (args.batch, args.seq + 1), dtype=np.int32)
-    tokens = args.batch * args.seq
-    print(f"Llama: hidden {args.hidden}, {args.layers} layers, {args.heads} heads / {args.kv_heads} kv, "
-          f"intermediate {args.intermediate}, vocab {args.vocab}; batch {args.batch} x seq {args.seq} "
-          f"= {tokens} tokens/step; LoRA r=16 alpha=16 on 7 projections; {args.steps} timed steps (median)")
     print(f"device: {device_line()}", flush=True)
     busy_warning()
-
     rows = []
-    with tempfile.TemporaryDirectory() as ckpt:
-        write_checkpoint(config, ckpt)
-        for d in dtypes:
-            dtype = DTYPES[d]
-            j_run, j_state, lora_params = make_jlora(ckpt, dtype, tokens_np, args)
-            p_run, p_state = make_peft(ckpt, dtype, tokens_np, args)
-            first, times = interleaved({"jlora": j_run, "peft": p_run}, args.warmup, args.steps)
-            j_times, p_times = times["jlora"], times["peft"]
-            j_compile, p_first = first["jlora"], first["peft"]
-            j_loss, p_loss = j_state["loss"], p_state["loss"]
-            del j_run, p_run, j_state, p_state
-            gc.collect()
-            j_s, p_s = statistics.median(j_times), statistics.median(p_times)
-            flops = step_flops(config, lora_params, tokens, args.seq)
-            rows.append((d, tokens / j_s, tokens / p_s, p_s / j_s, min(p_times) / min(j_times),
-                         flops / j_s / 1e12, flops / p_s / 1e12))
-            print(f"  {d}: jlora {j_s * 1e3:.0f} ms/step (compile+first {j_compile:.1f} s, "
-                  f"loss {j_loss:.4f}, min {min(j_times) * 1e3:.0f} max {max(j_times) * 1e3:.0f}); "
-                  f"PEFT {p_s * 1e3:.0f} ms/step (first {p_first:.1f} s, loss {p_loss:.4f}, "
-                  f"min {min(p_times) * 1e3:.0f} max {max(p_times) * 1e3:.0f})", flush=True)
+    for name in names:
+        shape = {k: (getattr(args, k) if getattr(args, k) is not None else v) for k, v in CONFIGS[name].items()}
+        cfg_args = argparse.Namespace(**{**vars(args), **shape})
+        cfg_args.tied = bool(cfg_args.tied)
+        rows += run_config(name, cfg_args, dtypes, args.with_plain)
 
-    print(f"\nstep FLOPs (estimate, see step_flops): {flops / 1e9:.1f} GFLOP; LoRA params {lora_params:,d}")
-    print("| dtype | jlora tokens/s | PEFT tokens/s | jlora / PEFT (median) | jlora / PEFT (best step) "
-          "| jlora TFLOP/s | PEFT TFLOP/s |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
-    for d, jt, pt, ratio, best, jf, pf in rows:
-        print(f"| {d} | {jt:,.0f} | {pt:,.0f} | {ratio:.2f}x | {best:.2f}x | {jf:.3f} | {pf:.3f} |")
+    plain = args.with_plain
+    print("\n| config | dtype | jlora s/step | PEFT s/step | jlora tokens/s | PEFT tokens/s | jlora / PEFT (median) "
+          "| (best step) | jlora TFLOP/s |" + (" plain s/step | plain / PEFT |" if plain else ""))
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |" + (" ---: | ---: |" if plain else ""))
+    for r in rows:
+        s = r["s"]
+        line = (f"| {r['config']} | {r['dtype']} | {s['jlora']:.3f} | {s['peft']:.3f} | {r['tokens'] / s['jlora']:,.0f} "
+                f"| {r['tokens'] / s['peft']:,.0f} | {r['ratio']:.2f}x | {r['best']:.2f}x | {r['tflops']:.3f} |")
+        if plain:
+            line += f" {s['plain']:.3f} | {s['peft'] / s['plain']:.2f}x |"
+        print(line)
+    print("step FLOPs (estimate, see step_flops): " + ", ".join(
+        f"{r['config']} {r['gflop']:.1f} GFLOP" for r in rows if r["dtype"] == rows[0]["dtype"]))
     print(f"device: {device_line()}")
     busy_warning()
 

@@ -187,8 +187,8 @@ _KINDS = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
 
 
 def check_setting(name: str, value: Any) -> Any:
-    """`value` for setting `name`, converted where unambiguous (a path to str, an int or a numeric string
-    to float: PyYAML reads `2e-4` as a string); raises ConfigError saying what was expected."""
+    """`value` for setting `name`, converted where unambiguous (a path to str, a numeric string to float:
+    PyYAML reads `2e-4` as a string; an int stays an int); raises ConfigError saying what was expected."""
     kind = str(_KINDS[name])
     optional = kind.endswith("| None")
     kind = kind.split("|")[0].strip()
@@ -211,7 +211,6 @@ def check_setting(name: str, value: Any) -> Any:
                 raise ConfigError("expected a number") from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"expected a number, found {type(value).__name__}")
-        value = float(value)
         if not math.isfinite(value):
             raise ConfigError("expected a finite number")
     else:  # str

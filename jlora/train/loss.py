@@ -3,16 +3,30 @@
     loss = sum_{micro-batches m} sum_t mask_t * CE(logits_t, target_t)  /  sum_{all m, t} mask_t
 
 so 8 x 1, 4 x 2 and 1 x 8 (batch x accumulation) give the same loss and gradient (Unsloth's fix).
+The logits are computed in chunks of about `chunk_tokens` tokens (jlora.train.chunked_loss), so the
+full `[tokens, vocab]` logits never exist at once; `chunk_tokens=None` computes them whole.
 """
 from __future__ import annotations
 
 import jax.numpy as jnp
-import optax
+
+from jlora.train.chunked_loss import DEFAULT_CHUNK_TOKENS, chunked_cross_entropy_sum
 
 
-def token_loss_sum(model, batch) -> tuple[jnp.ndarray, jnp.ndarray]:
+def _head_has_dropout(model) -> bool:
+    """An lm_head adapter with active dropout draws from an RNG stream: it runs unchunked (a scan body
+    may not advance the stream)."""
+    lora = getattr(getattr(model, "lm_head", None), "lora", None)
+    dropout = getattr(lora, "dropout", None)
+    return dropout is not None and not dropout.deterministic
+
+
+def token_loss_sum(model, batch, *, chunk_tokens: int | None = DEFAULT_CHUNK_TOKENS
+                   ) -> tuple[jnp.ndarray, jnp.ndarray]:
     """(sum of masked token cross-entropies in float32, number of target tokens) for one micro-batch."""
-    logits = model(batch["inputs"], batch["positions"], batch["segment_ids"]).astype(jnp.float32)
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
+    h = model.hidden_states(batch["inputs"], batch["positions"], batch["segment_ids"])
+    if chunk_tokens is None or _head_has_dropout(model):
+        chunk_tokens = batch["targets"].size  # one chunk: the whole logits
     mask = batch["loss_mask"].astype(jnp.float32)
-    return jnp.sum(ce * mask), jnp.sum(mask)
+    total = chunked_cross_entropy_sum(model.logits_from_hidden, h, batch["targets"], mask, chunk_tokens=chunk_tokens)
+    return total, jnp.sum(mask)

@@ -9,12 +9,16 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jlora.train.chunked_loss import DEFAULT_CHUNK_TOKENS
 from jlora.train.loss import token_loss_sum
 from jlora.train.state import SplitModel
 
 
-def make_train_step(split: SplitModel, tx: optax.GradientTransformation, *, schedule=None):
+def make_train_step(split: SplitModel, tx: optax.GradientTransformation, *, schedule=None,
+                    loss_chunk_tokens: int | None = DEFAULT_CHUNK_TOKENS):
     """step(params, opt_state, frozen, batch, key, step) -> (params, opt_state, metrics).
+
+    loss_chunk_tokens: about how many tokens' logits exist at once (jlora.train.chunked_loss); None: all.
 
     metrics: loss (of the params before the update), grad_norm, target_tokens, params_finite (whether every
     updated adapter weight is finite), lr (with `schedule`).
@@ -30,7 +34,7 @@ def make_train_step(split: SplitModel, tx: optax.GradientTransformation, *, sche
 
             def loss_fn(p):
                 model = split.model(p, frozen, jax.random.fold_in(step_key, i))
-                s, _ = token_loss_sum(model, mb)
+                s, _ = token_loss_sum(model, mb, chunk_tokens=loss_chunk_tokens)
                 return s / total
 
             value, g = jax.value_and_grad(loss_fn)(params)
@@ -52,10 +56,10 @@ def make_train_step(split: SplitModel, tx: optax.GradientTransformation, *, sche
     return step
 
 
-def make_eval_step(split: SplitModel):
+def make_eval_step(split: SplitModel, *, loss_chunk_tokens: int | None = DEFAULT_CHUNK_TOKENS):
     """eval_step(params, frozen, batch [b, seq]) -> (sum of token losses, target tokens)."""
 
     def eval_step(params, frozen, batch):
-        return token_loss_sum(split.model(params, frozen), batch)
+        return token_loss_sum(split.model(params, frozen), batch, chunk_tokens=loss_chunk_tokens)
 
     return eval_step

@@ -162,14 +162,16 @@ class Trainer:
             if c.overwrite and hosts.is_main():
                 run_dir.drop_previous(self.out)  # the new run has a checkpoint: the replaced run goes
 
+        def eval_batches():
+            return BatchIterator(eval_examples, seq_len=c.seq_len, batch_size=c.batch_size, shuffle=False,
+                                 epochs=1, pad_id=tokenizer.pad_token_id or 0,
+                                 process_index=jax.process_index(), process_count=jax.process_count())
+
         def evaluate():
             if not eval_examples:
                 return None
-            ev = BatchIterator(eval_examples, seq_len=c.seq_len, batch_size=c.batch_size, shuffle=False,
-                               epochs=1, pad_id=tokenizer.pad_token_id or 0,
-                               process_index=jax.process_index(), process_count=jax.process_count())
             total_loss, count = 0.0, 0.0
-            for b in ev:
+            for b in eval_batches():
                 s, n = eval_step(params, frozen, put_batch(b, mesh, 0))
                 total_loss, count = total_loss + float(s), count + float(n)
             return total_loss / max(count, 1.0)
@@ -185,10 +187,13 @@ class Trainer:
         guard = Guard()
         if start < steps:  # compilation is its own phase: the bar's rate and ETA count steps only
             batch, tokens = next_batch()
-            self.log("compiling the training step ...")
+            evals = bool(c.eval_every and eval_examples)
+            self.log(f"compiling the training step{' and the eval step' if evals else ''} ...")
             t0 = time.perf_counter()
             train_step = train_step.lower(params, opt_state, frozen, batch, key,
                                           jnp.asarray(start, jnp.int32)).compile()
+            if evals:  # fills jit's cache for the eval batches' shape
+                eval_step.lower(params, frozen, put_batch(next(iter(eval_batches())), mesh, 0)).compile()
             jax.block_until_ready((params, opt_state, frozen, batch))  # the steps' times count steps only
             self.log(f"compiled in {time.perf_counter() - t0:.1f} s")
 

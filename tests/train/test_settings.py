@@ -112,8 +112,8 @@ def test_compilation_is_its_own_phase_before_the_step_bar(tmp_path, capsys):
     settings = [x for x in lines if x.startswith("settings: ")]
     assert settings and " steps=6 " in settings[0] and " lr=0.003 " in settings[0]  # demo lr, given steps
     assert any(x.startswith("no --model: the embedded default") and "lr=0.003" in x for x in lines)
-    assert lines.index("compiling the training step ...") < [i for i, x in enumerate(lines)
-                                                            if x.startswith("compiled in ")][0]
+    assert lines.index("compiling the training step and the eval step ...") < [
+        i for i, x in enumerate(lines) if x.startswith("compiled in ")][0]
     bar = printed.err.replace("\r", "\n").splitlines()
     final = [x for x in bar if x.startswith("train: 100%")][-1]
     assert "loss=" in final and "tok/s=" in final and "eval=" in final, final

@@ -19,6 +19,7 @@ import pytest
 import torch
 from flax import nnx
 
+from jlora.llama import DEFAULT_KERNELS
 from jlora.llama import Linear
 from jlora.lora_layer import LoRA
 
@@ -61,7 +62,7 @@ def _jlora(w, a, b, impl):
     return lin
 
 
-@pytest.mark.parametrize("impl", ["xla", None], ids=["default", "plain"])
+@pytest.mark.parametrize("impl", [DEFAULT_KERNELS, "xla", None], ids=["default", "xla", "plain"])
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_bf16_forward_and_adapter_grads_match_peft(impl, seed):
     model, layer = _peft(seed)

@@ -29,7 +29,10 @@ from jlora.rope import apply_rotary, cos_sin, inverse_frequencies
 Dtype = jnp.dtype
 
 
-DEFAULT_KERNELS = "xla"  # the custom-VJP path over XLA dots: GSPMD-partitionable, fastest measured on CPU
+# A new model's path: dense bases through lora_linear(impl="xla") (custom VJP over XLA dots: GSPMD-partitionable,
+# fastest measured on CPU); NF4 bases through nf4_matmul + LoRA, whose dequantize is ordered so that only one
+# layer's dense weight is alive at a time (the fused NF4 op's XLA path does not order it).
+DEFAULT_KERNELS = "default"
 
 
 def _dropout_active(lora: LoRA) -> bool:
@@ -39,7 +42,7 @@ def _dropout_active(lora: LoRA) -> bool:
 @functools.cache
 def _warn_dropout_skips_kernels(impl: str, rate: float) -> None:
     """Once per (impl, rate): the Pallas/Triton kernels do not apply dropout, so those projections skip them."""
-    if impl == "xla" or (impl == "auto" and auto_impl(False) == "xla"):
+    if impl in (DEFAULT_KERNELS, "xla") or (impl == "auto" and auto_impl(False) == "xla"):
         return  # the XLA path with dropout is the same ops, split: nothing is lost
     warnings.warn(f"lora_dropout={rate}: the fused {impl!r} kernels do not apply dropout, so while training the "
                   f"adapted projections run as XLA ops instead (set lora_dropout=0 to use the kernels)",
@@ -53,11 +56,11 @@ class Linear(nnx.Module):
     weight in torch orientation [out, in] as bitsandbytes stores it (see jlora/qlora.py).
 
     Paths (`kernel_impl`, set by `use_kernels`):
-    - DEFAULT_KERNELS ("xla", every backend and dtype): an adapted projection is one custom-VJP op
-      (`jlora.kernels.lora_linear`: the frozen product and the rank-r path on 2-D rows, no dW); an
-      unadapted one is `jlora.kernels.mixed_dot.linear` (16-bit operands stay native in the forward
-      and input-gradient dots). With active LoRA dropout the frozen product takes the same op and
-      the adapter runs as `LoRA.__call__`.
+    - DEFAULT_KERNELS (every backend and dtype): an adapted dense projection is one custom-VJP op
+      (`jlora.kernels.lora_linear`, impl="xla": the frozen product and the rank-r path on 2-D rows, no
+      dW); an unadapted one is `jlora.kernels.mixed_dot.linear` (16-bit operands stay native in the
+      forward and input-gradient dots); an NF4 one is `nf4_matmul` + `LoRA.__call__`. With active LoRA
+      dropout the frozen product and the adapter run as separate ops.
     - "auto" / "pallas" / "triton": the fused kernels for adapted projections (see jlora.kernels).
     - None: the plain jnp path, `x @ kernel + bias + lora(x)` by ordinary autodiff: the reference.
     Each rounds `frozen + low-rank` to the compute dtype once; the low-rank part is computed in the
@@ -79,12 +82,14 @@ class Linear(nnx.Module):
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
         x = x.astype(self.dtype)
         kernel = self.kernel.get_value()
-        if self.kernel_impl is None:
+        impl = self.kernel_impl
+        if impl is None:
             return self._plain(x, kernel)
-        if self.lora is not None and not _dropout_active(self.lora):
+        nf4_default = impl == DEFAULT_KERNELS and isinstance(kernel, NF4Tensor)
+        if self.lora is not None and not _dropout_active(self.lora) and not nf4_default:
             return self._fused(x, kernel)
-        if self.lora is not None:
-            _warn_dropout_skips_kernels(self.kernel_impl, self.lora.dropout.rate)
+        if self.lora is not None and _dropout_active(self.lora):
+            _warn_dropout_skips_kernels(impl, self.lora.dropout.rate)
         if isinstance(kernel, NF4Tensor):
             y = nf4_matmul(x, kernel)
         else:
@@ -112,15 +117,16 @@ class Linear(nnx.Module):
         from jlora import kernels
 
         a, b = self.lora.a[...], self.lora.b[...]
+        impl = "xla" if self.kernel_impl == DEFAULT_KERNELS else self.kernel_impl
         op = kernels.nf4_lora_linear if isinstance(kernel, NF4Tensor) else kernels.lora_linear
         w = kernel if isinstance(kernel, NF4Tensor) else kernel.astype(self.dtype)
         mesh = self.kernel_mesh
         if mesh is not None and mesh.size > 1:
             from jlora.kernel_sharding import sharded_lora_linear
-            y = sharded_lora_linear(op, x, w, a, b, scale=self.lora.scaling, impl=self.kernel_impl, mesh=mesh,
+            y = sharded_lora_linear(op, x, w, a, b, scale=self.lora.scaling, impl=impl, mesh=mesh,
                                     row_parallel=self.row_parallel)
         else:
-            y = op(x, w, a, b, scale=self.lora.scaling, impl=self.kernel_impl)
+            y = op(x, w, a, b, scale=self.lora.scaling, impl=impl)
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         return y

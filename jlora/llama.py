@@ -17,8 +17,10 @@ import jax.numpy as jnp
 
 from flax import nnx
 
+from jlora.attention import DEFAULT_BACKEND as DEFAULT_ATTENTION
+from jlora.attention import attend
+from jlora.attention import attention_mask as attention_mask  # re-exported: jlora.llama.attention_mask
 from jlora.kernels.dispatch import auto_impl
-from jlora.kernels.mixed_dot import einsum as mixed_einsum
 from jlora.kernels.mixed_dot import linear as mixed_linear
 from jlora.llama_config import LlamaConfig
 from jlora.lora_layer import LoRA
@@ -160,19 +162,10 @@ class Embedding(nnx.Module):
         return mixed_linear(x, self.weight[...].astype(self.dtype), transpose_w=True)
 
 
-def attention_mask(segment_ids: jnp.ndarray, sliding_window: int | None) -> jnp.ndarray:
-    """bool [batch, 1, 1, q, k]: causal, same packed segment, inside the sliding window if any."""
-    t = segment_ids.shape[1]
-    q_idx = jnp.arange(t)[:, None]
-    k_idx = jnp.arange(t)[None, :]
-    mask = k_idx <= q_idx
-    if sliding_window is not None:
-        mask = mask & (q_idx - k_idx < sliding_window)
-    same = segment_ids[:, :, None] == segment_ids[:, None, :]
-    return (mask[None] & same)[:, None, None]
-
-
 class Attention(nnx.Module):
+    """Grouped-query attention with rotary q, k; `attention` (set by jlora.attention.use_attention) picks the
+    backend: "auto" | "blockwise" | "reference" (jlora.attention.backends)."""
+
     def __init__(self, config: LlamaConfig, *, dtype: Dtype, param_dtype: Dtype, rngs: nnx.Rngs):
         c = config
         kw = dict(dtype=dtype, param_dtype=param_dtype, init_std=c.initializer_range, rngs=rngs)
@@ -181,9 +174,12 @@ class Attention(nnx.Module):
         self.v_proj = Linear(c.hidden_size, c.kv_features, use_bias=c.qkv_bias, **kw)
         self.o_proj = Linear(c.q_features, c.hidden_size, use_bias=c.o_bias, **kw)
         self.heads, self.kv_heads, self.head_dim = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+        self.sliding_window = c.sliding_window
         self.dtype = dtype
+        self.attention = DEFAULT_ATTENTION
+        self.attention_blocks = None  # jlora.attention.BlockSizes, None: its default
 
-    def __call__(self, x, cos, sin, mask):
+    def __call__(self, x, cos, sin, segment_ids):
         b, t, _ = x.shape
         q = self.q_proj(x).reshape(b, t, self.heads, self.head_dim)
         k = self.k_proj(x).reshape(b, t, self.kv_heads, self.head_dim)
@@ -191,11 +187,9 @@ class Attention(nnx.Module):
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         group = self.heads // self.kv_heads
         q = q.reshape(b, t, self.kv_heads, group, self.head_dim)
-        scores = mixed_einsum("btkgd,bskd->bkgts", q, k) * jnp.asarray(self.head_dim ** -0.5, self.dtype)
-        scores = jnp.where(mask, scores.astype(jnp.float32), jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
-        out = mixed_einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, self.heads * self.head_dim)
-        return self.o_proj(out)
+        out = attend(q, k, v, segment_ids, backend=self.attention, sliding_window=self.sliding_window,
+                     scale=self.head_dim ** -0.5, block_sizes=self.attention_blocks)
+        return self.o_proj(out.reshape(b, t, self.heads * self.head_dim))
 
 
 class MLP(nnx.Module):
@@ -272,7 +266,7 @@ class LlamaForCausalLM(nnx.Module):
         if segment_ids is None:
             segment_ids = jnp.ones((b, t), jnp.int32)
         cos, sin = cos_sin(jnp.asarray(positions), inverse_frequencies(self.config))
-        mask = attention_mask(jnp.asarray(segment_ids), self.config.sliding_window)
+        mask = jnp.asarray(segment_ids)  # each layer's attention masks by these (jlora.attention.masks)
         h = self.model.embed_tokens(input_ids)
         for layer in self.model.layers:
             if self.remat:

@@ -1,0 +1,59 @@
+"""One attention setting for the model: which implementation computes softmax(q k^T * scale + mask) v.
+
+    "reference"  every score at once (jlora.attention.reference): O(T^2) memory, the tested truth
+    "blockwise"  plain-JAX online softmax over blocks with its own backward (jlora.attention.blockwise):
+                 O(T) memory, runs everywhere
+    "auto"       the best available here: "blockwise" today (TPU splash / GPU cuDNN backends come later
+                 and will be chosen here where they run)
+
+Every backend computes the same function (causal, packed segments, sliding window, grouped kv heads).
+A name that is not available on this platform is an error naming the ones that are.
+"""
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+from jlora.attention.blockwise import BlockSizes, blockwise_attention
+from jlora.attention.reference import reference_attention
+
+BACKENDS = ("auto", "blockwise", "reference")
+DEFAULT_BACKEND = "auto"
+_PLANNED = ("splash", "cudnn", "flash")  # named in issue 11; not implemented yet
+
+
+def check_backend(name: str) -> str:
+    """`name` if it is a backend available here, else a ValueError naming those that are."""
+    if name in BACKENDS:
+        return name
+    why = "is not implemented yet" if name in _PLANNED else "is unknown"
+    raise ValueError(f"attention backend {name!r} {why}; available here: {', '.join(BACKENDS)}")
+
+
+def resolve(name: str) -> str:
+    """The concrete backend `name` runs as ("auto" -> the best available)."""
+    return "blockwise" if check_backend(name) == "auto" else name
+
+
+def attend(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, segment_ids: jnp.ndarray, *, backend: str = DEFAULT_BACKEND,
+           sliding_window: int | None = None, scale: float, block_sizes: BlockSizes | None = None) -> jnp.ndarray:
+    """q [b, t, kv_heads, group, d], k and v [b, t, kv_heads, d], segment_ids [b, t] -> [b, t, kv_heads, group, d]."""
+    if resolve(backend) == "reference":
+        return reference_attention(q, k, v, segment_ids, sliding_window=sliding_window, scale=scale)
+    return blockwise_attention(q, k, v, segment_ids, sliding_window=sliding_window, scale=scale,
+                               block_sizes=block_sizes)
+
+
+def use_attention(model, backend: str = DEFAULT_BACKEND, *, block_sizes: BlockSizes | None = None):
+    """Sets the attention backend (and blockwise block sizes) of every attention module in `model`: the
+    modules that carry an `attention` setting (jlora.llama.Attention). Returns the model."""
+    from flax import nnx
+
+    check_backend(backend)
+    found = 0
+    for _, module in nnx.iter_graph(model):
+        if isinstance(module, nnx.Module) and hasattr(module, "attention_blocks"):
+            module.attention, module.attention_blocks = backend, block_sizes
+            found += 1
+    if not found:
+        raise ValueError(f"use_attention: {type(model).__name__} has no attention modules (jlora.llama.Attention)")
+    return model

@@ -1,0 +1,184 @@
+"""Blockwise (flash-style) attention in plain JAX: never more than one [q-block, k-block] of scores.
+
+Forward, per query block i, over the key blocks j it can see (online softmax, Milakov & Gimelshein
+2018; FlashAttention, arXiv 2205.14135):
+
+    s   = q_i k_j^T * scale  (float32, masked)      m' = max(m, rowmax s)
+    p   = exp(s - m')                                l' = exp(m - m') l + rowsum p
+    acc = exp(m - m') acc + p v_j                    out_i = acc / l,  lse_i = m + log l
+
+Backward (a custom_vjp; FlashAttention-2, arXiv 2307.08691), per key block j over the query blocks
+that see it, recomputing p from the saved log-sum-exp instead of storing probabilities:
+
+    p = exp(s - lse_i),  D_i = rowsum(dout_i * out_i),  ds = p * (dout_i v_j^T - D_i)
+    dv_j += p^T dout_i,  dk_j += ds^T q_i * scale,  dq_i += ds k_j * scale
+
+Only blocks that hold a visible key are visited: causal rows stop at the diagonal block, a sliding
+window starts at the block of its first key, so the work is about half of T^2 (causal) or T x window.
+Saved for the backward: q, k, v, out and lse [b, kv_heads, group, T]; temporaries are O(block_q x
+block_k) per head. Memory O(T) instead of O(T^2). Packed segments are masked inside the blocks (the
+blocks are not skipped by segment).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+
+from jlora.attention.masks import visible
+
+_MIN = float(jnp.finfo(jnp.float32).min)
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+    """Query and key positions per block (each is capped at the sequence length)."""
+    q: int = 512
+    k: int = 512
+
+    def __post_init__(self):
+        if self.q < 1 or self.k < 1:
+            raise ValueError(f"attention block sizes must be >= 1, got q={self.q}, k={self.k}")
+
+    @classmethod
+    def get_default(cls) -> "BlockSizes":
+        return cls()
+
+
+def blockwise_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, segment_ids: jnp.ndarray, *,
+                        sliding_window: int | None = None, scale: float,
+                        block_sizes: BlockSizes | None = None) -> jnp.ndarray:
+    """q [b, t, kv_heads, group, d], k and v [b, t, kv_heads, d], segment_ids [b, t] -> [b, t, kv_heads, group, d].
+
+    Causal, within equal segment ids, and within `sliding_window` positions when given; the same
+    function as jlora.attention.reference_attention. The row is padded to a multiple of the blocks
+    (padded keys are never visible to real queries: they come after them).
+    """
+    b, t, kv, g, d = q.shape
+    if k.shape != (b, t, kv, d) or v.shape != k.shape:
+        raise ValueError(f"blockwise_attention: k and v must be [batch, seq, kv_heads, head_dim] = {(b, t, kv, d)} "
+                         f"to match q {q.shape}, got k {k.shape}, v {v.shape}")
+    if segment_ids.shape != (b, t):
+        raise ValueError(f"blockwise_attention: segment_ids must be [batch, seq] = {(b, t)}, got {segment_ids.shape}")
+    if sliding_window is not None and sliding_window < 1:
+        raise ValueError(f"sliding_window must be >= 1 or None, got {sliding_window}")
+    blocks = block_sizes or BlockSizes.get_default()
+    bq, bk = min(blocks.q, t), min(blocks.k, t)
+    step = bq * bk // math.gcd(bq, bk)
+    pad = (-t) % step
+    seg = segment_ids.astype(jnp.int32)
+    if pad:
+        q, k, v = (jnp.pad(a, ((0, 0), (0, pad)) + ((0, 0),) * (a.ndim - 2)) for a in (q, k, v))
+        seg = jnp.pad(seg, ((0, 0), (0, pad)), constant_values=-1)
+    out = _flash(q, k, v, seg, sliding_window, float(scale), bq, bk)
+    return out[:, :t]
+
+
+def _k_range(i, bq, bk, nk, window):
+    """Key blocks [lo, hi) that query block i can see."""
+    hi = jnp.minimum(nk, ((i + 1) * bq - 1) // bk + 1)
+    lo = 0 if window is None else jnp.maximum(0, (i * bq - window + 1) // bk)
+    return lo, hi
+
+
+def _q_range(j, bq, bk, nq, window):
+    """Query blocks [lo, hi) that see key block j."""
+    lo = (j * bk) // bq
+    hi = nq if window is None else jnp.minimum(nq, ((j + 1) * bk + window - 2) // bq + 1)
+    return lo, hi
+
+
+def _block(a, i, size):
+    return jax.lax.dynamic_slice_in_dim(a, i * size, size, axis=1)
+
+
+def _scores(q_i, k_j, seg_q, seg_k, i, j, bq, bk, window, scale):
+    """Masked float32 scores [b, kv, g, bq, bk] and the mask [b, 1, 1, bq, bk]."""
+    s = jnp.einsum("bqkgd,bskd->bkgqs", q_i, k_j, preferred_element_type=jnp.float32) * scale
+    mask = visible(i * bq + jnp.arange(bq), j * bk + jnp.arange(bk), seg_q, seg_k, window)[:, None, None]
+    return jnp.where(mask, s, _MIN), mask
+
+
+def _forward(q, k, v, seg, window, scale, bq, bk):
+    b, t, kv, g, d = q.shape
+    nq, nk = t // bq, t // bk
+
+    def q_block(i):
+        q_i, seg_q = _block(q, i, bq), _block(seg, i, bq)
+
+        def body(j, carry):
+            m, l, acc = carry
+            k_j, v_j = _block(k, j, bk), _block(v, j, bk)
+            s, mask = _scores(q_i, k_j, seg_q, _block(seg, j, bk), i, j, bq, bk, window, scale)
+            m_new = jnp.maximum(m, s.max(-1))
+            alpha = jnp.exp(m - m_new)
+            p = jnp.where(mask, jnp.exp(s - m_new[..., None]), 0.0)
+            pv = jnp.einsum("bkgqs,bskd->bkgqd", p.astype(v.dtype), v_j, preferred_element_type=jnp.float32)
+            return m_new, alpha * l + p.sum(-1), alpha[..., None] * acc + pv
+
+        init = (jnp.full((b, kv, g, bq), _MIN, jnp.float32), jnp.zeros((b, kv, g, bq), jnp.float32),
+                jnp.zeros((b, kv, g, bq, d), jnp.float32))
+        lo, hi = _k_range(i, bq, bk, nk, window)
+        m, l, acc = jax.lax.fori_loop(lo, hi, body, init)
+        l = jnp.maximum(l, jnp.finfo(jnp.float32).tiny)  # every row sees its own key: l >= 1
+        out = (acc / l[..., None]).astype(q.dtype)
+        return jnp.moveaxis(out, 3, 1), m + jnp.log(l)       # [b, bq, kv, g, d], [b, kv, g, bq]
+
+    out, lse = jax.lax.map(q_block, jnp.arange(nq))          # [nq, b, bq, kv, g, d], [nq, b, kv, g, bq]
+    out = jnp.moveaxis(out, 0, 1).reshape(b, t, kv, g, d)
+    lse = jnp.moveaxis(lse, 0, 3).reshape(b, kv, g, t)
+    return out, lse
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
+def _flash(q, k, v, seg, window, scale, bq, bk):
+    return _forward(q, k, v, seg, window, scale, bq, bk)[0]
+
+
+def _flash_fwd(q, k, v, seg, window, scale, bq, bk):
+    out, lse = _forward(q, k, v, seg, window, scale, bq, bk)
+    return out, (q, k, v, seg, out, lse)
+
+
+def _flash_bwd(window, scale, bq, bk, res, dout):
+    q, k, v, seg, out, lse = res
+    b, t, kv, g, d = q.shape
+    nq, nk = t // bq, t // bk
+    dout = dout.astype(q.dtype)
+    delta = jnp.einsum("bqkgd,bqkgd->bkgq", dout.astype(jnp.float32), out.astype(jnp.float32))
+
+    def k_block(j, carry):
+        dq, dk, dv = carry
+        k_j, v_j, seg_k = _block(k, j, bk), _block(v, j, bk), _block(seg, j, bk)
+
+        def body(i, inner):
+            dq, dk_j, dv_j = inner
+            q_i, do_i = _block(q, i, bq), _block(dout, i, bq)
+            lse_i = jax.lax.dynamic_slice_in_dim(lse, i * bq, bq, axis=3)
+            delta_i = jax.lax.dynamic_slice_in_dim(delta, i * bq, bq, axis=3)
+            s, mask = _scores(q_i, k_j, _block(seg, i, bq), seg_k, i, j, bq, bk, window, scale)
+            p = jnp.where(mask, jnp.exp(s - lse_i[..., None]), 0.0)
+            dv_j = dv_j + jnp.einsum("bkgqs,bqkgd->bskd", p.astype(q.dtype), do_i, preferred_element_type=jnp.float32)
+            dp = jnp.einsum("bqkgd,bskd->bkgqs", do_i, v_j, preferred_element_type=jnp.float32)
+            ds = (p * (dp - delta_i[..., None]) * scale).astype(q.dtype)
+            dq_i = jnp.einsum("bkgqs,bskd->bqkgd", ds, k_j, preferred_element_type=jnp.float32)
+            dq = jax.lax.dynamic_update_slice_in_dim(dq, _block(dq, i, bq) + dq_i, i * bq, axis=1)
+            dk_j = dk_j + jnp.einsum("bkgqs,bqkgd->bskd", ds, q_i, preferred_element_type=jnp.float32)
+            return dq, dk_j, dv_j
+
+        zeros = jnp.zeros((b, bk, kv, d), jnp.float32)
+        lo, hi = _q_range(j, bq, bk, nq, window)
+        dq, dk_j, dv_j = jax.lax.fori_loop(lo, hi, body, (dq, zeros, zeros))
+        dk = jax.lax.dynamic_update_slice_in_dim(dk, dk_j, j * bk, axis=1)
+        dv = jax.lax.dynamic_update_slice_in_dim(dv, dv_j, j * bk, axis=1)
+        return dq, dk, dv
+
+    init = (jnp.zeros(q.shape, jnp.float32), jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
+    dq, dk, dv = jax.lax.fori_loop(0, nk, k_block, init)
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)

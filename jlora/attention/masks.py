@@ -1,0 +1,24 @@
+"""Which keys a query sees: causal, inside its packed segment, and inside the sliding window if any.
+
+    visible(q, k) = k <= q  and  segment[q] == segment[k]  and  (window is None or q - k < window)
+
+Positions are indices in the row (packed examples restart their rotary positions, not these).
+"""
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+
+def visible(q_idx: jnp.ndarray, k_idx: jnp.ndarray, q_seg: jnp.ndarray, k_seg: jnp.ndarray,
+            sliding_window: int | None) -> jnp.ndarray:
+    """bool [batch, q, k] for query indices [q] and key indices [k], segment ids [batch, q] and [batch, k]."""
+    mask = k_idx[None, :] <= q_idx[:, None]
+    if sliding_window is not None:
+        mask = mask & (q_idx[:, None] - k_idx[None, :] < sliding_window)
+    return mask[None] & (q_seg[:, :, None] == k_seg[:, None, :])
+
+
+def attention_mask(segment_ids: jnp.ndarray, sliding_window: int | None) -> jnp.ndarray:
+    """bool [batch, 1, 1, q, k] over the whole row: what the reference path materializes."""
+    idx = jnp.arange(segment_ids.shape[1])
+    return visible(idx, idx, segment_ids, segment_ids, sliding_window)[:, None, None]

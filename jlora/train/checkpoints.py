@@ -9,6 +9,7 @@ import contextlib
 import logging
 import os
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,8 @@ class Checkpoints:
 
     def save(self, step: int, train_state: dict[str, Any], meta: dict[str, Any]) -> None:
         """train_state: {"params", "opt_state"} pytrees; meta: JSON (data position, rng seed, config)."""
+        _ignore_closed_loop_callbacks()
+        _drop_orphaned_write_reports()
         try:
             with _orbax_quiet():
                 self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(train_state),
@@ -80,6 +83,43 @@ def _first_line(e: BaseException) -> str:
     lines = [line.strip() for line in str(e).splitlines() if line.strip()]
     first = lines[0] if lines else ""
     return f"{type(e).__name__}: {first[:300]}" if first else type(e).__name__
+
+
+def _ignore_closed_loop_callbacks() -> None:
+    """When a save fails, tensorstore completes the writes still in flight and calls back into orbax's
+    event loop, already closed: each callback raises RuntimeError("Event loop is closed") through
+    sys.unraisablehook, a traceback apiece (dozens), during the save and after it. Those, and only those,
+    are dropped (installed once, before the first save)."""
+    previous = sys.unraisablehook
+    if getattr(previous, "_jlora_closed_loop_filter", False):
+        return
+
+    def hook(unraisable):
+        e = unraisable.exc_value
+        if isinstance(e, RuntimeError) and str(e) == "Event loop is closed":
+            return
+        previous(unraisable)
+
+    hook._jlora_closed_loop_filter = True
+    sys.unraisablehook = hook
+
+
+class _OrphanedWrites(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        first = record.getMessage().split("\n", 1)[0]  # asyncio: "Task exception was never retrieved\nfuture: ..."
+        return not (first.endswith("exception was never retrieved")
+                    or "_SignalingThread.run() raised an exception" in first)
+
+
+def _drop_orphaned_write_reports() -> None:
+    """When a save fails (reported in one line), orbax's other writer threads log their tracebacks (absl
+    ERROR) and asyncio logs each failed write task when it is collected ("Task exception was never
+    retrieved"), dozens of times, during the save and after it: those messages, and only those, are
+    dropped (installed once, before the first save; jlora runs no other asyncio code)."""
+    for name in ("absl", "asyncio"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _OrphanedWrites) for f in logger.filters):
+            logger.addFilter(_OrphanedWrites())
 
 
 @contextlib.contextmanager

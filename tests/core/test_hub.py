@@ -1,5 +1,6 @@
 """`--model` as a Hugging Face Hub id: resolved through the HF cache, offline without network, local dirs as-is."""
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,13 +23,40 @@ def hf_home(tmp_path, monkeypatch):
 
 
 def _cache_snapshot(hf_home, repo: str, source):
-    """Lays `source`'s files out as huggingface_hub's cache does: models--org--name/{refs/main, snapshots/<sha>/}."""
+    """Lays `source`'s files out as huggingface_hub's cache does: models--org--name/{refs/main,
+    blobs/<hash>, snapshots/<sha>/<file> -> ../../blobs/<hash>}."""
+    import hashlib
+    import os
+
     root = hf_home / "hub" / ("models--" + repo.replace("/", "--"))
     (root / "refs").mkdir(parents=True)
     (root / "refs" / "main").write_text(COMMIT)
+    (root / "blobs").mkdir()
     snapshot = root / "snapshots" / COMMIT
-    shutil.copytree(source, snapshot)
+    snapshot.mkdir(parents=True)
+    for f in sorted(Path(source).iterdir()):
+        blob = hashlib.sha256(f.read_bytes()).hexdigest()
+        shutil.copy(f, root / "blobs" / blob)
+        os.symlink(os.path.join("..", "..", "blobs", blob), snapshot / f.name)
     return snapshot
+
+
+def _sharded_copy(source, out):
+    """`source` rewritten as two shards plus model.safetensors.index.json (transformers' sharded layout)."""
+    import json
+
+    from jlora.convert.safetensors_io import iter_tensors, write_atomic
+    shutil.copytree(source, out)
+    tensors = dict(iter_tensors(out / "model.safetensors"))
+    (out / "model.safetensors").unlink()
+    names = sorted(tensors)
+    weight_map = {}
+    for i, part in enumerate((names[: len(names) // 2], names[len(names) // 2:])):
+        shard = f"model-{i + 1:05d}-of-00002.safetensors"
+        write_atomic(out / shard, {n: tensors[n] for n in part}, metadata={"format": "pt"})
+        weight_map.update({n: shard for n in part})
+    (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return out
 
 
 @pytest.mark.parametrize("name, hub", [
@@ -88,3 +116,13 @@ def test_train_with_a_cached_hub_id(default_base, hf_home, tmp_path, monkeypatch
     assert code == 0, capsys.readouterr().err
     config = json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == "org/demo"
+
+
+def test_cached_sharded_snapshot_with_blob_links_loads(checkpoint, hf_home, tmp_path, monkeypatch, rel):
+    """The cache's files are symlinks into ../../blobs: shards must not count as outside the model dir."""
+    monkeypatch.chdir(tmp_path)
+    sharded = _sharded_copy(checkpoint("llama"), tmp_path / "sharded")
+    snapshot = _cache_snapshot(hf_home, "org/sharded", sharded)
+    assert (snapshot / "model-00001-of-00002.safetensors").is_symlink()
+    ids = np.arange(12)[None]
+    assert rel(jlora.load_hf("org/sharded")(ids), jlora.load_hf(checkpoint("llama"))(ids)) == 0

@@ -182,10 +182,12 @@ def load_quantized(model_dir, hf: dict, *, dtype="float32", quantize=None,
 
 def load_hf(model_dir, dtype="float32", *, allow_pickle: bool = False, quantize: str | None = None
             ) -> LlamaForCausalLM:
-    """Reads a transformers Llama/Mistral/Qwen2 checkpoint dir into a `LlamaForCausalLM` in `dtype`.
+    """Reads a transformers Llama/Mistral/Qwen2 checkpoint into a `LlamaForCausalLM` in `dtype`.
 
-    Unknown or missing tensors, wrong shapes, truncated files and pickle weights (without
-    `allow_pickle=True`) are errors that name the file and tensor.
+    `model_dir` is a local directory or a Hugging Face Hub id (`jlora.convert.hub.resolve_model`);
+    `dtype` is float32, bfloat16 or float16 (a name or a dtype). Unknown or missing tensors, wrong
+    shapes, truncated or corrupt files, a shard index naming files outside the directory and pickle
+    weights (without `allow_pickle=True`) are errors that name the file and tensor.
     """
     dtype = check_dtype(dtype)
     model_dir = resolve_model(model_dir)

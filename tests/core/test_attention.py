@@ -1,0 +1,119 @@
+"""Attention backends: blockwise equals a float64 numpy attention (value and dq, dk, dv), the model's
+logits on every backend equal transformers' (packing and a sliding window included), and LoRA gradients
+through the whole model equal the reference path's."""
+import numpy as np
+import pytest
+from flax import nnx
+
+import jax
+import jax.numpy as jnp
+import jlora
+from jlora.attention import BlockSizes, blockwise_attention, check_backend, reference_attention, use_attention
+from jlora.train.loss import token_loss_sum
+from jlora.train.state import SplitModel
+
+EPS32 = 2.0 ** -23
+
+
+def _numpy_attention(q, k, v, seg, window, scale, dout):
+    """float64 forward and backward of softmax(q k^T scale + mask) v with grouped kv heads."""
+    q, k, v, dout = (np.asarray(a, np.float64) for a in (q, k, v, dout))
+    t = q.shape[1]
+    i, j = np.arange(t)[:, None], np.arange(t)[None, :]
+    mask = (j <= i) & ((i - j < window) if window else True)
+    mask = mask[None] & (seg[:, :, None] == seg[:, None, :])                       # [b, t, s]
+    s = np.einsum("btkgd,bskd->bkgts", q, k) * scale
+    s = np.where(mask[:, None, None], s, -np.inf)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    out = np.einsum("bkgts,bskd->btkgd", p, v)
+    dp = np.einsum("btkgd,bskd->bkgts", dout, v)
+    ds = p * (dp - (dp * p).sum(-1, keepdims=True))
+    dq = np.einsum("bkgts,bskd->btkgd", ds, k) * scale
+    dk = np.einsum("bkgts,btkgd->bskd", ds, q) * scale
+    dv = np.einsum("bkgts,btkgd->bskd", p, dout)
+    return out, (dq, dk, dv)
+
+
+@pytest.mark.parametrize("window", [None, 5])
+@pytest.mark.parametrize("blocks", [BlockSizes(4, 4), BlockSizes(8, 4), BlockSizes(3, 7), BlockSizes()])
+def test_blockwise_equals_float64(window, blocks):
+    """23 positions (padded to the blocks), two packed segments and padding (segment 0) in row 0,
+    2 kv heads x 3 queries each. Bound: float32 rounding over the head and key reductions."""
+    b, t, kv, g, d = 2, 23, 2, 3, 8
+    rng = np.random.RandomState(0)
+    q, k, v = rng.randn(b, t, kv, g, d), rng.randn(b, t, kv, d), rng.randn(b, t, kv, d)
+    dout = rng.randn(b, t, kv, g, d)
+    seg = np.array([[1] * 10 + [2] * 9 + [0] * 4, [3] * 23])
+    want, grads = _numpy_attention(q, k, v, seg, window, 0.3, dout)
+
+    def f(q, k, v):
+        return blockwise_attention(q, k, v, jnp.asarray(seg), sliding_window=window, scale=0.3, block_sizes=blocks)
+
+    args = [jnp.asarray(a, jnp.float32) for a in (q, k, v)]
+    out, vjp = jax.vjp(jax.jit(f), *args)
+    got = vjp(jnp.asarray(dout, jnp.float32))
+    bound = 16 * (d + t) * EPS32
+    assert np.abs(np.asarray(out, np.float64) - want).max() <= bound * np.abs(want).max()
+    for name, x, ref in zip("qkv", got, grads):
+        assert np.abs(np.asarray(x, np.float64) - ref).max() <= bound * np.abs(ref).max(), f"d{name}"
+
+
+def test_bad_backend_names_the_available_ones():
+    with pytest.raises(ValueError, match="'splash' is not implemented yet; available here: auto, blockwise, "
+                                         "reference"):
+        check_backend("splash")
+    with pytest.raises(ValueError, match="'fast' is unknown"):
+        check_backend("fast")
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral"])
+def test_packed_logits_equal_transformers(family, checkpoint, hf_model, close32, logits32_and_64):
+    """Blockwise with 4-position blocks (several blocks per example, mistral's window 8 crossing blocks)
+    and the reference path: each packed example's logits equal transformers' on it alone."""
+    path = checkpoint(family)
+    rng = np.random.RandomState(4)
+    lengths = [7, 12, 5]
+    examples = [rng.randint(3, 96, n) for n in lengths]
+    row = np.concatenate(examples)[None]
+    seg = np.concatenate([np.full(n, i + 1) for i, n in enumerate(lengths)])[None]
+    pos = np.concatenate([np.arange(n) for n in lengths])[None]
+    row, seg, pos = (np.pad(a, ((0, 0), (0, 3))) for a in (row, seg, pos))
+    ref = hf_model(path)
+    wants = [logits32_and_64(ref, ex[None]) for ex in examples]
+    for backend, blocks in (("blockwise", BlockSizes(4, 4)), ("reference", None)):
+        model = use_attention(jlora.load_hf(path), backend, block_sizes=blocks)
+        packed = np.asarray(model(row, positions=pos, segment_ids=seg))
+        start = 0
+        for ex, (want, want64) in zip(examples, wants):
+            close32(packed[0, start:start + len(ex)], want[0], want64[0], what=f"{backend} example at {start}")
+            start += len(ex)
+
+
+@pytest.mark.parametrize("family", ["mistral", "llama-tied"])
+def test_lora_grads_equal_reference_path(family, checkpoint):
+    """LoRA gradients through the whole model (every layer's dq, dk, dv feed them): blockwise with 8-position
+    blocks against the reference path, packed rows. Both are float32 computations of the same function;
+    the bound is float32 rounding over the longest reduction (hidden 32, 31 positions, 2 layers)."""
+    path = checkpoint(family)
+    rng = np.random.RandomState(6)
+    rows, t = 2, 31
+    seg = np.sort(rng.randint(1, 4, (rows, t)), axis=1)
+    batch = {"inputs": rng.randint(3, 96, (rows, t)), "targets": rng.randint(3, 96, (rows, t)),
+             "loss_mask": (rng.rand(rows, t) > 0.2), "segment_ids": seg,
+             "positions": np.stack([np.concatenate([np.arange(n) for n in np.unique(s, return_counts=True)[1]])
+                                    for s in seg])}
+    batch = {k: jnp.asarray(v, jnp.int32) for k, v in batch.items()}
+    grads = {}
+    for backend, blocks in (("blockwise", BlockSizes(8, 8)), ("reference", None)):
+        model = jlora.get_peft_model(jlora.load_hf(path), jlora.LoraConfig(r=4, lora_alpha=8, init_lora_weights=False),
+                                     rngs=nnx.Rngs(3))
+        use_attention(model, backend, block_sizes=blocks)
+        split = SplitModel.of(model)
+        grads[backend] = jax.jit(jax.grad(lambda p: token_loss_sum(split.model(p, split.frozen), batch)[0]))(
+            split.params())
+    bound = 64 * (32 + t) * EPS32
+    for k, ref in grads["reference"].items():
+        ref = np.asarray(ref, np.float64)
+        assert np.abs(ref).max() > 0, k
+        assert np.abs(np.asarray(grads["blockwise"][k], np.float64) - ref).max() <= bound * np.abs(ref).max(), k

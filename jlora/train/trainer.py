@@ -210,16 +210,18 @@ class Trainer:
                                                   jnp.asarray(step, jnp.int32))
                 loss = float(m["loss"])
                 dt = time.perf_counter() - t0
-                removed = None
-                if not math.isfinite(loss) and last_saved == step and step != start:
-                    # That checkpoint's next step (this one) is not finite: it is no place to resume from.
-                    ckpt.delete(step)
-                    removed, last_saved = step, ckpt.latest_step()
-                where = (f"the last good checkpoint (its next step's loss was finite) is step {last_saved} in "
-                         f"{ckpt.directory}" if last_saved is not None else "no good checkpoint was saved")
-                if removed is not None:
-                    where += f"; the step-{removed} checkpoint, whose next step was not finite, was removed"
-                guard.check(step + 1, loss, float(m["grad_norm"]), bool(m["params_finite"]), last_good=where)
+                params_finite, where = bool(m["params_finite"]), ""
+                if not (math.isfinite(loss) and params_finite):
+                    removed = None
+                    if not math.isfinite(loss) and last_saved == step and step != start:
+                        # That checkpoint's next step (this one) is not finite: no place to resume from.
+                        ckpt.delete(step)
+                        removed, last_saved = step, ckpt.latest_step()
+                    where = (f"the last good checkpoint (its next step's loss was finite) is step {last_saved} "
+                             f"in {ckpt.directory}" if last_saved is not None else "no good checkpoint was saved")
+                    if removed is not None:
+                        where += f"; the step-{removed} checkpoint, whose next step was not finite, was removed"
+                guard.check(step + 1, loss, float(m["grad_norm"]), params_finite, last_good=where)
                 losses.append(loss)
                 record = {"step": step + 1, "loss": loss, "lr": float(m["lr"]),
                           "grad_norm": float(m["grad_norm"]), "tokens_per_sec": tokens / dt,

@@ -3,8 +3,10 @@
     "reference"  every score at once (jlora.attention.reference): O(T^2) memory, the tested truth
     "blockwise"  plain-JAX online softmax over blocks with its own backward (jlora.attention.blockwise):
                  O(T) memory, runs everywhere
-    "auto"       the best available here: "blockwise" today (TPU splash / GPU cuDNN backends come later
-                 and will be chosen here where they run)
+    "auto"       the best available here: "reference" when one block covers the row (the blockwise path
+                 would hold the same [T, T] block, and it was no faster at T 64 to 512 on CPU), else
+                 "blockwise" (2.6x the reference's speed at T 2048, benchmarks/long_context.py). TPU splash
+                 and GPU cuDNN backends come later and will be chosen here where they run.
 
 Every backend computes the same function (causal, packed segments, sliding window, grouped kv heads).
 A name that is not available on this platform is an error naming the ones that are.
@@ -29,15 +31,18 @@ def check_backend(name: str) -> str:
     raise ValueError(f"attention backend {name!r} {why}; available here: {', '.join(BACKENDS)}")
 
 
-def resolve(name: str) -> str:
-    """The concrete backend `name` runs as ("auto" -> the best available)."""
-    return "blockwise" if check_backend(name) == "auto" else name
+def resolve(name: str, seq_len: int, block_sizes: BlockSizes | None = None) -> str:
+    """The concrete backend `name` runs as for rows of `seq_len` ("auto" -> the best available)."""
+    if check_backend(name) != "auto":
+        return name
+    blocks = block_sizes or BlockSizes.get_default()
+    return "reference" if seq_len <= min(blocks.q, blocks.k) else "blockwise"
 
 
 def attend(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, segment_ids: jnp.ndarray, *, backend: str = DEFAULT_BACKEND,
            sliding_window: int | None = None, scale: float, block_sizes: BlockSizes | None = None) -> jnp.ndarray:
     """q [b, t, kv_heads, group, d], k and v [b, t, kv_heads, d], segment_ids [b, t] -> [b, t, kv_heads, group, d]."""
-    if resolve(backend) == "reference":
+    if resolve(backend, q.shape[1], block_sizes) == "reference":
         return reference_attention(q, k, v, segment_ids, sliding_window=sliding_window, scale=scale)
     return blockwise_attention(q, k, v, segment_ids, sliding_window=sliding_window, scale=scale,
                                block_sizes=block_sizes)

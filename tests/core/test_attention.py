@@ -117,3 +117,11 @@ def test_lora_grads_equal_reference_path(family, checkpoint):
         ref = np.asarray(ref, np.float64)
         assert np.abs(ref).max() > 0, k
         assert np.abs(np.asarray(grads["blockwise"][k], np.float64) - ref).max() <= bound * np.abs(ref).max(), k
+
+
+def test_auto_is_reference_within_one_block():
+    """auto: the materialized path while one block covers the row (same memory), blockwise beyond it."""
+    from jlora.attention.backends import resolve
+    assert resolve("auto", 512) == "reference" and resolve("auto", 513) == "blockwise"
+    assert resolve("auto", 64, BlockSizes(32, 64)) == "blockwise"
+    assert resolve("reference", 10_000) == "reference" and resolve("blockwise", 8) == "blockwise"

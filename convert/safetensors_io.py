@@ -16,6 +16,8 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from jlora.atomic_files import new_file_mode
+
 
 class CheckpointError(ValueError):
     """A checkpoint file or directory that cannot be read as expected."""
@@ -101,15 +103,9 @@ def write_atomic(path: Path, tensors: dict[str, np.ndarray], metadata: dict[str,
     os.close(fd)
     try:
         save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, tmp, metadata=metadata)
+        os.chmod(tmp, new_file_mode(path))  # mkstemp made it 0600: readable by its owner only
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
 
-
-def write_text_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)

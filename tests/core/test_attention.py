@@ -125,3 +125,21 @@ def test_auto_is_reference_within_one_block():
     assert resolve("auto", 512) == "reference" and resolve("auto", 513) == "blockwise"
     assert resolve("auto", 64, BlockSizes(32, 64)) == "blockwise"
     assert resolve("reference", 10_000) == "reference" and resolve("blockwise", 8) == "blockwise"
+
+
+def test_blockwise_bfloat16_against_float64():
+    """bf16 operands (as a bf16 model runs): value and gradients within a few bf16 roundings (2^-8) of the
+    float64 attention of the same bf16-rounded inputs; float32 accumulation inside."""
+    b, t, kv, g, d = 2, 40, 2, 2, 16
+    rng = np.random.RandomState(1)
+    args = [jnp.asarray(a, jnp.bfloat16) for a in (rng.randn(b, t, kv, g, d), rng.randn(b, t, kv, d),
+                                                   rng.randn(b, t, kv, d), rng.randn(b, t, kv, g, d))]
+    seg = np.ones((b, t), np.int32)
+    want, grads = _numpy_attention(*(np.asarray(a, np.float64) for a in args[:3]), seg, 16, 0.25,
+                                   np.asarray(args[3], np.float64))
+    out, vjp = jax.vjp(lambda q, k, v: blockwise_attention(q, k, v, jnp.asarray(seg), sliding_window=16, scale=0.25,
+                                                           block_sizes=BlockSizes(8, 8)), *args[:3])
+    assert out.dtype == jnp.bfloat16
+    for name, x, ref in zip(["out", "dq", "dk", "dv"], [out, *vjp(args[3])], [want, *grads]):
+        assert x.dtype == jnp.bfloat16, name
+        assert np.abs(np.asarray(x, np.float64) - ref).max() <= 8 * 2.0 ** -8 * np.abs(ref).max(), name

@@ -10,7 +10,7 @@ Writes are whole-directory swaps (jlora.atomic_files.atomic_directory): the chec
 temporary sibling of `out_dir` and renamed into place, so `out_dir` holds exactly one complete export
 (never a new sharded layout beside an old single file, which loaders would prefer), and a failure midway
 leaves the previous contents untouched. A non-empty `out_dir` is replaced only when every entry in it is
-a file a checkpoint export writes (CHECKPOINT_FILES, model shards, tokenizer files); anything else is an
+a file a checkpoint export writes (CHECKPOINT_FILES, model shards, MODEL_SIDE_FILES); anything else is an
 error naming it, so a mistyped path never deletes unrelated files.
 """
 from __future__ import annotations
@@ -28,14 +28,14 @@ from jlora import nf4
 from jlora.convert.hf_names import tensor_map, variable_at
 from jlora.atomic_files import atomic_directory, write_json, write_text
 from jlora.convert.safetensors_io import write_atomic
+from jlora.convert.tokenizer_files import MODEL_SIDE_FILES
 from jlora.llama import LlamaForCausalLM
 from jlora.qlora import NF4Weight
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                   "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "generation_config.json")
 SHARD_BYTES = 5 * 1024**3
 # What a checkpoint dir written by write_checkpoint (or transformers' save_pretrained) may hold, besides
-# TOKENIZER_FILES; a directory holding only these is a previous export and may be replaced as a whole.
+# MODEL_SIDE_FILES (tokenizer files, generation_config.json); a directory holding only these is a previous
+# export and may be replaced as a whole.
 CHECKPOINT_FILES = re.compile(r"^(config\.json|model\.safetensors|model\.safetensors\.index\.json|"
                               r"model-\d+-of-\d+\.safetensors|pytorch_model(-\d+-of-\d+)?\.bin|"
                               r"pytorch_model\.bin\.index\.json)$")
@@ -72,7 +72,7 @@ def check_replaceable(out_dir) -> None:
     if not out_dir.is_dir():
         raise ValueError(f"{out_dir} exists and is not a directory; expected a directory for the checkpoint")
     foreign = sorted(p.name for p in out_dir.iterdir()
-                     if not (CHECKPOINT_FILES.match(p.name) or p.name in TOKENIZER_FILES))
+                     if not (CHECKPOINT_FILES.match(p.name) or p.name in MODEL_SIDE_FILES))
     if foreign:
         raise ValueError(f"{out_dir} holds {foreign[:5]}{' ...' if len(foreign) > 5 else ''}, which are not part of a "
                          f"checkpoint; the export replaces the whole directory, so choose an empty or new directory")
@@ -99,7 +99,7 @@ def _write_files(tensors, hf_config: dict, out_dir: Path, source_dir, shard_byte
         write_json(out_dir / "model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map})
     write_text(out_dir / "config.json", json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
     if source_dir:
-        for f in TOKENIZER_FILES:
+        for f in MODEL_SIDE_FILES:
             if (Path(source_dir) / f).exists():
                 shutil.copy2(Path(source_dir) / f, out_dir / f)
 

@@ -13,10 +13,8 @@ from pathlib import Path
 from jlora.convert.hf_checkpoint import read_config, weight_files
 from jlora.convert.hub import resolve_model
 from jlora.convert.safetensors_io import CheckpointError
+from jlora.convert.tokenizer_files import TOKENIZER_MODEL_FILES
 from jlora.llama_config import LlamaConfig
-
-# Any one of these is a tokenizer transformers can load (fast tokenizer.json, SentencePiece, BPE vocab).
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model")
 
 
 def open_model_dir(model, *, allow_pickle: bool = False) -> Path:
@@ -25,8 +23,8 @@ def open_model_dir(model, *, allow_pickle: bool = False) -> Path:
     hf = read_config(model_dir)
     LlamaConfig.from_hf_dict(hf, where=str(model_dir / "config.json"))
     weight_files(model_dir, allow_pickle=allow_pickle)
-    if not any((model_dir / name).is_file() for name in TOKENIZER_FILES):
-        raise CheckpointError(f"{model_dir}: no tokenizer (expected one of {', '.join(TOKENIZER_FILES)} "
+    if not any((model_dir / name).is_file() for name in TOKENIZER_MODEL_FILES):
+        raise CheckpointError(f"{model_dir}: no tokenizer (expected one of {', '.join(TOKENIZER_MODEL_FILES)} "
                               "beside config.json; copy the tokenizer files of the base model there)")
     return model_dir
 

@@ -14,7 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jlora.convert.safetensors_io import CheckpointError, iter_tensors, write_atomic, write_text_atomic
+from jlora.atomic_files import write_text
+from jlora.convert.safetensors_io import CheckpointError, iter_tensors, write_atomic
 from jlora.llama import LlamaForCausalLM
 from jlora.lora_config import ALL_LINEAR, LoraConfig
 from jlora.module_patterns import PatternError
@@ -35,8 +36,11 @@ def explicit_targets(model: LlamaForCausalLM) -> list[str]:
     return suffixes if everywhere == adapted else adapted
 
 
-def adapter_config(model: LlamaForCausalLM, base_model_name_or_path: str | None = None) -> dict:
-    """The adapter_config.json dict, checked to reproduce every module's rank and scaling."""
+def adapter_config(model: LlamaForCausalLM, base_model_name_or_path: str | None = None,
+                   revision: str | None = None) -> dict:
+    """The adapter_config.json dict, checked to reproduce every module's rank and scaling.
+
+    `revision` is the base's Hub revision (PEFT's field: `from_pretrained` loads the base at it)."""
     cfg: LoraConfig = getattr(model, "lora_config", None) or LoraConfig()
     modules = list(adapted_modules(model))
     if not modules:
@@ -50,7 +54,7 @@ def adapter_config(model: LlamaForCausalLM, base_model_name_or_path: str | None 
         "rank_pattern": dict(cfg.rank_pattern), "alpha_pattern": dict(cfg.alpha_pattern),
         "fan_in_fan_out": False,
         "base_model_name_or_path": base_model_name_or_path or getattr(model, "source_dir", None),
-        "inference_mode": True, "layers_to_transform": None, "layers_pattern": None, "revision": None,
+        "inference_mode": True, "layers_to_transform": None, "layers_pattern": None, "revision": revision,
     }
     check = LoraConfig(r=out["r"], lora_alpha=out["lora_alpha"], use_rslora=out["use_rslora"],
                        rank_pattern=out["rank_pattern"], alpha_pattern=out["alpha_pattern"])
@@ -71,12 +75,13 @@ def adapter_tensors(model: LlamaForCausalLM) -> dict[str, np.ndarray]:
     return out
 
 
-def save_pretrained(model: LlamaForCausalLM, out_dir, *, base_model_name_or_path: str | None = None) -> Path:
+def save_pretrained(model: LlamaForCausalLM, out_dir, *, base_model_name_or_path: str | None = None,
+                    revision: str | None = None) -> Path:
     """Writes `adapter_config.json` + `adapter_model.safetensors` that PEFT loads and vLLM serves."""
     out_dir = Path(out_dir)
-    config = adapter_config(model, base_model_name_or_path)
+    config = adapter_config(model, base_model_name_or_path, revision)
     write_atomic(out_dir / WEIGHTS_FILE, adapter_tensors(model), metadata={"format": "pt"})
-    write_text_atomic(out_dir / CONFIG_FILE, json.dumps(config, indent=2) + "\n")
+    write_text(out_dir / CONFIG_FILE, json.dumps(config, indent=2) + "\n")
     return out_dir
 
 

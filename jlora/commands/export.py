@@ -27,19 +27,34 @@ def register(sub):
                    help="acceptable logit drift, in percent of max |logits| (default 1)")
     p.add_argument("--merge", action="store_true", help="also write base + delta W as a transformers "
                                                         "checkpoint to OUT/merged (needs the base)")
-    p.add_argument("--base", default=None, help="base checkpoint dir (default: the adapter's "
-                                                "base_model_name_or_path when it is a local dir)")
+    p.add_argument("--base", default=None, help="base checkpoint dir or Hugging Face Hub id (default: the adapter's "
+                                                "base_model_name_or_path (+ revision): a local dir, or a Hub id "
+                                                "taken from the HF cache first)")
+    p.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
+                   help="dtype of the --merge checkpoint (default: the base's config.json torch_dtype)")
     p.add_argument("--no-drift", action="store_true", help="skip the logit-drift check on sample inputs")
     p.add_argument("--allow-pickle", action="store_true", help="read adapter_model.bin (pickle)")
     p.set_defaults(func=run)
     return p
 
 
-def _base_dir(args, adapter) -> Path | None:
+def _base_dir(args, adapter) -> tuple[Path | None, str | None]:
+    """(the base's local directory, None), or (None, "base not verified: why") when no base can be had.
+    --base and a Hub id the adapter names are resolved by jlora.convert.hub.resolve_model, cache first."""
+    from jlora.convert.hub import resolve_model
+    from jlora.ranks.drift import named_base
     if args.base:
-        return Path(args.base)
-    name = adapter.config.get("base_model_name_or_path")
-    return Path(name) if name and Path(name).is_dir() else None
+        return resolve_model(args.base, cache_first=True), None  # raises CheckpointError naming it
+    base_dir, missing = named_base(adapter, fetch=True)
+    return base_dir, f"base not verified: {missing}" if missing else None
+
+
+def merge_dtype(args, base_dir: Path) -> str:
+    """--dtype, else the base's config.json torch_dtype (`dtype` in newer transformers), else float32."""
+    from jlora.ranks.drift import _config
+    hf = _config(base_dir) or {}
+    named = args.dtype or hf.get("torch_dtype") or hf.get("dtype") or "float32"
+    return named if named in ("float32", "bfloat16", "float16") else "float32"
 
 
 def _inside(path: Path, parent: Path) -> bool:
@@ -80,7 +95,10 @@ def run(args) -> int:
     except (CheckpointError, ValueError) as e:
         return fail(e)
     out = Path(args.out)
-    base_dir = _base_dir(args, adapter)
+    try:
+        base_dir, base_note = _base_dir(args, adapter)
+    except CheckpointError as e:
+        return fail(f"--base: {e}")
     problem = _out_problem(out, adapter.path, base_dir, args.overwrite)
     if problem:
         return fail(problem)
@@ -99,8 +117,7 @@ def run(args) -> int:
         return fail(f"{adapter.path}: vLLM would not serve the export (nothing written): "
                     + "; ".join(problems) + hint)
     if args.merge and base_dir is None:
-        return fail(f"--merge needs the base model: {adapter.path / CONFIG_FILE} names "
-                    f"{adapter.config.get('base_model_name_or_path')!r}, not a local dir; pass --base DIR")
+        return fail(f"--merge needs the base model ({base_note}); pass --base DIR")
 
     cfg = export.config
     lines = [f"{adapter.path} -> {out}: r={cfg['r']} lora_alpha={cfg['lora_alpha']:g}"
@@ -118,6 +135,7 @@ def run(args) -> int:
               "base_model_name_or_path": cfg.get("base_model_name_or_path"), "max_lora_rank": args.max_lora_rank,
               "modules": [vars(m) for m in export.modules]}
     drift = recommended = None
+    base_checked = base_dir is None  # no base: its note says why
     try:
         with atomic_directory(out.resolve()) as tmp:
             write_export(export, tmp)
@@ -130,6 +148,7 @@ def run(args) -> int:
                 from jlora.ranks.drift import DriftProbe
                 print(f"measuring logit drift on {base_dir} ...", flush=True)
                 probe = DriftProbe(base_dir, adapter)
+                base_note, base_checked = probe.base_note, True
                 if export.folded or export.truncated:
                     drift = report["logit_drift"] = probe.measure(tmp)
                     lines.append(f"logit drift on {drift['samples']} random sequences of {drift['length']} tokens: "
@@ -138,26 +157,32 @@ def run(args) -> int:
                 known = {args.max_lora_rank: drift["relative"]} if drift and export.truncated else {}
                 recommended = recommend_max_lora_rank(adapter, probe, threshold, known)
             elif not args.no_drift and (export.folded or export.truncated):
-                lines.append("logit drift not measured: no local base (pass --base DIR)")
-            report["verdict"] = verdict(export, drift, threshold, recommended)
+                lines.append(f"logit drift not measured: no local base ({base_note}; pass --base DIR)")
+            model = None
+            if args.merge and probe is None:
+                import jlora
+                from jlora.ranks.drift import check_base
+                dtype = merge_dtype(args, base_dir)
+                model = jlora.load_hf(base_dir, dtype=dtype)
+                base_note, base_checked = check_base(adapter, base_dir, model), True
+            report["verdict"] = verdict(export, drift, threshold, recommended, base_note, base_checked)
             lines += verdict_lines(report["verdict"])
-            write_json(tmp / REPORT_FILE, report)
             if args.merge:
                 import jlora
                 print(f"merging into {base_dir} ...", flush=True)
-                if probe is None:
-                    from jlora.ranks.drift import check_base
-                    model = jlora.load_hf(base_dir)
-                    check_base(adapter, base_dir, model)
-                    model = jlora.load_adapter(model, tmp)
-                else:
-                    model = probe.with_adapter(tmp)
-                jlora.save_merged(model, tmp / "merged")
-                lines.append(f"merged checkpoint: {out / 'merged'}")
+                # the probe's float32 copy holds a 16-bit base exactly; the sum W + delta W is float32 either way
+                model = jlora.load_adapter(model, tmp) if probe is None else probe.with_adapter(tmp)
+                dtype = report["merged_dtype"] = merge_dtype(args, base_dir)
+                jlora.save_merged(model, tmp / "merged", dtype=dtype)
+                lines.append(f"merged checkpoint ({dtype}): {out / 'merged'}")
+            write_json(tmp / REPORT_FILE, report)
     except (CheckpointError, ValueError, OSError) as e:
         return fail(f"{e} (nothing written: {out} is as it was)")
     print("\n".join(lines))
-    base_text = str(base_dir.resolve()) if base_dir else cfg.get("base_model_name_or_path") or "BASE"
+    named = cfg.get("base_model_name_or_path")
+    from jlora.convert.hub import is_hub_id
+    hub_base = not args.base and named and is_hub_id(named) and not Path(named).is_dir()
+    base_text = named if hub_base else str(base_dir.resolve()) if base_dir else named or "BASE"
     caveat = " (but see the verdict: the drift is not acceptable)" if report["verdict"]["acceptable"] is False else ""
     print(f"vLLM check passed (--max-lora-rank {server}){caveat}. Serve it with:\n"
           f"  vllm serve {base_text} --enable-lora --max-lora-rank {server} --lora-modules adapter={out.resolve()}")

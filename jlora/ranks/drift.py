@@ -4,17 +4,20 @@
     relative = drift / max |logits(base + original)|
     of_update = drift / max |logits(base + original) - logits(base)|   (share of the adapter's own effect)
 
-The base is loaded once (float32); base and original logits are computed once; each export measured
+The base is loaded once (float32: a bf16 or fp16 base converts exactly); base and original logits are computed once; each export measured
 is swapped onto the same base (jlora.load_adapter).
 
 The base must be the one the adapter was trained on, or the numbers mean nothing. `check_base` refuses:
 - an adapted module the base lacks, or whose [out, in] differs from the adapter's factors;
-- when the adapter's `base_model_name_or_path` names another local directory: a base whose config.json
+- when the adapter's `base_model_name_or_path` names another base (a local directory, or a Hub id with its
+  `revision` found in the Hugging Face cache, `named_base`): a base whose config.json
   differs from that one's in an architecture field (ARCH_FIELDS), or whose dense FINGERPRINT tensors
   (the final norm and the first FINGERPRINT_ROWS embedding rows: 16-bit in every layout, bitsandbytes
   4-bit included) differ by more than FINGERPRINT_TOL of their largest magnitude. A copy of the same
   model in another dtype (bf16 rounds by 2^-8) passes; a fine-tune that left those tensors as they were
   (a merged LoRA) cannot be told apart.
+When the named base cannot be found (no such directory, a Hub id not in the cache), nothing is compared:
+`check_base` returns a "base not verified" note, which the export's verdict carries.
 """
 from __future__ import annotations
 
@@ -65,12 +68,36 @@ def _config(path: Path) -> dict | None:
         return None
 
 
-def check_base(adapter, base_dir, model) -> None:
-    """Raises CheckpointError when `base_dir` (loaded as `model`) is not a base `adapter` fits (module docstring)."""
+def named_base(adapter, *, fetch: bool = False) -> tuple[Path | None, str | None]:
+    """(the local directory of the base `adapter` names, None) or (None, why it cannot be had).
+
+    A Hub id (with the config's `revision`) is looked up in the HF cache; `fetch` also asks the Hub
+    when it is not cached (jlora.convert.hub.resolve_model).
+    """
+    from jlora.convert.hub import hub_reference, resolve_model
+    where = adapter.path / "adapter_config.json"
+    named = adapter.config.get("base_model_name_or_path")
+    if not named:
+        return None, f"{where} names no base_model_name_or_path"
+    if Path(named).is_dir():
+        return Path(named), None
+    ref = hub_reference(named, adapter.config.get("revision"))
+    if ref is None:
+        return None, f"{where} names {named!r}, which is neither a local directory nor a Hugging Face Hub id"
+    try:
+        return resolve_model(ref, cache_first=fetch, cache_only=not fetch), None
+    except CheckpointError as e:
+        return None, f"{where} names {ref!r}, which could not be found: {e}"
+
+
+def check_base(adapter, base_dir, model) -> str | None:
+    """Raises CheckpointError when `base_dir` (loaded as `model`) is not a base `adapter` fits (module docstring);
+    returns a "base not verified: ..." note when the base the adapter names cannot be found, else None."""
     from jlora.peft_model import linear_modules
     base_dir = Path(base_dir)
     named = adapter.config.get("base_model_name_or_path")
-    trained_on = Path(named) if named and Path(named).is_dir() else None
+    trained_on, missing = named_base(adapter)
+    note = f"base not verified: {missing}" if missing else None
     if trained_on is not None and trained_on.resolve() != base_dir.resolve():
         want, got = _config(trained_on), _config(base_dir)
         if want is not None and got is not None:
@@ -100,6 +127,7 @@ def check_base(adapter, base_dir, model) -> None:
         if shapes[m.name] != want:
             raise CheckpointError(f"--base {base_dir}: {m.name} is [out, in] = {list(shapes[m.name])}, the adapter's "
                                   f"factors need {list(want)}; was {adapter.path} trained on another base?")
+    return note
 
 
 class DriftProbe:
@@ -109,7 +137,7 @@ class DriftProbe:
         import jlora
 
         self.model = jlora.load_hf(Path(base_dir), dtype="float32")
-        check_base(adapter, base_dir, self.model)
+        self.base_note = check_base(adapter, base_dir, self.model)
         self.samples, self.length = samples, length
         self.ids = np.random.RandomState(seed).randint(0, self.model.config.vocab_size, (samples, length))
         self.base = np.asarray(self.model(self.ids), np.float64)

@@ -49,9 +49,14 @@ def recommend_max_lora_rank(adapter, probe, threshold: float, measured: dict[int
     return (ceiling, 0.0) if ceiling is not None else (None, None)
 
 
-def verdict(export, drift: dict | None, threshold: float, recommended: tuple[int | None, float | None] | None
-            ) -> dict:
-    """The verdict dict export_report.json records (and `jlora export` prints)."""
+def verdict(export, drift: dict | None, threshold: float, recommended: tuple[int | None, float | None] | None,
+            base_note: str | None = None, base_checked: bool = True) -> dict:
+    """The verdict dict export_report.json records (and `jlora export` prints).
+
+    `base_note` ("base not verified: ...", jlora.ranks.drift.check_base) is recorded as base_verified =
+    False and appended to the reason: a drift measured on a base nobody checked is never plainly acceptable.
+    base_verified is None when no base was looked at (`base_checked` False: --no-drift without --merge).
+    """
     top, rest = energy_lost(export.modules)
     if not export.truncated:
         acceptable, why = True, "no module was cut: every delta W is the source's (folded scales are exact)"
@@ -60,8 +65,12 @@ def verdict(export, drift: dict | None, threshold: float, recommended: tuple[int
     else:
         acceptable = drift["relative"] <= threshold
         why = (f"relative drift {drift['relative']:.3%} {'<=' if acceptable else '>'} threshold {threshold:.3%}")
+    if base_note:
+        why = f"{why} ({base_note})"
     out = {"threshold": threshold, "measure": "max|delta logits| / max|logits(base + original)|",
-           "acceptable": acceptable, "reason": why, "most_energy_lost": top, "other_cut_modules": rest}
+           "acceptable": acceptable, "reason": why,
+           "base_verified": (base_note is None) if base_checked else None,
+           "most_energy_lost": top, "other_cut_modules": rest}
     if recommended is not None:
         out["recommended_max_lora_rank"], out["recommended_relative_drift"] = recommended
     return out

@@ -254,8 +254,9 @@ class Trainer:
         if not hosts.is_main():  # process 0 writes the adapter, merged model and plot
             hosts.barrier("jlora: exports written")
             return result
-        from jlora.convert.hub import base_model_name  # the Hub id when --model was one
-        save_pretrained(model, adapter_dir, base_model_name_or_path=base_model_name(c.model, model_dir))
+        from jlora.convert.hub import base_model_name, base_model_revision  # the Hub id when --model was one
+        save_pretrained(model, adapter_dir, base_model_name_or_path=base_model_name(c.model, model_dir),
+                        revision=base_model_revision(c.model, model_dir))
         if c.merge:
             result["merged"] = str(save_merged(model, self.out / "merged"))
         records = metrics_log.records()

@@ -94,28 +94,12 @@ def test_uncached_id_offline_is_one_clear_error(hf_home, tmp_path, monkeypatch):
 def test_only_what_jlora_reads_is_downloaded():
     import fnmatch
     wanted = ["config.json", "model.safetensors", "model-00001-of-00004.safetensors",
-              "model.safetensors.index.json", "tokenizer.json", "tokenizer.model", "tokenizer_config.json"]
+              "model.safetensors.index.json", "tokenizer.json", "tokenizer.model", "tokenizer_config.json",
+              "spiece.model", "chat_template.json", "chat_template.jinja", "generation_config.json"]
     unwanted = ["pytorch_model.bin", "consolidated.safetensors", "original/consolidated.00.pth",
                 "model.gguf", "onnx/model.onnx", "flax_model.msgpack"]
     assert all(any(fnmatch.fnmatch(f, p) for p in ALLOW_PATTERNS) for f in wanted)
     assert not any(fnmatch.fnmatch(f, p) for f in unwanted for p in ALLOW_PATTERNS)
-
-
-def test_train_with_a_cached_hub_id(default_base, hf_home, tmp_path, monkeypatch, capsys):
-    """`jlora train --model org/name` end to end from the HF cache, offline; the adapter names the id."""
-    import json
-
-    from jlora.cli import main
-
-    monkeypatch.chdir(tmp_path)
-    _cache_snapshot(hf_home, "org/demo", default_base)
-    data = tmp_path / "train.jsonl"
-    data.write_text("".join(json.dumps({"prompt": f"{i}+1=", "completion": f"{i + 1}"}) + "\n" for i in range(8)))
-    code = main(["train", "--model", "org/demo", "--data", str(data), "--out", str(tmp_path / "run"),
-                 "--steps", "1", "--batch-size", "2", "--seq-len", "32", "--eval-every", "0", "--no-progress"])
-    assert code == 0, capsys.readouterr().err
-    config = json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())
-    assert config["base_model_name_or_path"] == "org/demo"
 
 
 def test_cached_sharded_snapshot_with_blob_links_loads(checkpoint, hf_home, tmp_path, monkeypatch, rel):
@@ -126,3 +110,114 @@ def test_cached_sharded_snapshot_with_blob_links_loads(checkpoint, hf_home, tmp_
     assert (snapshot / "model-00001-of-00002.safetensors").is_symlink()
     ids = np.arange(12)[None]
     assert rel(jlora.load_hf("org/sharded")(ids), jlora.load_hf(checkpoint("llama"))(ids)) == 0
+
+
+def test_a_path_that_reads_as_a_hub_id_resolves(checkpoint, hf_home, tmp_path, monkeypatch):
+    """resolve_model(Path("org/tiny")) (what `load_hf(Path(...))` passes) is a Hub id when no such dir exists."""
+    monkeypatch.chdir(tmp_path)
+    snapshot = _cache_snapshot(hf_home, "org/tiny", checkpoint("llama"))
+    assert resolve_model(Path("org/tiny")) == snapshot
+    assert resolve_model(Path(f"org/tiny@{COMMIT}")) == snapshot
+
+
+@pytest.mark.parametrize("model, revision", [("org/demo", None), (f"org/demo@{COMMIT}", COMMIT)])
+def test_train_with_a_cached_hub_id(default_base, hf_home, tmp_path, monkeypatch, capsys, model, revision):
+    """`jlora train --model org/name[@rev]` end to end from the HF cache, offline; the adapter names the id
+    and PEFT's `revision` field keeps the @rev (PEFT loads the base at it)."""
+    import json
+
+    from jlora.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    _cache_snapshot(hf_home, "org/demo", default_base)
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"{i}+1=", "completion": f"{i + 1}"}) + "\n" for i in range(8)))
+    code = main(["train", "--model", model, "--data", str(data), "--out", str(tmp_path / "run"),
+                 "--steps", "1", "--batch-size", "2", "--seq-len", "32", "--eval-every", "0", "--no-progress"])
+    assert code == 0, capsys.readouterr().err
+    config = json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == "org/demo" and config["revision"] == revision
+
+
+def _peft_adapter(base_dir, out, named: str):
+    """A rank-8 PEFT adapter with random non-zero B on `base_dir`, whose config names `named` as its base."""
+    import json
+
+    import peft
+    import torch
+    import transformers
+    torch.manual_seed(0)
+    base = transformers.AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    ref = peft.get_peft_model(base, peft.LoraConfig(task_type="CAUSAL_LM", r=8, lora_alpha=16,
+                                                    init_lora_weights=False, target_modules=["q_proj", "v_proj"]))
+    ref.save_pretrained(out)
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    (out / "adapter_config.json").write_text(json.dumps({**cfg, "base_model_name_or_path": named}))
+    return out
+
+
+def test_export_of_a_hub_id_adapter_finds_its_base_in_the_cache(checkpoint, hf_home, tmp_path, monkeypatch, capsys):
+    """An adapter trained from `org/tiny`: the drift check and --merge use the cached snapshot, `--base org/tiny`
+    works, and another --base is compared with the cached one (the check is not skipped for Hub ids)."""
+    import json
+
+    from jlora.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    qwen2 = checkpoint("qwen2")
+    snapshot = _cache_snapshot(hf_home, "org/tiny", checkpoint("llama"))
+    adapter = _peft_adapter(checkpoint("llama"), tmp_path / "adapter", "org/tiny")
+    capsys.readouterr()
+    assert main(["export", str(adapter), "--out", str(tmp_path / "e"), "--max-lora-rank", "1", "--merge"]) == 0, \
+        capsys.readouterr().err
+    out = capsys.readouterr().out
+    report = json.loads((tmp_path / "e" / "export_report.json").read_text())
+    assert report["base"] == str(snapshot) and "logit_drift" in report and report["verdict"]["base_verified"] is True
+    assert (tmp_path / "e" / "merged" / "model.safetensors").exists() and "vllm serve org/tiny " in out
+    assert main(["export", str(adapter), "--out", str(tmp_path / "e2"), "--merge", "--base", "org/tiny"]) == 0
+    assert json.loads((tmp_path / "e2" / "export_report.json").read_text())["base"] == str(snapshot)
+    capsys.readouterr()
+    assert main(["export", str(adapter), "--out", str(tmp_path / "e3"), "--no-drift", "--merge",
+                 "--base", str(qwen2)]) == 2
+    assert "model_type: 'llama' vs 'qwen2'" in capsys.readouterr().err
+
+
+def test_export_with_an_unresolvable_hub_base_says_base_not_verified(checkpoint, hf_home, tmp_path, monkeypatch,
+                                                                    capsys):
+    import json
+
+    from jlora.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    adapter = _peft_adapter(checkpoint("llama"), tmp_path / "adapter", "org/absent")
+    capsys.readouterr()
+    assert main(["export", str(adapter), "--out", str(tmp_path / "e"), "--max-lora-rank", "1",
+                 "--base", str(checkpoint("llama"))]) == 0
+    out = capsys.readouterr().out
+    v = json.loads((tmp_path / "e" / "export_report.json").read_text())["verdict"]
+    assert v["base_verified"] is False and "base not verified" in v["reason"] and "'org/absent'" in v["reason"]
+    assert "base not verified" in out
+    assert main(["export", str(adapter), "--out", str(tmp_path / "e2"), "--merge"]) == 2
+    err = capsys.readouterr().err
+    assert "--merge needs the base model (base not verified" in err and "'org/absent'" in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "e2").exists()
+
+
+def test_unreachable_hub_without_offline_is_one_line_within_seconds(tmp_path):
+    """The original failure: no HF_HUB_OFFLINE, no network (HF_ENDPOINT on a closed port), an empty cache.
+    A subprocess, since huggingface_hub reads HF_ENDPOINT when it is imported."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE_"))}
+    env.update(HF_HOME=str(tmp_path / "hf-home"), HF_ENDPOINT="http://127.0.0.1:9")
+    code = ("import time\nfrom jlora.convert.hub import resolve_model\nfrom jlora.convert.safetensors_io import "
+            "CheckpointError\nt = time.perf_counter()\ntry:\n    resolve_model('org/absent')\n"
+            "except CheckpointError as e:\n    print(f'{time.perf_counter() - t:.2f}'); print(e)\n")
+    run = subprocess.run([sys.executable, "-c", code], env=env, cwd=tmp_path, capture_output=True, text=True,
+                         timeout=300)
+    lines = run.stdout.strip().splitlines()
+    assert run.returncode == 0 and len(lines) == 2, run.stdout + run.stderr
+    assert float(lines[0]) < 30, f"resolving took {lines[0]} s"
+    assert "'org/absent'" in lines[1] and "could not be fetched" in lines[1] and "local checkpoint directory" in lines[1]

@@ -17,6 +17,15 @@ IDS = np.random.RandomState(0).randint(0, 96, (4, 32))  # the sequences jlora.ra
 TARGETS = ["q_proj", "v_proj", "up_proj", "down_proj"]
 
 
+@pytest.fixture(autouse=True)
+def offline_hub(tmp_path, monkeypatch):
+    """An empty HF cache, offline: the adapters below that name `meta-llama/x` are looked up there, never online."""
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    monkeypatch.delenv("HUGGINGFACE_HUB_CACHE", raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
 @pytest.fixture(scope="module")
 def adapter(checkpoint, tmp_path_factory):
     """A rank-16 PEFT adapter (random, non-zero B) on the tiny Llama, base_model_name_or_path = that checkpoint."""
@@ -225,3 +234,28 @@ def test_cut_without_a_base_has_an_unknown_verdict(adapter, tmp_path, capsys):
     v = _report(tmp_path / "e")["verdict"]
     assert v["acceptable"] is None and "verdict: unknown" in out and "pass --base DIR" in out
     assert "recommended_max_lora_rank" not in v and len(v["most_energy_lost"]) == 5
+
+
+def test_merge_keeps_the_base_dtype(adapter, checkpoint, tmp_path, capsys):
+    """A bf16 base merges into a bf16 checkpoint (config torch_dtype too), W + delta W within one bf16 rounding of
+    the float64 sum; --dtype float32 overrides."""
+    import transformers
+    from safetensors.torch import load_file as load_torch
+    base = transformers.AutoModelForCausalLM.from_pretrained(checkpoint("llama"), dtype=torch.float32)
+    base.to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    assert json.loads((tmp_path / "bf16" / "config.json").read_text()).get("torch_dtype", "bfloat16") == "bfloat16"
+    assert main(["export", str(adapter), "--out", str(tmp_path / "e"), "--merge", "--base", str(tmp_path / "bf16"),
+                 "--no-drift"]) == 0, capsys.readouterr().err
+    merged = tmp_path / "e" / "merged"
+    config = json.loads((merged / "config.json").read_text())
+    assert config.get("torch_dtype", config.get("dtype")) == "bfloat16"
+    tensors = load_torch(str(merged / "model.safetensors"))
+    assert {t.dtype for t in tensors.values()} == {torch.bfloat16}
+    w = load_torch(str(tmp_path / "bf16" / "model.safetensors"))
+    for name, delta in _deltas(adapter).items():
+        want = w[name + ".weight"].double().numpy() + delta
+        got = tensors[name + ".weight"].double().numpy()
+        assert np.all(np.abs(got - want) <= 2.0 ** -8 * np.abs(want) + 1e-30), name
+    assert main(["export", str(adapter), "--out", str(tmp_path / "f"), "--merge", "--base", str(tmp_path / "bf16"),
+                 "--no-drift", "--dtype", "float32"]) == 0
+    assert {t.dtype for t in load_torch(str(tmp_path / "f" / "merged" / "model.safetensors")).values()} == {torch.float32}

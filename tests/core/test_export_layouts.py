@@ -82,3 +82,22 @@ def test_refuses_to_replace_a_directory_with_other_files(checkpoint, tmp_path):
     with pytest.raises(ValueError, match=r"notes\.txt.*not part of a checkpoint"):
         jlora.save_merged(_model(checkpoint("llama"), 1), out)
     assert (out / "notes.txt").read_text() == "not a checkpoint" and len(list(out.iterdir())) == 1
+
+
+@pytest.mark.parametrize("sentencepiece", ["tokenizer.model", "spiece.model"])
+def test_merged_export_carries_every_tokenizer_file_of_its_base(checkpoint, tmp_path, sentencepiece):
+    """What the Hub download fetches (chat_template.json, a SentencePiece model under either name) is copied into
+    the merged export, and a previous export holding them is replaced without complaint."""
+    import shutil
+
+    from jlora.convert.model_dir import open_model_dir
+    base = shutil.copytree(checkpoint("llama"), tmp_path / "base")
+    side = {"chat_template.json": '{"chat_template": "{{ messages }}"}', sentencepiece: "spm bytes",
+            "tokenizer_config.json": "{}", "generation_config.json": "{}"}
+    for name, text in side.items():
+        (base / name).write_text(text)
+    assert open_model_dir(base) == base  # the SentencePiece file alone counts as a tokenizer
+    out = tmp_path / "merged"
+    for _ in range(2):
+        jlora.save_merged(_model(base, 1), out)
+        assert {name: (out / name).read_text() for name in side} == side

@@ -98,3 +98,17 @@ def test_merged_sharded_export_reloads(checkpoint, hf_model, close32, tmp_path, 
     assert (tmp_path / "merged" / "model.safetensors.index.json").exists()
     want, want64 = logits32_and_64(hf_model(tmp_path / "merged"), _ids())
     close32(np.asarray(jlora.load_hf(tmp_path / "merged")(_ids())), want, want64, what="sharded merged")
+
+
+def test_adapter_files_are_written_with_plain_file_modes(checkpoint, tmp_path):
+    """save_pretrained writes through jlora.atomic_files: 0o666 less the umask, as a plain write would, so a
+    server running as another user can read the adapter (a mkstemp-based writer left adapter_config.json 0o600)."""
+    import os
+    mask = os.umask(0o022)
+    try:
+        model = jlora.get_peft_model(jlora.load_hf(checkpoint("llama")), jlora.LoraConfig(r=2), rngs=nnx.Rngs(0))
+        jlora.save_pretrained(model, tmp_path / "adapter")
+    finally:
+        os.umask(mask)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "adapter").iterdir()}
+    assert modes == {"adapter_config.json": 0o644, "adapter_model.safetensors": 0o644}

@@ -183,6 +183,8 @@ def run(args) -> int:
     from jlora.convert.hub import is_hub_id
     hub_base = not args.base and named and is_hub_id(named) and not Path(named).is_dir()
     base_text = named if hub_base else str(base_dir.resolve()) if base_dir else named or "BASE"
+    if hub_base and cfg.get("revision"):
+        base_text += f" --revision {cfg['revision']}"
     caveat = " (but see the verdict: the drift is not acceptable)" if report["verdict"]["acceptable"] is False else ""
     print(f"vLLM check passed (--max-lora-rank {server}){caveat}. Serve it with:\n"
           f"  vllm serve {base_text} --enable-lora --max-lora-rank {server} --lora-modules adapter={out.resolve()}")

@@ -40,12 +40,13 @@ def register(sub):
 
 def _base_dir(args, adapter) -> tuple[Path | None, str | None]:
     """(the base's local directory, None), or (None, "base not verified: why") when no base can be had.
-    --base and a Hub id the adapter names are resolved by jlora.convert.hub.resolve_model, cache first."""
+    --base and a Hub id the adapter names are resolved by jlora.convert.hub.resolve_model, cache first;
+    the Hub is asked only when the base will be used (the drift check or --merge)."""
     from jlora.convert.hub import resolve_model
     from jlora.ranks.drift import named_base
     if args.base:
         return resolve_model(args.base, cache_first=True), None  # raises CheckpointError naming it
-    base_dir, missing = named_base(adapter, fetch=True)
+    base_dir, missing = named_base(adapter, fetch=args.merge or not args.no_drift)
     return base_dir, f"base not verified: {missing}" if missing else None
 
 

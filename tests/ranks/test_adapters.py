@@ -141,8 +141,12 @@ def test_truncation_matches_float64_svd_of_peft_deltas(checkpoint, hf_model, rel
         pytest.approx(drift, rel=1e-3)
 
 
-def test_unsloth_style_adapter(checkpoint, hf_model, tmp_path, capsys):
+def test_unsloth_style_adapter(checkpoint, hf_model, tmp_path, capsys, monkeypatch):
     """Unsloth saves through PEFT: extra config fields, a hub base name; here also bf16 and `.default.` keys."""
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))  # the hub base is looked up in an empty cache, offline
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    monkeypatch.delenv("HUGGINGFACE_HUB_CACHE", raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     _peft(checkpoint("llama"), tmp_path / "p", hf_model, r=16, lora_alpha=16, lora_dropout=0.0,
           target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
     src = tmp_path / "unsloth"

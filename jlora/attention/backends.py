@@ -4,8 +4,9 @@
     "blockwise"  plain-JAX online softmax over blocks with its own backward (jlora.attention.blockwise):
                  O(T) memory, runs everywhere
     "auto"       the best available here: "reference" when one block covers the row (the blockwise path
-                 would hold the same [T, T] block, and it was no faster at T 64 to 512 on CPU), else
-                 "blockwise" (2.6x the reference's speed at T 2048, benchmarks/long_context.py). TPU splash
+                 would hold the same [T, T] block, and it was no faster at T 64 to 256 on CPU), else
+                 "blockwise" (on CPU 1.35x the reference's speed at T 512 and 2 to 3x at T 2048, with a
+                 third of the temporaries: benchmarks/long_context.py). TPU splash
                  and GPU cuDNN backends come later and will be chosen here where they run.
 
 Every backend computes the same function (causal, packed segments, sliding window, grouped kv heads).

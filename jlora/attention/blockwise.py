@@ -35,9 +35,10 @@ _MIN = float(jnp.finfo(jnp.float32).min)
 
 @dataclasses.dataclass(frozen=True)
 class BlockSizes:
-    """Query and key positions per block (each is capped at the sequence length)."""
-    q: int = 512
-    k: int = 512
+    """Query and key positions per block (each is capped at the sequence length). The default is the
+    fastest measured on CPU at T 2048 (128 and 256 equal, 512 1.25x slower, 1024 2.6x slower)."""
+    q: int = 256
+    k: int = 256
 
     def __post_init__(self):
         if self.q < 1 or self.k < 1:

@@ -122,7 +122,7 @@ def test_lora_grads_equal_reference_path(family, checkpoint):
 def test_auto_is_reference_within_one_block():
     """auto: the materialized path while one block covers the row (same memory), blockwise beyond it."""
     from jlora.attention.backends import resolve
-    assert resolve("auto", 512) == "reference" and resolve("auto", 513) == "blockwise"
+    assert resolve("auto", 256) == "reference" and resolve("auto", 257) == "blockwise"
     assert resolve("auto", 64, BlockSizes(32, 64)) == "blockwise"
     assert resolve("reference", 10_000) == "reference" and resolve("blockwise", 8) == "blockwise"
 

@@ -45,7 +45,7 @@ class PlanRequest:
     effort: str = "fast"
     suggest: bool = True
     max_compiles: int = 2     # extra compiles the suggestion may spend verifying itself
-    kernels: str | None = None  # jlora.use_kernels impl for the adapted projections (None: plain jnp)
+    kernels: str | None = None  # jlora.use_kernels impl for the adapted projections (None: the model's default path)
 
 
 @dataclasses.dataclass

@@ -47,7 +47,7 @@ HELP = {
     "dtype": "compute and base-weight dtype: float32 | bfloat16 | float16 (adapters stay float32)",
     "remat": "recompute activations in the backward pass (less memory)",
     "quantize": "nf4: QLoRA (base weights in NF4)",
-    "kernels": "fused LoRA kernels: auto | xla | pallas | triton; unset: plain jnp",
+    "kernels": "fused LoRA kernels: auto | xla | pallas | triton; unset: the default path (custom VJP over XLA dots)",
     "mesh": "device mesh, e.g. data=2,fsdp=2,tensor=2; unset: all devices on data",
     "seed": "seed of the adapter init, dropout and data order",
     "log_every": "write metrics.jsonl every N steps",
@@ -94,7 +94,7 @@ class TrainConfig:
     dtype: str = "bfloat16"           # compute and base-weight dtype; adapters stay float32
     remat: bool = False
     quantize: str | None = None       # "nf4": QLoRA
-    kernels: str | None = None        # fused LoRA kernels: auto | xla | pallas | triton; None: plain jnp
+    kernels: str | None = None        # fused LoRA kernels: auto | xla | pallas | triton; None: the default path
     # parallelism
     mesh: str | None = None           # e.g. "data=2,fsdp=2,tensor=2"; default all devices on data
     # bookkeeping

@@ -96,8 +96,8 @@ def _scanned_ce(head, hs, ts, ms):
         value, dhs = jax.lax.scan(body, jnp.zeros((), jnp.float32), (hs, ts, ms))
         return value, dhs
 
-    def bwd(dhs, g):
-        return (dhs * g.astype(dhs.dtype), None, None)
+    def bwd(dhs, g):  # scaled in float32: a bf16 copy of g (e.g. 1 / target tokens) would bias every entry alike
+        return ((dhs.astype(jnp.float32) * g).astype(dhs.dtype), None, None)
 
     total.defvjp(fwd, bwd)
     return total(hs, ts, ms)

@@ -14,10 +14,10 @@ that see it, recomputing p from the saved log-sum-exp instead of storing probabi
     dv_j += p^T dout_i,  dk_j += ds^T q_i * scale,  dq_i += ds k_j * scale
 
 Only blocks that hold a visible key are visited: causal rows stop at the diagonal block, a sliding
-window starts at the block of its first key, so the work is about half of T^2 (causal) or T x window.
+window starts at the block of its first key, so the work is about half of T^2 (causal) or T x window;
+inside that range a block pair where no query sees a key (two packed segments) is skipped by a cond.
 Saved for the backward: q, k, v, out and lse [b, kv_heads, group, T]; temporaries are O(block_q x
-block_k) per head. Memory O(T) instead of O(T^2). Packed segments are masked inside the blocks (the
-blocks are not skipped by segment).
+block_k) per head. Memory O(T) instead of O(T^2).
 """
 from __future__ import annotations
 
@@ -96,11 +96,21 @@ def _block(a, i, size):
     return jax.lax.dynamic_slice_in_dim(a, i * size, size, axis=1)
 
 
-def _scores(q_i, k_j, seg_q, seg_k, i, j, bq, bk, window, scale):
-    """Masked float32 scores [b, kv, g, bq, bk] and the mask [b, 1, 1, bq, bk]."""
+def _mask(seg_q, seg_k, i, j, bq, bk, window):
+    """bool [b, 1, 1, bq, bk]: which keys of block j the queries of block i see."""
+    return visible(i * bq + jnp.arange(bq), j * bk + jnp.arange(bk), seg_q, seg_k, window)[:, None, None]
+
+
+def _scores(q_i, k_j, mask, scale):
+    """Masked float32 scores [b, kv, g, bq, bk]."""
     s = jnp.einsum("bqkgd,bskd->bkgqs", q_i, k_j, preferred_element_type=jnp.float32) * scale
-    mask = visible(i * bq + jnp.arange(bq), j * bk + jnp.arange(bk), seg_q, seg_k, window)[:, None, None]
-    return jnp.where(mask, s, _MIN), mask
+    return jnp.where(mask, s, _MIN)
+
+
+def _if_visible(mask, update, carry):
+    """update(carry) when any query of the block pair sees any key (in any row), else carry unchanged:
+    block pairs that lie between two packed segments cost nothing."""
+    return jax.lax.cond(jnp.any(mask), update, lambda c: c, carry)
 
 
 def _forward(q, k, v, seg, window, scale, bq, bk):
@@ -111,14 +121,19 @@ def _forward(q, k, v, seg, window, scale, bq, bk):
         q_i, seg_q = _block(q, i, bq), _block(seg, i, bq)
 
         def body(j, carry):
-            m, l, acc = carry
-            k_j, v_j = _block(k, j, bk), _block(v, j, bk)
-            s, mask = _scores(q_i, k_j, seg_q, _block(seg, j, bk), i, j, bq, bk, window, scale)
-            m_new = jnp.maximum(m, s.max(-1))
-            alpha = jnp.exp(m - m_new)
-            p = jnp.where(mask, jnp.exp(s - m_new[..., None]), 0.0)
-            pv = jnp.einsum("bkgqs,bskd->bkgqd", p.astype(v.dtype), v_j, preferred_element_type=jnp.float32)
-            return m_new, alpha * l + p.sum(-1), alpha[..., None] * acc + pv
+            mask = _mask(seg_q, _block(seg, j, bk), i, j, bq, bk, window)
+
+            def update(carry):
+                m, l, acc = carry
+                k_j, v_j = _block(k, j, bk), _block(v, j, bk)
+                s = _scores(q_i, k_j, mask, scale)
+                m_new = jnp.maximum(m, s.max(-1))
+                alpha = jnp.exp(m - m_new)
+                p = jnp.where(mask, jnp.exp(s - m_new[..., None]), 0.0)
+                pv = jnp.einsum("bkgqs,bskd->bkgqd", p.astype(v.dtype), v_j, preferred_element_type=jnp.float32)
+                return m_new, alpha * l + p.sum(-1), alpha[..., None] * acc + pv
+
+            return _if_visible(mask, update, carry)
 
         init = (jnp.full((b, kv, g, bq), _MIN, jnp.float32), jnp.zeros((b, kv, g, bq), jnp.float32),
                 jnp.zeros((b, kv, g, bq, d), jnp.float32))
@@ -156,19 +171,25 @@ def _flash_bwd(window, scale, bq, bk, res, dout):
         k_j, v_j, seg_k = _block(k, j, bk), _block(v, j, bk), _block(seg, j, bk)
 
         def body(i, inner):
-            dq, dk_j, dv_j = inner
-            q_i, do_i = _block(q, i, bq), _block(dout, i, bq)
-            lse_i = jax.lax.dynamic_slice_in_dim(lse, i * bq, bq, axis=3)
-            delta_i = jax.lax.dynamic_slice_in_dim(delta, i * bq, bq, axis=3)
-            s, mask = _scores(q_i, k_j, _block(seg, i, bq), seg_k, i, j, bq, bk, window, scale)
-            p = jnp.where(mask, jnp.exp(s - lse_i[..., None]), 0.0)
-            dv_j = dv_j + jnp.einsum("bkgqs,bqkgd->bskd", p.astype(q.dtype), do_i, preferred_element_type=jnp.float32)
-            dp = jnp.einsum("bqkgd,bskd->bkgqs", do_i, v_j, preferred_element_type=jnp.float32)
-            ds = (p * (dp - delta_i[..., None]) * scale).astype(q.dtype)
-            dq_i = jnp.einsum("bkgqs,bskd->bqkgd", ds, k_j, preferred_element_type=jnp.float32)
-            dq = jax.lax.dynamic_update_slice_in_dim(dq, _block(dq, i, bq) + dq_i, i * bq, axis=1)
-            dk_j = dk_j + jnp.einsum("bkgqs,bqkgd->bskd", ds, q_i, preferred_element_type=jnp.float32)
-            return dq, dk_j, dv_j
+            mask = _mask(_block(seg, i, bq), seg_k, i, j, bq, bk, window)
+
+            def update(inner):
+                dq, dk_j, dv_j = inner
+                q_i, do_i = _block(q, i, bq), _block(dout, i, bq)
+                lse_i = jax.lax.dynamic_slice_in_dim(lse, i * bq, bq, axis=3)
+                delta_i = jax.lax.dynamic_slice_in_dim(delta, i * bq, bq, axis=3)
+                s = _scores(q_i, k_j, mask, scale)
+                p = jnp.where(mask, jnp.exp(s - lse_i[..., None]), 0.0)
+                dv_j = dv_j + jnp.einsum("bkgqs,bqkgd->bskd", p.astype(q.dtype), do_i,
+                                         preferred_element_type=jnp.float32)
+                dp = jnp.einsum("bqkgd,bskd->bkgqs", do_i, v_j, preferred_element_type=jnp.float32)
+                ds = (p * (dp - delta_i[..., None]) * scale).astype(q.dtype)
+                dq_i = jnp.einsum("bkgqs,bskd->bqkgd", ds, k_j, preferred_element_type=jnp.float32)
+                dq = jax.lax.dynamic_update_slice_in_dim(dq, _block(dq, i, bq) + dq_i, i * bq, axis=1)
+                dk_j = dk_j + jnp.einsum("bkgqs,bqkgd->bskd", ds, q_i, preferred_element_type=jnp.float32)
+                return dq, dk_j, dv_j
+
+            return _if_visible(mask, update, inner)
 
         zeros = jnp.zeros((b, bk, kv, d), jnp.float32)
         lo, hi = _q_range(j, bq, bk, nq, window)

@@ -38,13 +38,13 @@ def _numpy_attention(q, k, v, seg, window, scale, dout):
 @pytest.mark.parametrize("window", [None, 5])
 @pytest.mark.parametrize("blocks", [BlockSizes(4, 4), BlockSizes(8, 4), BlockSizes(3, 7), BlockSizes()])
 def test_blockwise_equals_float64(window, blocks):
-    """23 positions (padded to the blocks), two packed segments and padding (segment 0) in row 0,
+    """23 positions (padded to the blocks), packed segments in both rows and padding (segment 0) in row 0,
     2 kv heads x 3 queries each. Bound: float32 rounding over the head and key reductions."""
     b, t, kv, g, d = 2, 23, 2, 3, 8
     rng = np.random.RandomState(0)
     q, k, v = rng.randn(b, t, kv, g, d), rng.randn(b, t, kv, d), rng.randn(b, t, kv, d)
     dout = rng.randn(b, t, kv, g, d)
-    seg = np.array([[1] * 10 + [2] * 9 + [0] * 4, [3] * 23])
+    seg = np.array([[1] * 10 + [2] * 9 + [0] * 4, [3] * 12 + [4] * 11])  # some block pairs see nothing
     want, grads = _numpy_attention(q, k, v, seg, window, 0.3, dout)
 
     def f(q, k, v):

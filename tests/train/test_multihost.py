@@ -18,6 +18,10 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
+# Several processes of 8 virtual devices each, ~1-2 min: left out of the README's test command,
+# run by `python -m pytest -m slow` (and .ci/run).
+pytestmark = pytest.mark.slow
+
 ARGS = ["--steps", "12", "--save-every", "4", "--batch-size", "8", "--seq-len", "32", "--dtype", "float32",
         "--eval-every", "4", "--lora-dropout", "0.1", "--warmup-steps", "2", "--no-progress"]
 
@@ -63,7 +67,8 @@ def _losses(out):
     return {r["step"]: r["loss"] for r in records}, {r["step"]: r["eval_loss"] for r in records if "eval_loss" in r}
 
 
-def _assert_close(got: dict, want: dict, what: str, tol=1e-6):
+def _assert_close(got: dict, want: dict, what: str, tol=1e-5):
+    """Losses of runs that reduce in other orders: float32 rounding, carried on by AdamW, stays ~1e-6."""
     assert list(got) == list(want), (what, list(got), list(want))
     for step in want:
         assert abs(got[step] - want[step]) <= tol * abs(want[step]), (what, step, got[step], want[step])
@@ -93,7 +98,7 @@ def test_two_hosts_train_like_one(reference, tmp_path):
     assert sorted(a) == sorted(b) and len(a) > 0
     for name in a:  # gloo and in-process all-reduces sum in other orders; AdamW normalizes tiny gradients
         rel = np.linalg.norm(a[name] - b[name]) / np.linalg.norm(b[name])
-        assert rel <= 1e-5, (name, rel)
+        assert rel <= 1e-4, (name, rel)  # a missing or misplaced shard gives ~1
     assert (out / "loss.png").is_file() and (out / "checkpoints" / "8").is_dir()
 
 

@@ -4,8 +4,9 @@ Runs `jlora train` on the embedded default model in float32 with 8 virtual CPU d
 fsdp=8; killed from outside once its step-4 checkpoint exists on fsdp=8 (the kill may land after step 8's);
 that run directory resumed on data=2,tensor=4 and, copied, on a single device. The trainer restores the
 adapters and AdamW state into the shardings of the new mesh (orbax reshards on read), so the steps after the
-checkpoint must match the uninterrupted ones (rel <= 1e-6: the meshes reduce in different orders, so the
-last bits may differ).
+checkpoint must match the uninterrupted ones (rel <= 1e-5: the meshes reduce in different orders, so the
+last bits differ, and AdamW's ~sign(g) steps carry that on; a lost or misplaced optimizer state moves the
+losses by ~1e-3).
 """
 import json
 import os
@@ -15,6 +16,10 @@ import subprocess
 import sys
 
 import pytest
+
+# Several processes of 8 virtual devices each, ~1-2 min: left out of the README's test command,
+# run by `python -m pytest -m slow` (and .ci/run).
+pytestmark = pytest.mark.slow
 
 ARGS = ["--steps", "12", "--save-every", "4", "--batch-size", "8", "--seq-len", "32", "--dtype", "float32",
         "--eval-every", "0", "--lora-dropout", "0.1", "--warmup-steps", "2", "--no-progress"]
@@ -68,5 +73,5 @@ def test_resume_on_another_mesh_continues_the_same_losses(runs, killed, name, me
     assert list(got) == list(range(1, 13))
     for step in range(1, 13):
         rel = abs(got[step] - want[step]) / abs(want[step])
-        assert rel <= 1e-6, (name, step, got[step], want[step])
+        assert rel <= 1e-5, (name, step, got[step], want[step])
     assert got[12] != got[killed]  # training moved on after the resume

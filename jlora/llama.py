@@ -92,22 +92,18 @@ class Linear(nnx.Module):
             return self._fused(x, kernel)
         if self.lora is not None and _dropout_active(self.lora):
             _warn_dropout_skips_kernels(impl, self.lora.dropout.rate)
-        if isinstance(kernel, NF4Tensor):
-            y = nf4_matmul(x, kernel)
-        else:
-            y = mixed_linear(x, kernel)
-        if self.bias is not None:
-            y = y + self.bias[...].astype(self.dtype)
-        if self.lora is not None:
-            y = (y + self.lora(x)).astype(self.dtype)
-        return y
+        return self._unfused(x, kernel, mixed_linear)
 
     def _plain(self, x: jnp.ndarray, kernel) -> jnp.ndarray:
         """The reference: plain jnp ops and ordinary autodiff (dW included when asked for)."""
+        return self._unfused(x, kernel, lambda x, w: x @ w.astype(self.dtype))
+
+    def _unfused(self, x: jnp.ndarray, kernel, dense_matmul) -> jnp.ndarray:
+        """y = x W + b + lora(x) as separate ops; `dense_matmul(x, W)` is the product for a dense kernel."""
         if isinstance(kernel, NF4Tensor):
             y = nf4_matmul(x, kernel)
         else:
-            y = x @ kernel.astype(self.dtype)
+            y = dense_matmul(x, kernel)
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         if self.lora is not None:

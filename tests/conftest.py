@@ -117,6 +117,24 @@ def logits32_and_64():
     return torch_logits32_and_64
 
 
+def make_packed_row(lengths=(7, 12, 5), pad: int = 4, seed: int = 4):
+    """(examples, ids, segment_ids, positions): random examples packed into one row [1, sum + pad], each
+    example its own segment (1, 2, ...) with positions from 0, then `pad` padding positions (segment 0)."""
+    import numpy as np
+    rng = np.random.RandomState(seed)
+    examples = [rng.randint(3, 96, n) for n in lengths]
+    row = np.concatenate(examples)[None]
+    seg = np.concatenate([np.full(n, i + 1) for i, n in enumerate(lengths)])[None]
+    pos = np.concatenate([np.arange(n) for n in lengths])[None]
+    row, seg, pos = (np.pad(a, ((0, 0), (0, pad))) for a in (row, seg, pos))
+    return examples, row, seg, pos
+
+
+@pytest.fixture
+def packed_row():
+    return make_packed_row
+
+
 @pytest.fixture(scope="session")
 def default_base(tmp_path_factory):
     """The embedded default base checkpoint (tiny Llama + tokenizer), built once per session."""

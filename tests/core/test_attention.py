@@ -68,17 +68,11 @@ def test_bad_backend_names_the_available_ones():
 
 
 @pytest.mark.parametrize("family", ["llama", "mistral"])
-def test_packed_logits_equal_transformers(family, checkpoint, hf_model, close32, logits32_and_64):
+def test_packed_logits_equal_transformers(family, checkpoint, hf_model, close32, logits32_and_64, packed_row):
     """Blockwise with 4-position blocks (several blocks per example, mistral's window 8 crossing blocks)
     and the reference path: each packed example's logits equal transformers' on it alone."""
     path = checkpoint(family)
-    rng = np.random.RandomState(4)
-    lengths = [7, 12, 5]
-    examples = [rng.randint(3, 96, n) for n in lengths]
-    row = np.concatenate(examples)[None]
-    seg = np.concatenate([np.full(n, i + 1) for i, n in enumerate(lengths)])[None]
-    pos = np.concatenate([np.arange(n) for n in lengths])[None]
-    row, seg, pos = (np.pad(a, ((0, 0), (0, 3))) for a in (row, seg, pos))
+    examples, row, seg, pos = packed_row(pad=3)
     ref = hf_model(path)
     wants = [logits32_and_64(ref, ex[None]) for ex in examples]
     for backend, blocks in (("blockwise", BlockSizes(4, 4)), ("reference", None)):

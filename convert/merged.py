@@ -110,7 +110,7 @@ def write_checkpoint(tensors: Iterable[tuple[str, np.ndarray]], hf_config: dict,
     of `source_dir`, swapped into `out_dir` as one directory (see the module docstring)."""
     out_dir = Path(out_dir)
     check_replaceable(out_dir)
-    with atomic_directory(out_dir.resolve()) as tmp:
+    with atomic_directory(out_dir) as tmp:
         _write_files(tensors, hf_config, tmp, source_dir, shard_bytes)
     return out_dir
 

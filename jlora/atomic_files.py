@@ -166,7 +166,7 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     On an exception the temporary directory is removed and `path` is left exactly as it was.
     Refuses (ValueError) the current directory, its parents and the home directory.
     """
-    path = Path(path).absolute()
+    path = Path(path).resolve()  # a symlinked directory: swap its target, keep the link
     _refuse_protected(path)
     if path.exists() and not path.is_dir():
         raise NotADirectoryError(f"{path} exists and is not a directory; expected a directory to replace")

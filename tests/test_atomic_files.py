@@ -149,3 +149,24 @@ def test_safetensors_files_get_the_umask_mode(tmp_path, umask022):
     from jlora.convert.safetensors_io import write_atomic
     write_atomic(tmp_path / "model.safetensors", {"w": np.zeros(2, np.float32)})
     assert _mode(tmp_path / "model.safetensors") == 0o644
+
+
+def test_a_symlinked_directory_swaps_its_target_and_keeps_the_link(tmp_path):
+    target = tmp_path / "real"
+    target.mkdir()
+    _fill(target, {"a": "old"})
+    link = tmp_path / "link"
+    link.symlink_to(target)
+    with atomic_directory(link) as tmp:
+        _fill(tmp, {"b": "new"})
+    assert link.is_symlink() and _listing(target) == {"b": "new"}
+
+
+def test_dot_and_trailing_slash_name_the_directory_itself(tmp_path, monkeypatch):
+    out = tmp_path / "parent" / "out"
+    out.mkdir(parents=True)
+    monkeypatch.chdir(out.parent)
+    with atomic_directory("out/") as tmp:
+        _fill(tmp, {"c": "new"})
+    assert _listing(out) == {"c": "new"}
+    assert sorted(p.name for p in out.parent.iterdir()) == ["out"]

@@ -138,7 +138,7 @@ def run(args) -> int:
     drift = recommended = None
     base_checked = base_dir is None  # no base: its note says why
     try:
-        with atomic_directory(out.resolve()) as tmp:
+        with atomic_directory(out) as tmp:
             write_export(export, tmp)
             probe = None
             embedding = [m.name for m in adapter.modules if m.embedding]

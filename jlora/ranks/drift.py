@@ -21,11 +21,11 @@ When the named base cannot be found (no such directory, a Hub id not in the cach
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 
+from jlora.convert.hf_checkpoint import read_config
 from jlora.convert.safetensors_io import CheckpointError
 
 ARCH_FIELDS = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
@@ -62,9 +62,10 @@ def _drop_adapters(model) -> None:
 
 
 def _config(path: Path) -> dict | None:
+    """The checkpoint's config.json (convert's reader), or None where there is none to read."""
     try:
-        return json.loads((path / "config.json").read_text())
-    except (OSError, ValueError):
+        return read_config(path)
+    except (CheckpointError, OSError):
         return None
 
 

@@ -26,6 +26,7 @@ from jlora.llama_config import LlamaConfig
 from jlora.lora_layer import LoRA
 from jlora.nf4 import NF4Tensor
 from jlora.nf4_weight import nf4_matmul
+from jlora.remat import call_layer
 from jlora.rope import apply_rotary, cos_sin, inverse_frequencies
 
 Dtype = jnp.dtype
@@ -223,21 +224,11 @@ class LlamaModel(nnx.Module):
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
 
 
-def _rematerialized(layer: DecoderLayer, h, cos, sin, mask):
-    """layer(h) whose activations are recomputed in the backward pass (jax.checkpoint over its state)."""
-    graphdef, state = nnx.split(layer)
-
-    def run(state, h, cos, sin, mask):
-        return nnx.merge(graphdef, state)(h, cos, sin, mask)
-
-    return jax.checkpoint(run)(state, h, cos, sin, mask)
-
-
 class LlamaForCausalLM(nnx.Module):
     """`model(input_ids, positions=None, segment_ids=None) -> logits [batch, seq, vocab]`.
 
     positions restart at 0 for each packed example; segment_ids (0 = padding) keep packed examples
-    from attending to each other. `remat=True` recomputes each decoder layer in the backward pass.
+    from attending to each other. `remat` (a jlora.remat policy name; True = "full") sets what each decoder layer's backward recomputes.
     """
 
     def __init__(self, config: LlamaConfig, *, dtype="float32", param_dtype=None, rngs: nnx.Rngs):
@@ -265,10 +256,7 @@ class LlamaForCausalLM(nnx.Module):
         mask = jnp.asarray(segment_ids)  # each layer's attention masks by these (jlora.attention.masks)
         h = self.model.embed_tokens(input_ids)
         for layer in self.model.layers:
-            if self.remat:
-                h = _rematerialized(layer, h, cos, sin, mask)
-            else:
-                h = layer(h, cos, sin, mask)
+            h = call_layer(layer, self.remat, h, cos, sin, mask)
         return self.model.norm(h)
 
     def logits_from_hidden(self, h):

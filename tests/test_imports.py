@@ -7,7 +7,7 @@ Layers, lowest first (a module may import its own layer and the ones below):
     1 nf4       jlora.nf4.*                                        NF4 tensor type, (de)quantization, bnb layout
     2 kernels   jlora.kernels.*  (kernels/)                        jax + the NF4 tensor type only
     3 model     jlora.llama_config, presets, rope, lora_layer, lora_config, module_patterns,
-                nf4_weight, llama, peft_model, qlora, memory, mesh_axes, kernel_sharding, attention.*
+                nf4_weight, llama, peft_model, qlora, memory, mesh_axes, kernel_sharding, attention.*, remat
     4 convert   jlora.convert.*  (convert/), jlora.vllm_rules      checkpoints and adapters in and out
     5 data      jlora.data.*, jlora.default.*                      JSONL -> batches; the demo data and base
     6 train     jlora.train.*
@@ -48,7 +48,7 @@ LAYER_OF = {
     "jlora.kernels": "kernels",
     **{f"jlora.{m}": "model" for m in (
         "llama_config", "presets", "rope", "lora_layer", "lora_config", "module_patterns", "nf4_weight",
-        "llama", "peft_model", "qlora", "memory", "mesh_axes", "kernel_sharding", "attention")},
+        "llama", "peft_model", "qlora", "memory", "mesh_axes", "kernel_sharding", "attention", "remat")},
     "jlora.convert": "convert",
     "jlora.vllm_rules": "convert",
     "jlora.data": "data",

@@ -41,12 +41,17 @@ def resolve(name: str, seq_len: int, block_sizes: BlockSizes | None = None) -> s
 
 
 def attend(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, segment_ids: jnp.ndarray, *, backend: str = DEFAULT_BACKEND,
-           sliding_window: int | None = None, scale: float, block_sizes: BlockSizes | None = None) -> jnp.ndarray:
-    """q [b, t, kv_heads, group, d], k and v [b, t, kv_heads, d], segment_ids [b, t] -> [b, t, kv_heads, group, d]."""
+           sliding_window: int | None = None, scale: float, block_sizes: BlockSizes | None = None,
+           logit_softcap: float | None = None) -> jnp.ndarray:
+    """q [b, t, kv_heads, group, d], k and v [b, t, kv_heads, d], segment_ids [b, t] -> [b, t, kv_heads, group, d].
+
+    `logit_softcap` (Gemma 2's attn_logit_softcapping): scores s = q k^T * scale become cap * tanh(s / cap)
+    before the mask and the softmax; None leaves them as they are."""
     if resolve(backend, q.shape[1], block_sizes) == "reference":
-        return reference_attention(q, k, v, segment_ids, sliding_window=sliding_window, scale=scale)
+        return reference_attention(q, k, v, segment_ids, sliding_window=sliding_window, scale=scale,
+                                   logit_softcap=logit_softcap)
     return blockwise_attention(q, k, v, segment_ids, sliding_window=sliding_window, scale=scale,
-                               block_sizes=block_sizes)
+                               block_sizes=block_sizes, logit_softcap=logit_softcap)
 
 
 def use_attention(model, backend: str = DEFAULT_BACKEND, *, block_sizes: BlockSizes | None = None):

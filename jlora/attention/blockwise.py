@@ -3,7 +3,8 @@
 Forward, per query block i, over the key blocks j it can see (online softmax, Milakov & Gimelshein
 2018; FlashAttention, arXiv 2205.14135):
 
-    s   = q_i k_j^T * scale  (float32, masked)      m' = max(m, rowmax s)
+    s   = q_i k_j^T * scale  (float32; then cap * tanh(s / cap) under a logit soft cap; then masked)
+                                                     m' = max(m, rowmax s)
     p   = exp(s - m')                                l' = exp(m - m') l + rowsum p
     acc = exp(m - m') acc + p v_j                    out_i = acc / l,  lse_i = m + log l
 
@@ -11,6 +12,7 @@ Backward (a custom_vjp; FlashAttention-2, arXiv 2307.08691), per key block j ove
 that see it, recomputing p from the saved log-sum-exp instead of storing probabilities:
 
     p = exp(s - lse_i),  D_i = rowsum(dout_i * out_i),  ds = p * (dout_i v_j^T - D_i)
+    (soft cap: ds *= 1 - tanh^2(s_raw / cap), the derivative of cap * tanh(s_raw / cap))
     dv_j += p^T dout_i,  dk_j += ds^T q_i * scale,  dq_i += ds k_j * scale
 
 Only blocks that hold a visible key are visited: causal rows stop at the diagonal block, a sliding
@@ -28,7 +30,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from jlora.attention.masks import visible
+from jlora.attention.masks import check_softcap, visible
 
 _MIN = float(jnp.finfo(jnp.float32).min)
 
@@ -51,11 +53,11 @@ class BlockSizes:
 
 def blockwise_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, segment_ids: jnp.ndarray, *,
                         sliding_window: int | None = None, scale: float,
-                        block_sizes: BlockSizes | None = None) -> jnp.ndarray:
+                        block_sizes: BlockSizes | None = None, logit_softcap: float | None = None) -> jnp.ndarray:
     """q [b, t, kv_heads, group, d], k and v [b, t, kv_heads, d], segment_ids [b, t] -> [b, t, kv_heads, group, d].
 
     Causal, within equal segment ids, and within `sliding_window` positions when given; the same
-    function as jlora.attention.reference_attention. The row is padded to a multiple of the blocks
+    function as jlora.attention.reference_attention (`logit_softcap` too). The row is padded to a multiple of the blocks
     (padded keys are never visible to real queries: they come after them).
     """
     b, t, kv, g, d = q.shape
@@ -66,6 +68,7 @@ def blockwise_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, segment_
         raise ValueError(f"blockwise_attention: segment_ids must be [batch, seq] = {(b, t)}, got {segment_ids.shape}")
     if sliding_window is not None and sliding_window < 1:
         raise ValueError(f"sliding_window must be >= 1 or None, got {sliding_window}")
+    check_softcap(logit_softcap)
     blocks = block_sizes or BlockSizes.get_default()
     bq, bk = min(blocks.q, t), min(blocks.k, t)
     step = bq * bk // math.gcd(bq, bk)
@@ -74,7 +77,8 @@ def blockwise_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, segment_
     if pad:
         q, k, v = (jnp.pad(a, ((0, 0), (0, pad)) + ((0, 0),) * (a.ndim - 2)) for a in (q, k, v))
         seg = jnp.pad(seg, ((0, 0), (0, pad)), constant_values=-1)
-    out = _flash(q, k, v, seg, sliding_window, float(scale), bq, bk)
+    cap = None if logit_softcap is None else float(logit_softcap)
+    out = _flash(q, k, v, seg, sliding_window, float(scale), bq, bk, cap)
     return out[:, :t]
 
 
@@ -101,10 +105,14 @@ def _mask(seg_q, seg_k, i, j, bq, bk, window):
     return visible(i * bq + jnp.arange(bq), j * bk + jnp.arange(bk), seg_q, seg_k, window)[:, None, None]
 
 
-def _scores(q_i, k_j, mask, scale):
-    """Masked float32 scores [b, kv, g, bq, bk]."""
+def _scores(q_i, k_j, mask, scale, cap):
+    """Masked float32 scores [b, kv, g, bq, bk] and tanh(s / cap) (None without a cap) for the backward."""
     s = jnp.einsum("bqkgd,bskd->bkgqs", q_i, k_j, preferred_element_type=jnp.float32) * scale
-    return jnp.where(mask, s, _MIN)
+    tanh = None
+    if cap is not None:
+        tanh = jnp.tanh(s / cap)
+        s = cap * tanh
+    return jnp.where(mask, s, _MIN), tanh
 
 
 def _if_visible(mask, update, carry):
@@ -113,7 +121,7 @@ def _if_visible(mask, update, carry):
     return jax.lax.cond(jnp.any(mask), update, lambda c: c, carry)
 
 
-def _forward(q, k, v, seg, window, scale, bq, bk):
+def _forward(q, k, v, seg, window, scale, bq, bk, cap):
     b, t, kv, g, d = q.shape
     nq, nk = t // bq, t // bk
 
@@ -126,7 +134,7 @@ def _forward(q, k, v, seg, window, scale, bq, bk):
             def update(carry):
                 m, l, acc = carry
                 k_j, v_j = _block(k, j, bk), _block(v, j, bk)
-                s = _scores(q_i, k_j, mask, scale)
+                s, _ = _scores(q_i, k_j, mask, scale, cap)
                 m_new = jnp.maximum(m, s.max(-1))
                 alpha = jnp.exp(m - m_new)
                 p = jnp.where(mask, jnp.exp(s - m_new[..., None]), 0.0)
@@ -149,17 +157,17 @@ def _forward(q, k, v, seg, window, scale, bq, bk):
     return out, lse
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
-def _flash(q, k, v, seg, window, scale, bq, bk):
-    return _forward(q, k, v, seg, window, scale, bq, bk)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8))
+def _flash(q, k, v, seg, window, scale, bq, bk, cap):
+    return _forward(q, k, v, seg, window, scale, bq, bk, cap)[0]
 
 
-def _flash_fwd(q, k, v, seg, window, scale, bq, bk):
-    out, lse = _forward(q, k, v, seg, window, scale, bq, bk)
+def _flash_fwd(q, k, v, seg, window, scale, bq, bk, cap):
+    out, lse = _forward(q, k, v, seg, window, scale, bq, bk, cap)
     return out, (q, k, v, seg, out, lse)
 
 
-def _flash_bwd(window, scale, bq, bk, res, dout):
+def _flash_bwd(window, scale, bq, bk, cap, res, dout):
     q, k, v, seg, out, lse = res
     b, t, kv, g, d = q.shape
     nq, nk = t // bq, t // bk
@@ -178,12 +186,15 @@ def _flash_bwd(window, scale, bq, bk, res, dout):
                 q_i, do_i = _block(q, i, bq), _block(dout, i, bq)
                 lse_i = jax.lax.dynamic_slice_in_dim(lse, i * bq, bq, axis=3)
                 delta_i = jax.lax.dynamic_slice_in_dim(delta, i * bq, bq, axis=3)
-                s = _scores(q_i, k_j, mask, scale)
+                s, tanh = _scores(q_i, k_j, mask, scale, cap)
                 p = jnp.where(mask, jnp.exp(s - lse_i[..., None]), 0.0)
                 dv_j = dv_j + jnp.einsum("bkgqs,bqkgd->bskd", p.astype(q.dtype), do_i,
                                          preferred_element_type=jnp.float32)
                 dp = jnp.einsum("bqkgd,bskd->bkgqs", do_i, v_j, preferred_element_type=jnp.float32)
-                ds = (p * (dp - delta_i[..., None]) * scale).astype(q.dtype)
+                ds = p * (dp - delta_i[..., None])
+                if tanh is not None:
+                    ds = ds * (1.0 - tanh * tanh)
+                ds = (ds * scale).astype(q.dtype)
                 dq_i = jnp.einsum("bkgqs,bskd->bqkgd", ds, k_j, preferred_element_type=jnp.float32)
                 dq = jax.lax.dynamic_update_slice_in_dim(dq, _block(dq, i, bq) + dq_i, i * bq, axis=1)
                 dk_j = dk_j + jnp.einsum("bkgqs,bqkgd->bskd", ds, q_i, preferred_element_type=jnp.float32)

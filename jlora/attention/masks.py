@@ -3,6 +3,8 @@
     visible(q, k) = k <= q  and  segment[q] == segment[k]  and  (window is None or q - k < window)
 
 Positions are indices in the row (packed examples restart their rotary positions, not these).
+
+Gemma 2's logit soft cap bends the scaled scores before the mask: softcap(s) = cap * tanh(s / cap).
 """
 from __future__ import annotations
 
@@ -22,3 +24,15 @@ def attention_mask(segment_ids: jnp.ndarray, sliding_window: int | None) -> jnp.
     """bool [batch, 1, 1, q, k] over the whole row: what the reference path materializes."""
     idx = jnp.arange(segment_ids.shape[1])
     return visible(idx, idx, segment_ids, segment_ids, sliding_window)[:, None, None]
+
+
+def softcap(scores: jnp.ndarray, cap: float | None) -> jnp.ndarray:
+    """cap * tanh(scores / cap), or the scores unchanged when cap is None (d/ds = 1 - tanh^2)."""
+    if cap is None:
+        return scores
+    return cap * jnp.tanh(scores / cap)
+
+
+def check_softcap(cap: float | None) -> None:
+    if cap is not None and not cap > 0:
+        raise ValueError(f"logit_softcap must be > 0 or None, got {cap}")

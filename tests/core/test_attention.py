@@ -8,27 +8,33 @@ from flax import nnx
 import jax
 import jax.numpy as jnp
 import jlora
-from jlora.attention import BlockSizes, blockwise_attention, check_backend, reference_attention, use_attention
+from jlora.attention import BlockSizes, attend, blockwise_attention, check_backend, reference_attention, use_attention
 from jlora.train.loss import token_loss_sum
 from jlora.train.state import SplitModel
 
 EPS32 = 2.0 ** -23
 
 
-def _numpy_attention(q, k, v, seg, window, scale, dout):
-    """float64 forward and backward of softmax(q k^T scale + mask) v with grouped kv heads."""
+def _numpy_attention(q, k, v, seg, window, scale, dout, cap=None):
+    """float64 forward and backward of softmax(softcap(q k^T scale) + mask) v with grouped kv heads, where
+    softcap(s) = cap * tanh(s / cap) (transformers' Gemma 2 eager attention: after scaling, before the mask)."""
     q, k, v, dout = (np.asarray(a, np.float64) for a in (q, k, v, dout))
     t = q.shape[1]
     i, j = np.arange(t)[:, None], np.arange(t)[None, :]
     mask = (j <= i) & ((i - j < window) if window else True)
     mask = mask[None] & (seg[:, :, None] == seg[:, None, :])                       # [b, t, s]
     s = np.einsum("btkgd,bskd->bkgts", q, k) * scale
+    tanh = np.tanh(s / cap) if cap else None
+    if cap:
+        s = cap * tanh
     s = np.where(mask[:, None, None], s, -np.inf)
     p = np.exp(s - s.max(-1, keepdims=True))
     p /= p.sum(-1, keepdims=True)
     out = np.einsum("bkgts,bskd->btkgd", p, v)
     dp = np.einsum("btkgd,bskd->bkgts", dout, v)
     ds = p * (dp - (dp * p).sum(-1, keepdims=True))
+    if cap:
+        ds = ds * (1 - tanh ** 2)
     dq = np.einsum("bkgts,bskd->btkgd", ds, k) * scale
     dk = np.einsum("bkgts,btkgd->bskd", ds, q) * scale
     dv = np.einsum("bkgts,btkgd->bskd", p, dout)
@@ -57,6 +63,33 @@ def test_blockwise_equals_float64(window, blocks):
     assert np.abs(np.asarray(out, np.float64) - want).max() <= bound * np.abs(want).max()
     for name, x, ref in zip("qkv", got, grads):
         assert np.abs(np.asarray(x, np.float64) - ref).max() <= bound * np.abs(ref).max(), f"d{name}"
+
+
+@pytest.mark.parametrize("backend", ["blockwise", "reference"])
+def test_logit_softcap_equals_float64(backend):
+    """Gemma 2's soft cap (cap 2 bends scores that reach ~5 here), a window and packed segments: value and
+    dq, dk, dv against float64; blockwise differentiates through the cap in its own backward."""
+    b, t, kv, g, d = 2, 19, 2, 2, 8
+    rng = np.random.RandomState(2)
+    q, k, v = 1.5 * rng.randn(b, t, kv, g, d), 1.5 * rng.randn(b, t, kv, d), rng.randn(b, t, kv, d)
+    dout = rng.randn(b, t, kv, g, d)
+    seg = np.array([[1] * 11 + [2] * 8, [5] * 19])
+    want, grads = _numpy_attention(q, k, v, seg, 6, 0.35, dout, cap=2.0)
+    plain, _ = _numpy_attention(q, k, v, seg, 6, 0.35, dout)
+    assert np.abs(plain - want).max() > 0.1 * np.abs(want).max()  # the cap matters at these scores
+
+    def f(q, k, v):
+        return attend(q, k, v, jnp.asarray(seg), backend=backend, sliding_window=6, scale=0.35,
+                      block_sizes=BlockSizes(4, 8), logit_softcap=2.0)
+
+    out, vjp = jax.vjp(jax.jit(f), *(jnp.asarray(a, jnp.float32) for a in (q, k, v)))
+    got = vjp(jnp.asarray(dout, jnp.float32))
+    bound = 16 * (d + t) * EPS32
+    for name, x, ref in zip(["out", "dq", "dk", "dv"], [out, *got], [want, *grads]):
+        assert np.abs(np.asarray(x, np.float64) - ref).max() <= bound * np.abs(ref).max(), name
+    with pytest.raises(ValueError, match="logit_softcap must be > 0"):
+        attend(*(jnp.asarray(a, jnp.float32) for a in (q, k, v)), jnp.asarray(seg), backend=backend, scale=0.35,
+               logit_softcap=0.0)
 
 
 def test_bad_backend_names_the_available_ones():

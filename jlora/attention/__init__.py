@@ -1,10 +1,12 @@
-"""Attention backends: the same masked softmax attention, computed whole (reference) or by blocks.
+"""Attention backends: the same masked softmax attention, computed whole (reference), by blocks in plain
+JAX (blockwise), by TPU splash attention (splash) or by cuDNN (cudnn).
 
-See backends.py for the setting (`attention="auto" | "blockwise" | "reference"`).
+See backends.py for the setting (`attention="auto" | "blockwise" | "reference" | "splash" | "cudnn"`).
 """
 from jlora.attention.backends import BACKENDS as BACKENDS
 from jlora.attention.backends import DEFAULT_BACKEND as DEFAULT_BACKEND
 from jlora.attention.backends import attend as attend
+from jlora.attention.backends import available_backends as available_backends
 from jlora.attention.backends import check_backend as check_backend
 from jlora.attention.backends import use_attention as use_attention
 from jlora.attention.blockwise import BlockSizes as BlockSizes

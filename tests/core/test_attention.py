@@ -93,9 +93,13 @@ def test_logit_softcap_equals_float64(backend):
 
 
 def test_bad_backend_names_the_available_ones():
-    with pytest.raises(ValueError, match="'splash' is not implemented yet; available here: auto, blockwise, "
-                                         "reference"):
-        check_backend("splash")
+    with pytest.raises(ValueError, match=r"'cudnn' is not available on cpu \(needs a CUDA GPU\); available here: "
+                                         "auto, blockwise, reference, splash"):
+        check_backend("cudnn", "cpu")
+    with pytest.raises(ValueError, match="'splash' is not available on gpu"):
+        check_backend("splash", "gpu")
+    with pytest.raises(ValueError, match="'flash' is not implemented yet"):
+        check_backend("flash")
     with pytest.raises(ValueError, match="'fast' is unknown"):
         check_backend("fast")
 
@@ -147,11 +151,16 @@ def test_lora_grads_equal_reference_path(family, checkpoint):
 
 
 def test_auto_is_reference_within_one_block():
-    """auto: the materialized path while one block covers the row (same memory), blockwise beyond it."""
+    """auto on CPU: the materialized path while one block covers the row (same memory), blockwise beyond it;
+    splash on TPU; cudnn on a GPU where it can express the call (bf16/fp16, no soft cap), else blockwise."""
     from jlora.attention.backends import resolve
-    assert resolve("auto", 256) == "reference" and resolve("auto", 257) == "blockwise"
-    assert resolve("auto", 64, BlockSizes(32, 64)) == "blockwise"
+    assert resolve("auto", 256, on="cpu") == "reference" and resolve("auto", 257, on="cpu") == "blockwise"
+    assert resolve("auto", 64, BlockSizes(32, 64), on="cpu") == "blockwise"
     assert resolve("reference", 10_000) == "reference" and resolve("blockwise", 8) == "blockwise"
+    assert resolve("auto", 8, on="tpu") == "splash" and resolve("auto", 100_000, on="tpu") == "splash"
+    assert resolve("auto", 4096, dtype=jnp.bfloat16, head_dim=128, on="gpu") == "cudnn"
+    assert resolve("auto", 4096, dtype=jnp.float32, head_dim=128, on="gpu") == "blockwise"
+    assert resolve("auto", 4096, dtype=jnp.bfloat16, head_dim=128, logit_softcap=50.0, on="gpu") == "blockwise"
 
 
 def test_blockwise_bfloat16_against_float64():

@@ -1,0 +1,153 @@
+"""TPU splash attention (jax.experimental.pallas.ops.tpu.splash_attention) behind jlora's attention contract.
+
+    out = softmax(softcap(q k^T * scale) + mask) v     mask: causal, same segment, within the window
+
+What maps to what:
+    scale            q * scale before the kernel (splash computes q k^T unscaled)
+    causal / window  CausalMask, or LocalMask((window - 1, 0)) (keys q - window < k <= q), the same
+                     static mask for every head (MultiHeadMask); splash skips the blocks it rules out
+    packing          SegmentIds(q=segment_ids, kv=segment_ids) per row (the kernel is vmapped over rows)
+    grouped kv heads make_splash_mha with k, v [kv_heads, T, d]: query head h reads kv head h // group,
+                     which is jlora's [kv_heads, group] head order flattened
+    soft cap         attn_logits_soft_cap (tanh after scaling, before the mask: the same order)
+
+The kernel needs every block to be a multiple of 128 and to divide the row: the row is padded to a
+multiple of the blocks with segment id -1 (padded keys follow every real query, so causality hides
+them; padded queries see only padded keys and are sliced off). Default blocks: 512 for q and kv in
+forward and backward (MaxText's), capped at the row rounded up to 128.
+
+Where it runs: on TPU the Mosaic kernel; on CPU the same kernel in Pallas interpret mode (slow: for
+tests). Both are lowered from one trace by `lax.platform_dependent`, so a step traced on a CPU host
+and compiled for a TPU topology (jlora plan) gets the Mosaic kernel.
+
+On a device mesh (`mesh`, or the one set by `jax.set_mesh`) the kernel runs per device under
+`shard_map`: rows over (data, fsdp), kv heads over tensor where they divide; a Mosaic kernel is an
+opaque custom call that XLA cannot partition by itself.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+from jlora.attention.blockwise import BlockSizes as JloraBlockSizes
+from jlora.attention.masks import check_softcap
+
+LANES = 128
+DEFAULT_BLOCK = 512
+
+
+def _splash():
+    from jax.experimental.pallas.ops.tpu import splash_attention  # pylint: disable=import-outside-toplevel
+    return splash_attention
+
+
+def splash_block_sizes(seq_len: int, block_sizes=None):
+    """The splash BlockSizes for a row of `seq_len`: `block_sizes` as given (splash's own BlockSizes), a
+    jlora BlockSizes(q, k) applied to every phase, or None: DEFAULT_BLOCK capped at seq_len rounded up
+    to 128. Every block must be a multiple of 128 (the kernel's lane width)."""
+    sa = _splash()
+    if isinstance(block_sizes, sa.BlockSizes):
+        blocks = block_sizes
+    else:
+        if block_sizes is None:
+            bq = bk = min(DEFAULT_BLOCK, -(-seq_len // LANES) * LANES)
+        elif isinstance(block_sizes, JloraBlockSizes):
+            bq, bk = block_sizes.q, block_sizes.k
+        else:
+            raise TypeError(f"splash block_sizes must be jlora.attention.BlockSizes, splash_attention.BlockSizes "
+                            f"or None, got {type(block_sizes).__name__}")
+        blocks = sa.BlockSizes(block_q=bq, block_kv=bk, block_kv_compute=bk, block_q_dkv=bq, block_kv_dkv=bk,
+                               block_kv_dkv_compute=bk, block_q_dq=bq, block_kv_dq=bk)
+    for name, value in _block_values(blocks).items():
+        if value % LANES:
+            raise ValueError(f"splash attention: block size {name}={value} must be a multiple of {LANES}")
+    return blocks
+
+
+def _block_values(blocks) -> dict:
+    return {f.name: getattr(blocks, f.name) for f in dataclasses.fields(blocks)
+            if f.name.startswith("block") and getattr(blocks, f.name) is not None}
+
+
+def padded_length(seq_len: int, blocks) -> int:
+    """seq_len rounded up to a multiple of every block (what the kernel is called on)."""
+    step = functools.reduce(math.lcm, _block_values(blocks).values())
+    return -(-seq_len // step) * step
+
+
+@functools.lru_cache(maxsize=64)
+def _kernel(heads: int, t: int, window: int | None, cap: float | None, blocks, interpret: bool):
+    sa = _splash()
+    shape = (t, t)
+    one = sa.CausalMask(shape) if window is None else sa.LocalMask(shape, (window - 1, 0), 0)
+    return sa.make_splash_mha(sa.MultiHeadMask([one] * heads), block_sizes=blocks, head_shards=1, q_seq_shards=1,
+                              attn_logits_soft_cap=cap, interpret=interpret)
+
+
+def splash_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, segment_ids: jnp.ndarray, *,
+                     sliding_window: int | None = None, scale: float, logit_softcap: float | None = None,
+                     block_sizes=None, mesh=None) -> jnp.ndarray:
+    """q [b, t, kv_heads, group, d], k and v [b, t, kv_heads, d], segment_ids [b, t] -> [b, t, kv_heads, group, d].
+
+    The same function as jlora.attention.reference_attention, by the splash kernel (module docstring)."""
+    b, t, kv, g, d = q.shape
+    if k.shape != (b, t, kv, d) or v.shape != k.shape:
+        raise ValueError(f"splash_attention: k and v must be [batch, seq, kv_heads, head_dim] = {(b, t, kv, d)} "
+                         f"to match q {q.shape}, got k {k.shape}, v {v.shape}")
+    if segment_ids.shape != (b, t):
+        raise ValueError(f"splash_attention: segment_ids must be [batch, seq] = {(b, t)}, got {segment_ids.shape}")
+    if sliding_window is not None and sliding_window < 1:
+        raise ValueError(f"sliding_window must be >= 1 or None, got {sliding_window}")
+    check_softcap(logit_softcap)
+    blocks = splash_block_sizes(t, block_sizes)
+    cap = None if logit_softcap is None else float(logit_softcap)
+    call = functools.partial(_per_device, window=sliding_window, scale=float(scale), cap=cap, blocks=blocks)
+    mesh = mesh if mesh is not None else _context_mesh()
+    if mesh is None or mesh.size == 1:
+        return call(q, k, v, segment_ids)
+    return _sharded(call, mesh, q, k, v, segment_ids)
+
+
+def _per_device(q, k, v, segment_ids, *, window, scale, cap, blocks):
+    b, t, kv, g, d = q.shape
+    tp = padded_length(t, blocks)
+    seg = segment_ids.astype(jnp.int32)
+    qh = jnp.moveaxis((q * jnp.asarray(scale, q.dtype)).reshape(b, t, kv * g, d), 1, 2)   # [b, heads, t, d]
+    kh, vh = jnp.moveaxis(k, 1, 2), jnp.moveaxis(v, 1, 2)                              # [b, kv, t, d]
+    if tp != t:
+        qh, kh, vh = (jnp.pad(a, ((0, 0), (0, 0), (0, tp - t), (0, 0))) for a in (qh, kh, vh))
+        seg = jnp.pad(seg, ((0, 0), (0, tp - t)), constant_values=-1)
+
+    def run(interpret):
+        kernel = _kernel(kv * g, tp, window, cap, blocks, interpret)
+        sa = _splash()
+        return lambda qh, kh, vh, seg: jax.vmap(
+            lambda q1, k1, v1, s1: kernel(q1, k1, v1, segment_ids=sa.SegmentIds(s1, s1)))(qh, kh, vh, seg)
+
+    out = jax.lax.platform_dependent(qh, kh, vh, seg, cpu=run(True), default=run(False))   # [b, heads, tp, d]
+    return jnp.moveaxis(out[:, :, :t], 1, 2).reshape(b, t, kv, g, d)
+
+
+def _context_mesh():
+    """The mesh set by `jax.set_mesh` (None without one)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return None if mesh is None or mesh.empty else mesh
+
+
+def _sharded(call, mesh, q, k, v, segment_ids):
+    """call per device: rows over (data, fsdp) when they divide, kv heads over tensor when they divide."""
+    from jlora.mesh_axes import ROW_AXES  # pylint: disable=import-outside-toplevel
+
+    names = set(mesh.axis_names)
+    row_axes = tuple(a for a in ROW_AXES if a in names)
+    row_size = math.prod(mesh.shape[a] for a in row_axes)
+    rows = row_axes if row_axes and q.shape[0] % row_size == 0 else None
+    heads = "tensor" if "tensor" in names and q.shape[2] % mesh.shape["tensor"] == 0 else None
+    q_spec, kv_spec = P(rows, None, heads, None, None), P(rows, None, heads, None)
+    return jax.shard_map(call, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, P(rows, None)), out_specs=q_spec,
+                         check_vma=False)(q, k, v, segment_ids)

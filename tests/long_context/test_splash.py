@@ -1,0 +1,83 @@
+"""TPU splash attention (jlora.attention.splash) in Pallas interpret mode on CPU: value and dq, dk, dv equal a
+float64 numpy attention (causal, packed segments, padding, a sliding window, grouped kv heads, soft cap),
+and the model's logits with backend "splash" equal transformers' on packed rows with a window."""
+import numpy as np
+import pytest
+
+import jax
+import jax.numpy as jnp
+import jlora
+from jlora.attention import BlockSizes, attend, use_attention
+
+EPS32 = 2.0 ** -23
+
+
+def numpy_attention(q, k, v, seg, window, scale, dout, cap=None):
+    """float64 forward and backward of softmax(softcap(q k^T scale) + mask) v, grouped kv heads."""
+    q, k, v, dout = (np.asarray(a, np.float64) for a in (q, k, v, dout))
+    t = q.shape[1]
+    i, j = np.arange(t)[:, None], np.arange(t)[None, :]
+    mask = (j <= i) & ((i - j < window) if window else True)
+    mask = mask[None] & (seg[:, :, None] == seg[:, None, :])
+    s = np.einsum("btkgd,bskd->bkgts", q, k) * scale
+    tanh = np.tanh(s / cap) if cap else None
+    if cap:
+        s = cap * tanh
+    s = np.where(mask[:, None, None], s, -np.inf)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    out = np.einsum("bkgts,bskd->btkgd", p, v)
+    dp = np.einsum("btkgd,bskd->bkgts", dout, v)
+    ds = p * (dp - (dp * p).sum(-1, keepdims=True))
+    if cap:
+        ds = ds * (1 - tanh ** 2)
+    return out, (np.einsum("bkgts,bskd->btkgd", ds, k) * scale, np.einsum("bkgts,btkgd->bskd", ds, q) * scale,
+                 np.einsum("bkgts,btkgd->bskd", p, dout))
+
+
+@pytest.mark.parametrize("t, window, cap, blocks", [
+    (23, None, None, None),            # one 128 block, padded from 23
+    (150, 40, 2.0, BlockSizes(128, 128)),  # two blocks (padded to 256), window crossing them, soft cap
+])
+def test_splash_equals_float64(t, window, cap, blocks):
+    """Row 0 packs two examples and ends in padding (segment 0); row 1 is one example. 2 kv heads x 2
+    queries each. Bound: float32 rounding over the head and key reductions, as for blockwise."""
+    b, kv, g, d = 2, 2, 2, 8
+    rng = np.random.RandomState(3)
+    q, k, v = 1.5 * rng.randn(b, t, kv, g, d), 1.5 * rng.randn(b, t, kv, d), rng.randn(b, t, kv, d)
+    dout = rng.randn(b, t, kv, g, d)
+    cut = [t // 2, t - t // 2 - 3, 3]
+    seg = np.array([[1] * cut[0] + [2] * cut[1] + [0] * cut[2], [7] * t])
+    want, grads = numpy_attention(q, k, v, seg, window, 0.3, dout, cap)
+
+    def f(q, k, v):
+        return attend(q, k, v, jnp.asarray(seg), backend="splash", sliding_window=window, scale=0.3,
+                      logit_softcap=cap, block_sizes=blocks)
+
+    out, vjp = jax.vjp(jax.jit(f), *(jnp.asarray(a, jnp.float32) for a in (q, k, v)))
+    got = vjp(jnp.asarray(dout, jnp.float32))
+    bound = 16 * (d + t) * EPS32
+    for name, x, ref in zip(["out", "dq", "dk", "dv"], [out, *got], [want, *grads]):
+        assert np.abs(np.asarray(x, np.float64) - ref).max() <= bound * np.abs(ref).max(), name
+
+
+def test_splash_blocks_must_be_lane_multiples():
+    x = jnp.zeros((1, 8, 1, 1, 8))
+    with pytest.raises(ValueError, match="block_q=64 must be a multiple of 128"):
+        attend(x, x[:, :, :, 0], x[:, :, :, 0], jnp.ones((1, 8), jnp.int32), backend="splash", scale=1.0,
+               block_sizes=BlockSizes(64, 128))
+
+
+@pytest.mark.slow  # ~22 s on the shared 2-core box: the interpret-mode kernel traced per layer
+def test_packed_logits_equal_transformers(checkpoint, hf_model, close32, logits32_and_64, packed_row):
+    """Mistral (window 8) with backend "splash": each packed example's logits equal transformers' on it alone."""
+    path = checkpoint("mistral")
+    examples, row, seg, pos = packed_row(pad=3)
+    ref = hf_model(path)
+    model = use_attention(jlora.load_hf(path), "splash")
+    packed = np.asarray(jax.jit(lambda r, p, s: model(r, positions=p, segment_ids=s))(row, pos, seg))
+    start = 0
+    for ex in examples:
+        want, want64 = logits32_and_64(ref, ex[None])
+        close32(packed[0, start:start + len(ex)], want[0], want64[0], what=f"splash example at {start}")
+        start += len(ex)

@@ -13,15 +13,19 @@ generation after the prompt) sees "\u2581A : Paris".
   ends after ``len(prompt)`` are trained on (so a token that straddles the join, such as
   "\u2581Paris" in "A: " + "Paris", is trained: it holds completion text), as TRL's
   completion mask does.
-* messages: rendered with the tokenizer's chat template and tokenized once. The characters of
-  assistant message ``i`` start where ``messages[:i]`` rendered with the generation prompt
-  ends and stop where ``messages[:i + 1]`` ends, so the assistant header is not trained on and
-  the template's end-of-turn token is; whitespace the template writes after that token
-  (ChatML's and Gemma's "\n") is left out, as generation stops before it. This needs no
-  ``{% generation %}`` markers and works for any template whose rendering of a prefix of the
-  conversation is a prefix of the rendering of the whole (Llama, Mistral, Gemma, ChatML, ...);
-  that is checked for every reply, so a template that rewrites earlier turns raises DataError
-  rather than training on the wrong tokens.
+* messages: rendered with the tokenizer's chat template and tokenized once. For each assistant
+  message the trained characters run from where the generation prompt ends (so the role header
+  is never trained) through the template's end-of-turn token (``<|im_end|>``, ``<end_of_turn>``,
+  ``<|end|>``, ``<|eot_id|>``, ``</s>``: the first special token after the reply's text, which
+  the model must learn to emit); whitespace or a conversation-final EOS that the template writes
+  after it is left out, as generation stops before it. chat_spans.py finds these characters
+  without the template's markers or ``{% generation %}`` tags, also for templates that rewrite
+  earlier turns (Qwen3 drops the reasoning of replies before the last user turn); a template
+  that drops a reply or renders messages out of order raises DataError naming the record.
+  Qwen3's ``<think>...</think>`` block (empty or not) is trained when the template writes it
+  after the generation prompt (the default ``enable_thinking``), as TRL's and Unsloth's
+  assistant-only masks do; with ``enable_thinking=False`` the empty block is part of the prompt
+  and is not. Template options come from ``chat_template_kwargs`` (argument or record field).
 
 Tokenizers without offsets (slow, Python-only ones) fall back to counting the tokens of the
 text before the boundary, which must then tokenize to a prefix of the whole (else DataError).
@@ -35,6 +39,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from jlora.data.chat_spans import reply_spans, template_kwargs
 from jlora.data.errors import DataError
 from jlora.data.formats import record_format
 from jlora.data.jsonl import Record
@@ -51,8 +56,12 @@ class Example(NamedTuple):
     mask: np.ndarray
 
 
-def tokenize_record(record: Record, tokenizer) -> Example:
-    """Tokenizes a record with a transformers tokenizer (see the module docstring)."""
+def tokenize_record(record: Record, tokenizer, *, chat_template_kwargs=None) -> Example:
+    """Tokenizes a record with a transformers tokenizer (see the module docstring).
+
+    ``chat_template_kwargs`` (e.g. ``{"enable_thinking": False}``) are passed to the chat template
+    of "messages" records; a record's own ``"chat_template_kwargs"`` object overrides them.
+    """
     kind = record_format(record)
     data = record.data
     if kind == "text":
@@ -65,7 +74,7 @@ def tokenize_record(record: Record, tokenizer) -> Example:
         mask = _char_mask(ids, spans, len(data["prompt"]), len(text))
         ids, mask = _append_eos(tokenizer, ids, mask)
     else:
-        ids, mask = _chat(tokenizer, record)
+        ids, mask = _chat(tokenizer, record, chat_template_kwargs)
     bos = tokenizer.bos_token_id
     if bos is not None and (not ids or ids[0] != bos):
         ids, mask = [bos] + ids, [False] + mask
@@ -121,53 +130,43 @@ def _append_eos(tokenizer, ids, mask):
     return ids + [eos], mask + [True]
 
 
-def _chat(tokenizer, record: Record):
-    messages = record.data["messages"]
-    if not getattr(tokenizer, "chat_template", None):
-        raise DataError(f'{record.where}: the "messages" format needs a chat template, '
-                        "and the tokenizer has none")
-
-    def render(n: int, add_generation_prompt: bool) -> str:
-        try:
-            return tokenizer.apply_chat_template(
-                messages[:n], tokenize=False, add_generation_prompt=add_generation_prompt)
-        except Exception as e:  # jinja errors such as "roles must alternate"
-            raise DataError(
-                f"{record.where}: the chat template failed on messages[:{n}]: {e}") from e
-
-    def prefix_length(text, prefix, i, what):
-        if not text.startswith(prefix):
-            raise DataError(
-                f"{record.where}: cannot locate the tokens of messages[{i}]: the chat template "
-                f"rendering of {what} is not a prefix of the rendering of the whole conversation")
-        return len(prefix)
-
-    text = render(len(messages), add_generation_prompt=False)
+def _chat(tokenizer, record: Record, defaults):
+    text, replies = reply_spans(tokenizer, record, template_kwargs(record, defaults))
     ids, spans = _encode_spans(tokenizer, text, record)
     mask = [False] * len(ids)
-    for i, message in enumerate(messages):
-        if message["role"] != "assistant":
-            continue
-        if i == 0:
-            raise DataError(f"{record.where}: messages[0] is an assistant message; a reply "
-                            "needs a message before it")
-        start = prefix_length(text, render(i, True), i, f"messages[:{i}] + generation prompt")
-        end = prefix_length(text, render(i + 1, False), i, f"messages[:{i + 1}]")
-        if end <= start:
-            continue  # nothing rendered for this reply
-        first, stop = spans(start, end)
-        stop = _drop_trailing_separator(tokenizer, ids, first, stop)
+    special = _special_ids(tokenizer)
+    for reply in replies:
+        first, stop = spans(reply.start, reply.end)
+        tail = max(first, _token_at(spans, reply.content_end, reply.end, first))
+        stop = _end_of_turn(tokenizer, ids, special, tail, stop)
         mask[first:stop] = [True] * (stop - first)
     return ids, mask
 
 
-def _drop_trailing_separator(tokenizer, ids, start, end):
-    """Moves ``end`` back to just after the span's last special token if only whitespace follows."""
+def _token_at(spans, start: int, end: int, fallback: int) -> int:
+    """The first token holding ``text[start:end]``; ``fallback`` where a tokenizer without offsets
+    cannot split the text there."""
+    try:
+        return spans(start, end)[0]
+    except DataError:
+        return fallback
+
+
+def _special_ids(tokenizer) -> set[int]:
     special = set(tokenizer.all_special_ids)
     special.update(i for i, t in tokenizer.added_tokens_decoder.items() if t.special)
-    last = end
-    while last > start and ids[last - 1] not in special:
-        last -= 1
-    if start < last < end and not tokenizer.decode(ids[last:end]).strip():
-        return last
-    return end
+    return special
+
+
+def _end_of_turn(tokenizer, ids, special, tail: int, stop: int) -> int:
+    """The trained tokens of a reply stop after the first special token the template writes after
+    the content (its end-of-turn token: ``<|im_end|>``, ``<end_of_turn>``, ``<|end|>``,
+    ``<|eot_id|>``, ``</s>``); generation stops there, so what follows it (ChatML's and Gemma's
+    "\n", Phi-3's conversation-final EOS) is not trained. Without a special token in the tail,
+    trailing whitespace-only tokens are left out."""
+    for t in range(tail, stop):
+        if ids[t] in special:
+            return t + 1
+    while stop > tail and not tokenizer.decode(ids[stop - 1:stop]).strip():
+        stop -= 1
+    return stop

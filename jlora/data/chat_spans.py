@@ -1,0 +1,157 @@
+"""Where each assistant reply lies in a chat template's rendering of the whole conversation.
+
+A record's conversation is rendered ONCE, ``text = render(messages)``, and the model trains on that
+text. For every assistant message ``i`` this module finds, in ``text``, the characters the model
+would generate after the generation prompt, without knowing the template's markers:
+
+* ``start``: where the prompt ends. ``render(messages[:i], add_generation_prompt=True)`` is the
+  text a server feeds the model before it writes reply ``i``; ``start`` is the length of its
+  longest common prefix with ``text``. The role header (``<|im_start|>assistant\\n``,
+  ``<start_of_turn>model\\n``, ``<|assistant|>\\n``, ``<|im_start|>assistant<|im_sep|>``) is
+  therefore never trained, and neither is what the generation prompt itself writes (Qwen3's
+  ``<think>\\n\\n</think>\\n\\n`` under ``enable_thinking=False``, SmolLM3's under ``/no_think``).
+  What the template adds after the header only because the reply is there (Qwen3's
+  ``<think>...</think>`` block under the default ``enable_thinking``) is trained: the model
+  writes it itself.
+* ``content_end``: where the reply's own text ends in ``text``, found by rendering the
+  conversation again with a marker character appended to (and prepended to) the reply's content
+  and taking the common suffix (prefix) of the two renderings. This is how templates that
+  rewrite a reply once more turns follow are handled: Qwen3 drops the ``<think>`` block of
+  every reply before the last user turn, so reply ``i`` does not render the same in
+  ``render(messages[:i + 1])`` as in ``text``.
+* ``end``: ``content_end`` plus what the template writes after the content when the reply is the
+  last message (``<|im_end|>\\n``, ``<end_of_turn>\\n``, ``<|end|>\\n``, tool calls), as far as
+  ``text`` writes the same. Phi-3's conversation-final ``eos_token`` is in that tail only for the
+  last reply; tokenize.py trains the tail up to its first special token (the end-of-turn token)
+  and no further.
+
+Checks (DataError naming the record): every assistant message must appear in the rendering (its
+content changes the text), messages must render in order (the content of ``messages[j]`` ends
+before that of ``messages[j + 1]``), and a reply's prompt must cover every earlier message.
+"""
+
+from typing import NamedTuple
+
+from jlora.data.errors import DataError
+from jlora.data.jsonl import Record
+
+_MARKS = "\x00\x01\x02\x03\x04\x05\x06\x07"
+
+
+class ReplySpan(NamedTuple):
+    """Character offsets into the rendered conversation of one assistant message ``index``:
+    ``text[start:end]`` is trained; ``text[content_end:end]`` is what the template writes after
+    the reply's content (its end of turn)."""
+
+    index: int
+    start: int
+    content_end: int
+    end: int
+
+
+def template_kwargs(record: Record, defaults=None) -> dict:
+    """Keyword arguments for the chat template (``enable_thinking``, ...): ``defaults`` updated by
+    the record's optional ``"chat_template_kwargs"`` object."""
+    extra = record.data.get("chat_template_kwargs", {})
+    if not isinstance(extra, dict):
+        raise DataError(f'{record.where}: field "chat_template_kwargs" must be an object, '
+                        f"found {type(extra).__name__}")
+    return {**(defaults or {}), **extra}
+
+
+def reply_spans(tokenizer, record: Record, kwargs: dict) -> tuple[str, list[ReplySpan]]:
+    """(the rendered conversation, one ReplySpan per assistant message, in order)."""
+    messages = record.data["messages"]
+    if not getattr(tokenizer, "chat_template", None):
+        raise DataError(f'{record.where}: the "messages" format needs a chat template, '
+                        "and the tokenizer has none")
+
+    def render(msgs, add_generation_prompt=False) -> str:
+        try:
+            return tokenizer.apply_chat_template(
+                msgs, tokenize=False, add_generation_prompt=add_generation_prompt, **kwargs)
+        except Exception as e:  # jinja errors such as "roles must alternate"
+            raise DataError(f"{record.where}: the chat template failed on messages[:{len(msgs)}]: "
+                            f"{e}") from e
+
+    text = render(messages)
+    mark = _unused_mark(text, messages, record)
+
+    def content_bounds(msgs, i, rendered):
+        """(first, end) offsets in ``rendered`` (= render(msgs)) where msgs[i]'s content shows,
+        or None when changing the content does not change the rendering."""
+        marked = list(msgs)
+        marked[i] = {**msgs[i], "content": mark + msgs[i]["content"] + mark}
+        other = render(marked)
+        if other == rendered:
+            return None
+        head = _common_prefix(rendered, other)
+        tail = _common_prefix(rendered[::-1], other[::-1])
+        end = max(head, len(rendered) - tail)
+        return min(head, end), end
+
+    bounds = [content_bounds(messages, j, text) for j in range(len(messages))]
+    _check_order(bounds, messages, record)
+
+    replies, done = [], 0
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        where = f"{record.where}: cannot locate the tokens of messages[{i}]"
+        if i == 0:
+            raise DataError(f"{record.where}: messages[0] is an assistant message; a reply "
+                            "needs a message before it")
+        if bounds[i] is None:
+            raise DataError(f"{where}: the chat template does not render its content (changing "
+                            "it leaves the rendered conversation unchanged)")
+        first, content_end = bounds[i]
+        before = max((b[1] for b in bounds[:i] if b is not None), default=0)
+        start = min(_common_prefix(render(messages[:i], True), text), first)
+        if start < max(before, done):
+            raise DataError(
+                f"{where}: the rendering of messages[:{i}] with the generation prompt matches the "
+                f"whole conversation only up to character {start}, before the end of the earlier "
+                f"messages (character {max(before, done)}); the template renders earlier turns "
+                "differently once later ones follow")
+        alone = render(messages[:i + 1])
+        alone_bounds = content_bounds(messages[:i + 1], i, alone)
+        tail = alone[alone_bounds[1]:] if alone_bounds else ""
+        end = content_end + _common_prefix(tail, text[content_end:])
+        replies.append(ReplySpan(i, start, content_end, end))
+        done = end
+    return text, replies
+
+
+def _check_order(bounds, messages, record: Record) -> None:
+    last, last_j = -1, None
+    for j, b in enumerate(bounds):
+        if b is None:
+            continue
+        if b[1] <= last:
+            raise DataError(
+                f"{record.where}: the chat template renders messages[{j}] "
+                f"({messages[j]['role']}) before messages[{last_j}] ({messages[last_j]['role']}); "
+                "cannot tell which tokens belong to which message")
+        last, last_j = b[1], j
+
+
+def _unused_mark(text: str, messages, record: Record) -> str:
+    for mark in _MARKS:
+        if mark not in text and not any(mark in m["content"] for m in messages):
+            return mark
+    raise DataError(f"{record.where}: the conversation uses every control character "
+                    f"{_MARKS!r}; one must be free to locate the replies")
+
+
+def _common_prefix(a: str, b: str) -> int:
+    n = min(len(a), len(b))
+    if a[:n] == b[:n]:
+        return n
+    lo, hi = 0, n  # a[:lo] == b[:lo], a[:hi] != b[:hi]
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if a[:mid] == b[:mid]:
+            lo = mid
+        else:
+            hi = mid
+    return lo

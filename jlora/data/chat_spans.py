@@ -30,13 +30,12 @@ content changes the text), messages must render in order (the content of ``messa
 before that of ``messages[j + 1]``), and a reply's prompt must cover every earlier message.
 """
 
+import itertools
+import re
 from typing import NamedTuple
 
 from jlora.data.errors import DataError
 from jlora.data.jsonl import Record
-
-_MARKS = "\x00\x01\x02\x03\x04\x05\x06\x07"
-
 
 class ReplySpan(NamedTuple):
     """Character offsets into the rendered conversation of one assistant message ``index``:
@@ -75,22 +74,10 @@ def reply_spans(tokenizer, record: Record, kwargs: dict) -> tuple[str, list[Repl
                             f"{e}") from e
 
     text = render(messages)
-    mark = _unused_mark(text, messages, record)
-
-    def content_bounds(msgs, i, rendered):
-        """(first, end) offsets in ``rendered`` (= render(msgs)) where msgs[i]'s content shows,
-        or None when changing the content does not change the rendering."""
-        marked = list(msgs)
-        marked[i] = {**msgs[i], "content": mark + msgs[i]["content"] + mark}
-        other = render(marked)
-        if other == rendered:
-            return None
-        head = _common_prefix(rendered, other)
-        tail = _common_prefix(rendered[::-1], other[::-1])
-        end = max(head, len(rendered) - tail)
-        return min(head, end), end
-
-    bounds = [content_bounds(messages, j, text) for j in range(len(messages))]
+    bounds, marked = _marked_bounds(render, messages, text, record)
+    if marked is None:  # the marks changed the rendering (e.g. `trim` keeps spaces inside them)
+        mark = _unused_marks(1, text, messages, record)[0]
+        bounds = [_bounds_by_diff(render, messages, j, text, mark) for j in range(len(messages))]
     _check_order(bounds, messages, record)
 
     replies, done = [], 0
@@ -113,13 +100,71 @@ def reply_spans(tokenizer, record: Record, kwargs: dict) -> tuple[str, list[Repl
                 f"whole conversation only up to character {start}, before the end of the earlier "
                 f"messages (character {max(before, done)}); the template renders earlier turns "
                 "differently once later ones follow")
-        alone = render(messages[:i + 1])
-        alone_bounds = content_bounds(messages[:i + 1], i, alone)
+        if marked is not None:
+            alone, alone_bounds = _strip_marks(render(marked[:i + 1]), marked.marks, i)
+        else:
+            alone = render(messages[:i + 1])
+            alone_bounds = _bounds_by_diff(render, messages[:i + 1], i, alone, mark)
         tail = alone[alone_bounds[1]:] if alone_bounds else ""
         end = content_end + _common_prefix(tail, text[content_end:])
         replies.append(ReplySpan(i, start, content_end, end))
         done = end
     return text, replies
+
+
+class _Marked(list):
+    """The messages with each content wrapped in its own pair of marks: ``marks[2j]`` before
+    and ``marks[2j + 1]`` after ``messages[j]["content"]``."""
+
+    marks: str
+
+
+def _marked_bounds(render, messages, text: str, record: Record):
+    """One rendering with every content wrapped in its own marks: (bounds per message, the
+    marked messages), or (None, None) when removing the marks does not give back ``text``."""
+    marks = _unused_marks(2 * len(messages), text, messages, record)
+    marked = _Marked({**m, "content": marks[2 * j] + m["content"] + marks[2 * j + 1]}
+                     for j, m in enumerate(messages))
+    marked.marks = marks
+    stripped, found = _find_marks(render(marked), marks)
+    if stripped != text or any(len(p) > 1 for p in found.values()):
+        return None, None
+    return [_bounds(found, marks, j) for j in range(len(messages))], marked
+
+
+def _strip_marks(rendered: str, marks: str, j: int):
+    """(``rendered`` without marks, (first, end) of messages[j]'s content in it, or None)."""
+    stripped, found = _find_marks(rendered, marks)
+    return stripped, _bounds(found, marks, j)
+
+
+def _find_marks(rendered: str, marks: str):
+    """(``rendered`` without the marks, mark -> its offsets in that stripped text)."""
+    found = {m: [] for m in marks}
+    for removed, hit in enumerate(re.finditer(f"[{re.escape(marks)}]", rendered)):
+        found[hit.group()].append(hit.start() - removed)
+    return rendered.translate(dict.fromkeys(map(ord, marks))), found
+
+
+def _bounds(found, marks: str, j: int):
+    before, after = found[marks[2 * j]], found[marks[2 * j + 1]]
+    if not after:
+        return None
+    return (before[0] if before else after[0]), after[0]
+
+
+def _bounds_by_diff(render, msgs, i, rendered, mark):
+    """(first, end) offsets in ``rendered`` (= render(msgs)) where msgs[i]'s content shows, found
+    by rendering with a mark around the content; None when that changes nothing."""
+    marked = list(msgs)
+    marked[i] = {**msgs[i], "content": mark + msgs[i]["content"] + mark}
+    other = render(marked)
+    if other == rendered:
+        return None
+    head = _common_prefix(rendered, other)
+    tail = _common_prefix(rendered[::-1], other[::-1])
+    end = max(head, len(rendered) - tail)
+    return min(head, end), end
 
 
 def _check_order(bounds, messages, record: Record) -> None:
@@ -135,12 +180,14 @@ def _check_order(bounds, messages, record: Record) -> None:
         last, last_j = b[1], j
 
 
-def _unused_mark(text: str, messages, record: Record) -> str:
-    for mark in _MARKS:
-        if mark not in text and not any(mark in m["content"] for m in messages):
-            return mark
-    raise DataError(f"{record.where}: the conversation uses every control character "
-                    f"{_MARKS!r}; one must be free to locate the replies")
+def _unused_marks(n: int, text: str, messages, record: Record) -> str:
+    """``n`` characters of Unicode's private use area that occur nowhere in the conversation."""
+    used = set(text).union(*(m["content"] for m in messages))
+    free = list(itertools.islice((c for c in map(chr, range(0xE000, 0xF900)) if c not in used), n))
+    if len(free) < n:
+        raise DataError(f"{record.where}: the conversation uses too many private-use characters "
+                        f"(U+E000..U+F8FF) to mark its {len(messages)} messages")
+    return "".join(free)
 
 
 def _common_prefix(a: str, b: str) -> int:

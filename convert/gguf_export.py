@@ -1,0 +1,265 @@
+"""GGUF export (llama.cpp, Ollama) of a transformers checkpoint, e.g. jlora's merged export.
+
+    export_gguf("runs/x/merged", "model.gguf", "q8_0")
+
+Reads the checkpoint's safetensors one tensor at a time and streams each into the GGUF file (header,
+metadata and tensor table first, then the data), so memory stays at about one tensor. What llama.cpp's
+convert_hf_to_gguf.py does for these families, done here with the same `gguf` package:
+
+- Names: gguf's TensorNameMap for the architecture (``model.layers.3.self_attn.q_proj.weight`` ->
+  ``blk.3.attn_q.weight``, ``model.embed_tokens`` -> ``token_embd``, ``model.norm`` -> ``output_norm``,
+  ``lm_head`` -> ``output``). A tensor with no GGUF name is an error naming it.
+- Llama and Mistral (GGUF architecture "llama"): q_proj / k_proj rows are permuted from transformers'
+  rotate-half RoPE layout to llama.cpp's interleaved pairs (``LlamaModel.permute``): per head, the
+  rows [r0..r(d/2-1), r(d/2)..r(d-1)] become [r0, r(d/2), r1, r(d/2+1), ...]:
+      W.reshape(heads, 2, d/2, in).swapaxes(1, 2).reshape(W.shape)   (heads: n_kv_heads for k_proj)
+  Qwen2/Qwen3 use llama.cpp's NEOX RoPE and keep the transformers layout.
+- Llama 3 RoPE scaling is the ``rope_freqs.weight`` tensor (a divisor per frequency); linear and YaRN
+  scaling are metadata.
+- Types: 1-D tensors (norms, biases) stay float32, as in llama.cpp. Matrices:
+
+      f32, f16, bf16   every matrix in that type
+      q8_0             every matrix Q8_0 (blocks of 32: one f16 scale, 32 int8), like convert_hf_to_gguf
+      q4_0             Q4_0 matrices (blocks of 32: one f16 scale, 32 4-bit), token_embd/output in Q8_0
+
+  A matrix whose rows are not a multiple of the block size falls back to f16 (as llama.cpp does).
+  Quantization is gguf.quants' (the Python port of ggml's reference quantizers). The k-quants
+  (Q4_K_M ...) have no Python quantizer in gguf; make them from the f16 export with llama.cpp's
+  ``llama-quantize model-f16.gguf model-q4_k_m.gguf Q4_K_M``.
+
+Metadata: architecture, context length, embedding and feed-forward lengths, block count, heads, kv
+heads, head dim (rope dimension count), rope freq base and scaling, RMS norm eps, vocab size, file type,
+and the tokenizer with its chat template (jlora.convert.gguf_vocab).
+"""
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import gguf
+import numpy as np
+
+from jlora.atomic_files import new_file_mode
+from jlora.convert.gguf_vocab import add_vocab
+from jlora.convert.hf_checkpoint import read_config, weight_files
+from jlora.convert.safetensors_io import iter_tensors, read_header
+
+# model_type -> (GGUF architecture, permute q/k rows for llama.cpp's interleaved RoPE)
+ARCHITECTURES = {
+    "llama": ("llama", True),
+    "mistral": ("llama", True),
+    "qwen2": ("qwen2", False),
+    "qwen3": ("qwen3", False),
+}
+Q = gguf.GGMLQuantizationType
+# --gguf type -> (file type, matrix type, token_embd/output type)
+GGUF_TYPES = {
+    "f32": (gguf.LlamaFileType.ALL_F32, Q.F32, Q.F32),
+    "f16": (gguf.LlamaFileType.MOSTLY_F16, Q.F16, Q.F16),
+    "bf16": (gguf.LlamaFileType.MOSTLY_BF16, Q.BF16, Q.BF16),
+    "q8_0": (gguf.LlamaFileType.MOSTLY_Q8_0, Q.Q8_0, Q.Q8_0),
+    "q4_0": (gguf.LlamaFileType.MOSTLY_Q4_0, Q.Q4_0, Q.Q8_0),
+}
+K_QUANTS = ("q4_k_m", "q4_k_s", "q5_k_m", "q5_k_s", "q6_k", "q3_k_m", "q2_k")
+
+
+class GGUFExportError(ValueError):
+    """A checkpoint or type the GGUF export cannot write."""
+
+
+@dataclass(frozen=True)
+class _Tensor:
+    source: str          # transformers name
+    name: str            # GGUF name
+    shape: tuple         # numpy (row-major) shape
+    qtype: gguf.GGMLQuantizationType
+
+
+def check_type(gguf_type: str) -> str:
+    t = gguf_type.lower()
+    if t in GGUF_TYPES:
+        return t
+    hint = (f" ({gguf_type} has no Python quantizer in gguf: export f16, then run llama.cpp's "
+            f"`llama-quantize model-f16.gguf model-{t}.gguf {gguf_type.upper()}`)") if t in K_QUANTS else ""
+    raise GGUFExportError(f"unknown GGUF type {gguf_type!r}; supported: {', '.join(GGUF_TYPES)}{hint}")
+
+
+def architecture(hf: dict, where) -> tuple[str, bool]:
+    model_type = hf.get("model_type")
+    if model_type not in ARCHITECTURES:
+        raise GGUFExportError(
+            f"{where}: model_type {model_type!r} has no GGUF mapping in jlora's exporter (mapped: "
+            f"{', '.join(ARCHITECTURES)}); llama.cpp's convert_hf_to_gguf.py may still convert the merged "
+            f"checkpoint if llama.cpp has an architecture for it")
+    return ARCHITECTURES[model_type]
+
+
+def permute_rows(w: np.ndarray, heads: int) -> np.ndarray:
+    """llama.cpp's LlamaModel.permute: rotate-half rows -> interleaved pairs, per head."""
+    return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _rope(hf: dict) -> tuple[float, dict]:
+    rope = dict(hf.get("rope_scaling") or {})
+    rope.update(hf.get("rope_parameters") or {})
+    theta = hf.get("rope_theta", rope.get("rope_theta", 10000.0))
+    return float(theta), rope
+
+
+def _head_dim(hf: dict) -> int:
+    return hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"]
+
+
+def llama3_rope_factors(hf: dict) -> np.ndarray:
+    """convert_hf_to_gguf's rope_freqs for rope_type llama3: divisor per frequency (1 fast, factor slow)."""
+    theta, rope = _rope(hf)
+    dim = _head_dim(hf)
+    freqs = 1.0 / (theta ** (np.arange(0, dim, 2, dtype=np.float32) / dim))
+    factor = rope.get("factor", 8.0)
+    low, high = rope.get("low_freq_factor", 1.0), rope.get("high_freq_factor", 4.0)
+    old = rope.get("original_max_position_embeddings", 8192)
+    low_wavelen, high_wavelen = old / low, old / high
+    out = []
+    for f in freqs:
+        wavelen = 2 * math.pi / f
+        if wavelen < high_wavelen:
+            out.append(1.0)
+        elif wavelen > low_wavelen:
+            out.append(factor)
+        else:
+            smooth = (old / wavelen - low) / (high - low)
+            out.append(1 / ((1 - smooth) / factor + smooth))
+    return np.asarray(out, np.float32)
+
+
+def _add_metadata(w: gguf.GGUFWriter, hf: dict, arch: str, file_type, name: str) -> None:
+    w.add_name(name)
+    w.add_context_length(hf.get("max_position_embeddings", 2048))
+    w.add_embedding_length(hf["hidden_size"])
+    w.add_feed_forward_length(hf["intermediate_size"])
+    w.add_block_count(hf["num_hidden_layers"])
+    w.add_head_count(hf["num_attention_heads"])
+    w.add_head_count_kv(hf.get("num_key_value_heads") or hf["num_attention_heads"])
+    w.add_key_length(_head_dim(hf))
+    w.add_value_length(_head_dim(hf))
+    w.add_rope_dimension_count(_head_dim(hf))
+    theta, rope = _rope(hf)
+    w.add_rope_freq_base(theta)
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind == "linear":
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(rope["factor"])
+    elif kind == "yarn":
+        w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        w.add_rope_scaling_factor(rope["factor"])
+        w.add_rope_scaling_orig_ctx_len(rope["original_max_position_embeddings"])
+    elif kind not in ("default", "llama3"):
+        raise GGUFExportError(f"rope_type {kind!r} has no GGUF mapping here (default, linear, llama3, yarn)")
+    w.add_layer_norm_rms_eps(hf.get("rms_norm_eps", 1e-6))
+    w.add_vocab_size(hf["vocab_size"])
+    w.add_file_type(file_type)
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+
+
+def _plan(files: list[Path], hf: dict, arch: str, gguf_type: str) -> list[_Tensor]:
+    _, matrix_type, edge_type = GGUF_TYPES[gguf_type]
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], hf["num_hidden_layers"])
+    plan = []
+    for path in files:
+        for source, entry in read_header(path).items():
+            if source.endswith("rotary_emb.inv_freq"):
+                continue
+            name = names.get_name(source, try_suffixes=(".weight", ".bias"))
+            if name is None:
+                raise GGUFExportError(f"{path}: tensor {source!r} has no GGUF name for architecture {arch!r}")
+            shape = tuple(entry["shape"])
+            if len(shape) == 1:
+                qtype = Q.F32
+            else:
+                qtype = edge_type if name.startswith(("token_embd.", "output.")) else matrix_type
+                block = gguf.GGML_QUANT_SIZES[qtype][0]
+                if shape[-1] % block:
+                    qtype = Q.F16
+            plan.append(_Tensor(source, name, shape, qtype))
+    return plan
+
+
+def _nbytes(t: _Tensor) -> tuple[tuple, np.dtype, int]:
+    """(shape given to add_tensor_info, its dtype, bytes) for tensor `t`."""
+    if t.qtype in (Q.F32, Q.F16):
+        dtype = np.dtype(np.float32 if t.qtype == Q.F32 else np.float16)
+        return t.shape, dtype, int(np.prod(t.shape)) * dtype.itemsize
+    byte_shape = gguf.quant_shape_to_byte_shape(t.shape, t.qtype)
+    return byte_shape, np.dtype(np.uint8), int(np.prod(byte_shape))
+
+
+def _convert(t: _Tensor, value: np.ndarray, hf: dict, permute: bool) -> np.ndarray:
+    value = np.asarray(value, np.float32)
+    if permute and ".self_attn.q_proj." in t.source:
+        value = permute_rows(value, hf["num_attention_heads"])
+    elif permute and ".self_attn.k_proj." in t.source:
+        value = permute_rows(value, hf.get("num_key_value_heads") or hf["num_attention_heads"])
+    return gguf.quants.quantize(value, t.qtype)
+
+
+def export_gguf(model_dir, out, gguf_type: str = "f16", *, name: str | None = None) -> Path:
+    """Writes ``out`` (a .gguf file) from the transformers checkpoint ``model_dir``; returns its path.
+
+    The file is written to a temporary sibling and renamed into place (a failure leaves ``out`` as it
+    was). See the module docstring for names, layouts, types and metadata.
+
+    Raises:
+      GGUFExportError: an unknown type (listing the supported ones), a model_type with no GGUF mapping,
+        a tensor with no GGUF name, a RoPE scaling GGUF cannot express, or tokenizer trouble.
+    """
+    gguf_type = check_type(gguf_type)
+    model_dir, out = Path(model_dir), Path(out)
+    hf = read_config(model_dir)
+    arch, permute = architecture(hf, model_dir / "config.json")
+    files = weight_files(model_dir, allow_pickle=False)
+    plan = _plan(files, hf, arch, gguf_type)
+    _, rope = _rope(hf)
+    extra = []
+    if rope.get("rope_type", rope.get("type")) == "llama3":
+        extra.append(("rope_freqs.weight", llama3_rope_factors(hf)))
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    os.close(fd)
+    try:
+        w = gguf.GGUFWriter(tmp, arch)
+        _add_metadata(w, hf, arch, GGUF_TYPES[gguf_type][0], name or model_dir.resolve().name)
+        try:
+            add_vocab(w, model_dir, hf["vocab_size"])
+        except ValueError as e:
+            raise GGUFExportError(str(e)) from None
+        for t in plan:
+            shape, dtype, nbytes = _nbytes(t)
+            w.add_tensor_info(t.name, shape, dtype, nbytes, raw_dtype=None if dtype != np.uint8 else t.qtype)
+        for tensor_name, value in extra:
+            w.add_tensor_info(tensor_name, value.shape, value.dtype, value.nbytes)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_ti_data_to_file()
+        by_source = {t.source: t for t in plan}
+        for path in files:
+            for source, value in iter_tensors(path):
+                if source in by_source:
+                    w.write_tensor_data(_convert(by_source[source], value, hf, permute))
+        for _, value in extra:
+            w.write_tensor_data(value)
+        w.close()
+        os.chmod(tmp, new_file_mode(out))
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return out
+
+
+def read_chat_template(model_dir) -> str | None:
+    """The chat template a checkpoint dir carries (tokenizer_config.json, chat_template.jinja/.json)."""
+    return gguf.SpecialVocab(Path(model_dir), load_merges=False).chat_template

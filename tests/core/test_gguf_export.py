@@ -1,0 +1,158 @@
+"""GGUF export of a merged model: transformers' GGUF loader (its own reader, dequantizers and llama.cpp
+un-permutation) and gguf's GGUFReader are the references."""
+import numpy as np
+import pytest
+import torch
+import transformers
+from flax import nnx
+
+gguf = pytest.importorskip("gguf")
+
+import jlora  # noqa: E402
+from jlora.convert.gguf_export import GGUFExportError, export_gguf, llama3_rope_factors  # noqa: E402
+from jlora.convert.safetensors_io import iter_tensors  # noqa: E402
+
+
+def _ids():
+    return np.random.RandomState(0).randint(0, 500, (2, 17))
+
+
+@pytest.fixture(scope="module")
+def merged(default_base, tmp_path_factory):
+    """(merged dir in float16, jlora's float32 logits of that merged checkpoint, its float32 merged logits)."""
+    model = jlora.get_peft_model(jlora.load_hf(default_base),
+                                 jlora.LoraConfig(r=4, lora_alpha=8, init_lora_weights=False), rngs=nnx.Rngs(1))
+    full = np.asarray(model(_ids()))
+    out = tmp_path_factory.mktemp("merged")
+    jlora.save_merged(model, out, dtype="float16")
+    return out, np.asarray(jlora.load_hf(out, dtype="float32")(_ids())), full
+
+
+def _hf_logits(path):
+    ref = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
+                                                            dtype=torch.float32).eval()
+    with torch.no_grad():
+        return ref(torch.tensor(_ids())).logits.numpy()
+
+
+def _tensors(path):
+    return {t.name: t for t in gguf.GGUFReader(path).tensors}
+
+
+def test_f16_loads_in_transformers_with_jlora_logits(merged, tmp_path, rel):
+    src, ours, full = merged
+    path = export_gguf(src, tmp_path / "model.gguf", "f16")
+    got = _hf_logits(path)
+    assert rel(got, ours) <= 1e-3, f"f16 GGUF vs jlora's float16 merged model: {rel(got, ours):.3g}"
+    assert rel(got, full) <= 1e-2, "and close to the float32 merged model (f16 weight rounding only)"
+
+
+def test_q_k_rows_are_permuted_as_llama_cpp(merged, tmp_path):
+    """llama.cpp's LlamaModel.permute, written out here: rows of each head go [r0, r(d/2), r1, r(d/2+1) ...]."""
+    src, _, _ = merged
+    path = export_gguf(src, tmp_path / "model.gguf", "f16")
+    written = _tensors(path)
+    hf = dict(iter_tensors(src / "model.safetensors"))
+    for proj, heads in (("q", 4), ("k", 2)):
+        w = hf[f"model.layers.1.self_attn.{proj}_proj.weight"]
+        d = w.shape[0] // heads
+        order = np.concatenate([h * d + np.stack([np.arange(d // 2), d // 2 + np.arange(d // 2)], 1).ravel()
+                                for h in range(heads)])
+        np.testing.assert_array_equal(np.asarray(written[f"blk.1.attn_{proj}.weight"].data), w[order])
+    np.testing.assert_array_equal(np.asarray(written["blk.1.attn_v.weight"].data),
+                                  hf["model.layers.1.self_attn.v_proj.weight"])
+
+
+# (type, matrix type, steps per absmax, error bound in steps): Q8_0 rounds to nearest of +-127 steps;
+# Q4_0 has codes -8..7 of absmax/8, so the value at the clipped end is one full step away.
+@pytest.mark.parametrize("kind,qtype,step,slack", [("q8_0", "Q8_0", 127, 0.5), ("q4_0", "Q4_0", 8, 1.0)])
+def test_quantized_tensors(merged, tmp_path, rel, kind, qtype, step, slack):
+    """Quantized matrices: gguf's dequantization of the bytes written equals transformers' own GGUF
+    dequantization, and lies within the quantization step (absmax / step per block of 32) of the source
+    weight; logits stay near the float32 merged model."""
+    src, _, full = merged
+    path = export_gguf(src, tmp_path / "model.gguf", kind)
+    hf = dict(iter_tensors(src / "model.safetensors"))
+    ref = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="model.gguf",
+                                                            dtype=torch.float32).eval()
+    hf_state = ref.state_dict()
+    for t in gguf.GGUFReader(path).tensors:
+        if t.name != "blk.0.attn_v.weight" and not t.name.startswith(("blk.2.ffn_down", "token_embd")):
+            continue
+        want_type = "Q8_0" if t.name.startswith("token_embd") else qtype
+        assert t.tensor_type.name == want_type, t.name
+        deq = gguf.quants.dequantize(np.asarray(t.data), t.tensor_type)
+        source = {"blk.0.attn_v.weight": "model.layers.0.self_attn.v_proj.weight",
+                  "blk.2.ffn_down.weight": "model.layers.2.mlp.down_proj.weight",
+                  "token_embd.weight": "model.embed_tokens.weight"}[t.name]
+        np.testing.assert_array_equal(deq, hf_state[source].numpy(), err_msg=f"{t.name}: transformers' dequant")
+        w = hf[source].astype(np.float32)
+        blocks = np.abs(w.reshape(-1, 32)).max(1, keepdims=True)
+        s, k = (127, 0.5) if want_type == "Q8_0" else (step, slack)
+        err = np.abs(deq - w).reshape(-1, 32)
+        # plus the f16 rounding of the block scale (2^-11 relative, times the largest code)
+        assert (err <= blocks / s * (k + 2 ** -10 * s) + 1e-7).all(), t.name
+        assert (err.max(1) > blocks[:, 0] / s * k / 4).any(), "the bound must be near the error, not loose"
+    got = _hf_logits(path)
+    bound = {"q8_0": 0.1, "q4_0": 1.0}[kind]  # measured 0.06 and 0.54 on this random 4-layer model
+    assert rel(got, full) <= bound, f"{kind}: logits rel {rel(got, full):.3g}"
+
+
+def test_metadata_read_back(merged, tmp_path):
+    src, _, _ = merged
+    path = export_gguf(src, tmp_path / "model.gguf", "bf16")
+    fields = gguf.GGUFReader(path).fields
+
+    def value(key):
+        return fields[key].contents()
+
+    base = transformers.AutoConfig.from_pretrained(src)
+    tok = transformers.AutoTokenizer.from_pretrained(src)
+    assert value("general.architecture") == "llama"
+    assert value("llama.context_length") == base.max_position_embeddings
+    assert value("llama.embedding_length") == base.hidden_size
+    assert value("llama.block_count") == base.num_hidden_layers
+    assert value("llama.attention.head_count") == base.num_attention_heads
+    assert value("llama.attention.head_count_kv") == base.num_key_value_heads
+    assert value("llama.rope.freq_base") == pytest.approx(base.rope_parameters["rope_theta"])
+    assert value("llama.attention.layer_norm_rms_epsilon") == pytest.approx(base.rms_norm_eps)
+    assert value("general.file_type") == gguf.LlamaFileType.MOSTLY_BF16
+    assert value("tokenizer.ggml.model") == "gpt2"
+    tokens = value("tokenizer.ggml.tokens")
+    assert tokens == [tok.convert_ids_to_tokens(i) for i in range(len(tok))]
+    assert value("tokenizer.ggml.bos_token_id") == tok.bos_token_id
+    assert value("tokenizer.ggml.eos_token_id") == tok.eos_token_id
+    assert value("tokenizer.chat_template") == tok.chat_template
+    # the tokenizer transformers rebuilds from the GGUF metadata tokenizes like the original
+    again = transformers.AutoTokenizer.from_pretrained(tmp_path, gguf_file="model.gguf")
+    text = "Q: what is 12 + 7?\nA: 19"
+    assert again(text)["input_ids"] == tok(text)["input_ids"]
+
+
+def test_llama3_rope_factors_match_transformers():
+    """rope_freqs (llama.cpp divides each frequency by its factor) equals transformers' llama3 inv_freq ratio."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+    rope = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                original_max_position_embeddings=64, rope_theta=500000.0)
+    cfg = transformers.LlamaConfig(hidden_size=256, num_attention_heads=2, rope_parameters=rope,
+                                   max_position_embeddings=1024)
+    scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](cfg, "cpu")
+    plain = 1.0 / (500000.0 ** (torch.arange(0, 128, 2, dtype=torch.float32) / 128))
+    ours = llama3_rope_factors(cfg.to_dict())
+    assert len(set(np.round(ours, 3))) > 3, "fast, slow and smoothed frequencies all present"
+    np.testing.assert_allclose(ours, (plain / scaled).numpy(), rtol=1e-5)
+
+
+def test_bad_type_and_family(merged, tmp_path, checkpoint):
+    src, _, _ = merged
+    with pytest.raises(GGUFExportError, match=r"unknown GGUF type 'q4_k_m'; supported: f32, f16, bf16, q8_0, "
+                                              r"q4_0 .*llama-quantize"):
+        export_gguf(src, tmp_path / "m.gguf", "q4_k_m")
+    gemma = tmp_path / "gemma"
+    gemma.mkdir()
+    (gemma / "config.json").write_text('{"model_type": "gemma2"}')
+    with pytest.raises(GGUFExportError, match="model_type 'gemma2' has no GGUF mapping"):
+        export_gguf(gemma, tmp_path / "m.gguf", "f16")
+    with pytest.raises(GGUFExportError, match="no tokenizer.json or tokenizer.model"):
+        export_gguf(checkpoint("llama"), tmp_path / "m.gguf", "f16")
+    assert not (tmp_path / "m.gguf").exists() and not list(tmp_path.glob(".m.gguf*")), "nothing left behind"

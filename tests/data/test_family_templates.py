@@ -134,7 +134,12 @@ MULTI = [{"role": "user", "content": "What is 2 plus 2?"},
          {"role": "assistant", "content": "6."}]
 SYSTEM = [{"role": "system", "content": "Answer briefly."}] + MULTI
 TRAILING_USER = MULTI + [{"role": "user", "content": "Thanks!"}]
-CONVERSATIONS = {"single": SINGLE, "multi": MULTI, "system": SYSTEM, "trailing_user": TRAILING_USER}
+# Gemma trims contents: the marks jlora.data wraps contents in then change the rendering (its fallback path).
+PADDED = [{"role": "user", "content": "  What is 2 plus 2?\n"},
+          {"role": "assistant", "content": "\n 4. "},
+          {"role": "user", "content": "And 3 plus 3? "},
+          {"role": "assistant", "content": " 6.\n\n"}]
+CONVERSATIONS = {"single": SINGLE, "multi": MULTI, "system": SYSTEM, "trailing_user": TRAILING_USER, "padded": PADDED}
 
 
 def _check(tokenizer, family, messages, prompt_suffix="", **template_kwargs):

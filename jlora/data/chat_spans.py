@@ -27,7 +27,10 @@ would generate after the generation prompt, without knowing the template's marke
 
 Checks (DataError naming the record): every assistant message must appear in the rendering (its
 content changes the text), messages must render in order (the content of ``messages[j]`` ends
-before that of ``messages[j + 1]``), and a reply's prompt must cover every earlier message.
+before that of ``messages[j + 1]``), a reply's prompt must cover every earlier message, and a
+reply rendered as the last message must continue its generation prompt (it does not when Qwen3's
+``enable_thinking=False`` prompt ends in an empty ``<think></think>`` block but the reply carries
+reasoning; then no split of the text into prompt and reply is right).
 """
 
 import itertools
@@ -93,7 +96,8 @@ def reply_spans(tokenizer, record: Record, kwargs: dict) -> tuple[str, list[Repl
                             "it leaves the rendered conversation unchanged)")
         first, content_end = bounds[i]
         before = max((b[1] for b in bounds[:i] if b is not None), default=0)
-        start = min(_common_prefix(render(messages[:i], True), text), first)
+        prompt = render(messages[:i], True)
+        start = min(_common_prefix(prompt, text), first)
         if start < max(before, done):
             raise DataError(
                 f"{where}: the rendering of messages[:{i}] with the generation prompt matches the "
@@ -105,6 +109,12 @@ def reply_spans(tokenizer, record: Record, kwargs: dict) -> tuple[str, list[Repl
         else:
             alone = render(messages[:i + 1])
             alone_bounds = _bounds_by_diff(render, messages[:i + 1], i, alone, mark)
+        if not alone.startswith(prompt):
+            raise DataError(
+                f"{where}: as the last message it does not continue the generation prompt (the "
+                f"template writes {prompt[_common_prefix(prompt, alone):][:40]!r} after messages[:{i}] "
+                f"but renders the reply as {alone[_common_prefix(prompt, alone):][:40]!r}); e.g. a "
+                "reply with reasoning under enable_thinking=False")
         tail = alone[alone_bounds[1]:] if alone_bounds else ""
         end = content_end + _common_prefix(tail, text[content_end:])
         replies.append(ReplySpan(i, start, content_end, end))

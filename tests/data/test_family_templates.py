@@ -291,3 +291,11 @@ def test_template_that_renders_out_of_order(family_tokenizer):
     with pytest.raises(DataError, match=re.escape("chat.jsonl:9: the chat template renders messages[1] (assistant) "
                                                   "before messages[0] (user)")):
         tokenize_record(_record({"messages": MULTI}, line=9), tokenizer)
+
+
+def test_qwen3_reasoning_under_enable_thinking_false_is_a_clear_error(family_tokenizer):
+    # The prompt ends in an empty think block, the reply brings its own reasoning: no split is right.
+    data = {"messages": QWEN3_THINKING[:3], "chat_template_kwargs": {"enable_thinking": False}}
+    with pytest.raises(DataError, match=re.escape("chat.jsonl:5: cannot locate the tokens of messages[2]: as the last "
+                                                  "message it does not continue the generation prompt")):
+        tokenize_record(_record(data, line=5), family_tokenizer("qwen3"))

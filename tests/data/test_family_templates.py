@@ -299,3 +299,22 @@ def test_qwen3_reasoning_under_enable_thinking_false_is_a_clear_error(family_tok
     with pytest.raises(DataError, match=re.escape("chat.jsonl:5: cannot locate the tokens of messages[2]: as the last "
                                                   "message it does not continue the generation prompt")):
         tokenize_record(_record(data, line=5), family_tokenizer("qwen3"))
+
+
+@pytest.mark.parametrize("thinking", [True, False])
+def test_smollm3_against_its_own_generation_tags(family_tokenizer, thinking):
+    """SmolLM3's template ships {% generation %} tags around the whole assistant turn; transformers' assistant
+    mask from them is a second reference: it must hold every trained token, and differ only by the header, the
+    newline after <|im_end|> and (under /no_think) the empty think block of the generation prompt."""
+    tokenizer = family_tokenizer("smollm3")
+    example = tokenize_record(_record({"messages": SYSTEM, "chat_template_kwargs": {"enable_thinking": thinking}}),
+                              tokenizer)
+    reference = tokenizer.apply_chat_template(SYSTEM, return_dict=True, return_assistant_tokens_mask=True,
+                                              enable_thinking=thinking)
+    assert example.tokens.tolist() == list(reference["input_ids"])
+    generated = [bool(m) for m in reference["assistant_masks"]]
+    trained = example.mask.tolist()
+    assert all(g for g, t in zip(generated, trained) if t)
+    extra = tokenizer.decode([i for i, g, t in zip(example.tokens.tolist(), generated, trained) if g and not t])
+    header = "<|im_start|>assistant\n" + ("" if thinking else "<think>\n\n</think>\n")
+    assert extra == (header + "\n") * 2

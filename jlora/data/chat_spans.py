@@ -13,11 +13,14 @@ would generate after the generation prompt, without knowing the template's marke
   What the template adds after the header only because the reply is there (Qwen3's
   ``<think>...</think>`` block under the default ``enable_thinking``) is trained: the model
   writes it itself.
-* ``content_end``: where the reply's own text ends in ``text``, found by rendering the
-  conversation again with a marker character appended to (and prepended to) the reply's content
-  and taking the common suffix (prefix) of the two renderings. This is how templates that
-  rewrite a reply once more turns follow are handled: Qwen3 drops the ``<think>`` block of
-  every reply before the last user turn, so reply ``i`` does not render the same in
+* ``content_end``: where the reply's own text ends in ``text``. The conversation is rendered
+  once more with every message's content wrapped in its own pair of private-use characters; with
+  the marks removed that rendering must equal ``text``, and the marks' positions give each
+  content's place. (Where the marks change the rendering, e.g. Gemma's ``| trim`` cannot strip
+  spaces inside them, each content is found instead by one rendering with a mark around it
+  alone: the common prefix and suffix with ``text`` bound it.) This handles templates that
+  rewrite a reply once more turns follow: Qwen3 drops the ``<think>`` block of every reply
+  before the last user turn, so reply ``i`` does not render the same in
   ``render(messages[:i + 1])`` as in ``text``.
 * ``end``: ``content_end`` plus what the template writes after the content when the reply is the
   last message (``<|im_end|>\\n``, ``<end_of_turn>\\n``, ``<|end|>\\n``, tool calls), as far as
@@ -39,6 +42,7 @@ from typing import NamedTuple
 
 from jlora.data.errors import DataError
 from jlora.data.jsonl import Record
+
 
 class ReplySpan(NamedTuple):
     """Character offsets into the rendered conversation of one assistant message ``index``:

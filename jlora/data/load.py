@@ -2,10 +2,11 @@
 
 import dataclasses
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable
 
 from jlora.data.errors import DataError
-from jlora.data.jsonl import Record, read_jsonl
+from jlora.data.jsonl import Record
+from jlora.data.readers import Columns, iter_records
 from jlora.data.tokenize import Example, tokenize_record
 
 
@@ -30,9 +31,12 @@ class DataStats:
                 f"trained on), {self.truncated:,} truncated, {self.skipped:,} skipped")
 
 
-def tokenize_records(records: Sequence[Record], tokenizer, *, seq_len: int
+def tokenize_records(records: Iterable[Record], tokenizer, *, seq_len: int
                      ) -> tuple[list[Example], DataStats]:
     """Tokenizes records, truncating each to ``seq_len + 1`` tokens (``seq_len`` predictions).
+
+    ``records`` may be a lazy iterator (``iter_records``): each is tokenized as it comes, so only
+    the token ids are kept.
 
     Raises:
       DataError: for a bad record (naming its file and line), or when no record is left
@@ -40,10 +44,10 @@ def tokenize_records(records: Sequence[Record], tokenizer, *, seq_len: int
     """
     if seq_len < 1:
         raise ValueError(f"{seq_len=} must be at least 1")
-    if not records:
-        raise DataError("no examples: the record list is empty")
-    examples, truncated, skipped = [], 0, 0
+    examples, truncated, skipped, count, first = [], 0, 0, 0, None
     for record in records:
+        count += 1
+        first = first or record
         example = tokenize_record(record, tokenizer)
         if len(example.tokens) > seq_len + 1:
             example = Example(example.tokens[:seq_len + 1], example.mask[:seq_len + 1])
@@ -52,8 +56,10 @@ def tokenize_records(records: Sequence[Record], tokenizer, *, seq_len: int
             skipped += 1
             continue
         examples.append(example)
+    if first is None:
+        raise DataError("no examples: the record list is empty")
     if not examples:
-        raise DataError(f"{records[0].path}: none of the {len(records)} examples has a token to "
+        raise DataError(f"{first.path}: none of the {count} examples has a token to "
                         f"train on within seq_len + 1 = {seq_len + 1} tokens")
     stats = DataStats(
         examples=len(examples),
@@ -65,7 +71,8 @@ def tokenize_records(records: Sequence[Record], tokenizer, *, seq_len: int
     return examples, stats
 
 
-def load_examples(path: str | os.PathLike, tokenizer, *, seq_len: int
+def load_examples(path: str | os.PathLike, tokenizer, *, seq_len: int, columns: Columns = Columns()
                   ) -> tuple[list[Example], DataStats]:
-    """Reads a JSONL file and tokenizes it: ``tokenize_records(read_jsonl(path), ...)``."""
-    return tokenize_records(read_jsonl(path), tokenizer, seq_len=seq_len)
+    """Reads JSONL, parquet, CSV or a saved dataset (``jlora.data.readers``) and tokenizes it:
+    ``tokenize_records(iter_records(path, columns), ...)``."""
+    return tokenize_records(iter_records(path, columns), tokenizer, seq_len=seq_len)

@@ -286,7 +286,8 @@ def test_template_that_drops_a_reply(family_tokenizer):
 def test_template_that_renders_out_of_order(family_tokenizer):
     # ChatML that writes the conversation backwards.
     backwards = ("{% for m in messages | reverse %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + "
-                 "'<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+                 "'<|im_end|>\\n' }}{% endfor %}"
+                 "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
     tokenizer = _with_template(family_tokenizer("qwen2_5"), backwards)
     with pytest.raises(DataError, match=re.escape("chat.jsonl:9: the chat template renders messages[1] (assistant) "
                                                   "before messages[0] (user)")):

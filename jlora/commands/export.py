@@ -34,8 +34,65 @@ def register(sub):
                    help="dtype of the --merge checkpoint (default: the base's config.json torch_dtype)")
     p.add_argument("--no-drift", action="store_true", help="skip the logit-drift check on sample inputs")
     p.add_argument("--allow-pickle", action="store_true", help="read adapter_model.bin (pickle)")
+    p.add_argument("--gguf", default=None, metavar="TYPE",
+                   help="write the merged model as one llama.cpp GGUF file at --out (e.g. model.gguf) instead of "
+                        "an adapter: f16, bf16, q8_0, q4_0 or f32 (needs the base; pip install 'jlora[gguf]')")
+    p.add_argument("--ollama", action="store_true", help="with --gguf: also write an Ollama Modelfile beside it")
     p.set_defaults(func=run)
     return p
+
+
+def run_gguf(args) -> int:
+    """--gguf: source (an adapter/run dir + its base, or a merged checkpoint dir) -> merged -> one GGUF file."""
+    import tempfile
+
+    from jlora.convert.safetensors_io import CheckpointError
+    try:
+        from jlora.convert.gguf_export import GGUFExportError, check_type, export_gguf, read_chat_template
+        from jlora.convert.ollama import write_modelfile
+    except ImportError:
+        print("jlora export: error: --gguf needs the gguf package: pip install 'jlora[gguf]'", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    try:
+        kind = check_type(args.gguf)
+        if out.is_dir():
+            raise ValueError(f"--out {out} is a directory; with --gguf it names the file to write, e.g. {out}/model.gguf")
+        source = Path(args.source)
+        with tempfile.TemporaryDirectory(prefix=".jlora-gguf-", dir=out.resolve().parent) as tmp:
+            if (source / "config.json").is_file() and not (source / "adapter_config.json").is_file():
+                merged = source  # already a full checkpoint (e.g. export --merge's merged/)
+            else:
+                import jlora
+                from jlora.ranks.adapter import read_adapter
+                adapter = read_adapter(source, allow_pickle=args.allow_pickle)
+                base_dir, note = _base_dir(_as_merge(args), adapter)
+                if base_dir is None:
+                    raise ValueError(f"--gguf needs the base model ({note}); pass --base DIR")
+                dtype = merge_dtype(args, base_dir)
+                print(f"merging {adapter.path} into {base_dir} ({dtype}) ...", flush=True)
+                model = jlora.load_adapter(jlora.load_hf(base_dir, dtype=dtype), adapter.path)
+                merged = jlora.save_merged(model, Path(tmp) / "merged", dtype=dtype)
+            print(f"writing {kind} GGUF ...", flush=True)
+            export_gguf(merged, out, kind)
+            template = read_chat_template(merged)
+        lines = [f"GGUF ({kind}): {out}"]
+        if args.ollama:
+            lines.append(f"Ollama Modelfile: {write_modelfile(out, template)} "
+                         f"(cd {out.parent} && ollama create NAME -f Modelfile)")
+    except (CheckpointError, GGUFExportError, ValueError, OSError) as e:
+        print(f"jlora export: error: {e}", file=sys.stderr)
+        return 2
+    print("\n".join(lines))
+    return 0
+
+
+def _as_merge(args):
+    """args as the base lookup sees them for a merge (the base is needed: fetch a Hub id if not cached)."""
+    import copy
+    merged = copy.copy(args)
+    merged.merge = True
+    return merged
 
 
 def _base_dir(args, adapter) -> tuple[Path | None, str | None]:
@@ -86,6 +143,11 @@ def run(args) -> int:
     def fail(msg):
         print(f"jlora export: error: {msg}", file=sys.stderr)
         return 2
+
+    if args.gguf is not None:
+        return run_gguf(args)
+    if args.ollama:
+        return fail("--ollama goes with --gguf TYPE (the Modelfile points at the GGUF file)")
 
     if args.max_drift is not None and not args.max_drift > 0:
         return fail(f"--max-drift must be a positive percentage, got {args.max_drift}")

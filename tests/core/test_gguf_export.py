@@ -156,3 +156,95 @@ def test_bad_type_and_family(merged, tmp_path, checkpoint):
     with pytest.raises(GGUFExportError, match="no tokenizer.json or tokenizer.model"):
         export_gguf(checkpoint("llama"), tmp_path / "m.gguf", "f16")
     assert not (tmp_path / "m.gguf").exists() and not list(tmp_path.glob(".m.gguf*")), "nothing left behind"
+
+
+def test_cli_adapter_to_gguf_and_modelfile(default_base, tmp_path, rel, capsys):
+    """`jlora export ADAPTER --out m.gguf --gguf q8_0 --ollama`: merged with its base, loadable, a Modelfile."""
+    from jlora.cli import main
+    model = jlora.get_peft_model(jlora.load_hf(default_base),
+                                 jlora.LoraConfig(r=4, lora_alpha=8, init_lora_weights=False), rngs=nnx.Rngs(2))
+    jlora.save_pretrained(model, tmp_path / "adapter", base_model_name_or_path=str(default_base))
+    want = np.asarray(model(_ids()))
+    out = tmp_path / "gguf" / "m.gguf"
+    out.parent.mkdir()
+    assert main(["export", str(tmp_path / "adapter"), "--out", str(out), "--gguf", "q8_0", "--ollama"]) == 0
+    assert rel(_hf_logits(out), want) <= 0.1
+    modelfile = (out.parent / "Modelfile").read_text()
+    assert modelfile.startswith("FROM ./m.gguf\n") and 'PARAMETER stop "</s>"' in modelfile
+    assert sorted(p.name for p in out.parent.iterdir()) == ["Modelfile", "m.gguf"], "no temporary left"
+    assert main(["export", str(tmp_path / "adapter"), "--out", str(out), "--gguf", "q4_k_m"]) == 2
+    assert "supported: f32, f16, bf16, q8_0, q4_0" in capsys.readouterr().err
+    assert main(["export", str(tmp_path / "adapter"), "--out", str(tmp_path / "x"), "--ollama"]) == 2
+
+
+def _render_go(template: str, messages) -> str:
+    """The Go text/template subset the Modelfile templates use: range .Messages, if eq .Role "x", else, end,
+    .Role, .Content, and the {{- trim marker (tokens are not nested beyond if-inside-range)."""
+    import re
+    tokens = re.split(r"({{-?\s*.*?\s*}})", template)
+    out = []
+
+    def run(i, msg, emit):
+        while i < len(tokens):
+            tok = tokens[i]
+            action = re.fullmatch(r"{{-?\s*(.*?)\s*}}", tok)
+            if action is None:
+                if emit:
+                    out.append(tok)
+                i += 1
+                continue
+            if tok.startswith("{{-") and emit and out:
+                out[-1] = out[-1].rstrip()
+            a = action.group(1)
+            if a == "range .Messages":
+                start = i + 1
+                for m in messages:
+                    i = run(start, m, emit)
+                if not messages:
+                    i = run(start, None, False)
+            elif a.startswith("if eq .Role"):
+                cond = msg is not None and msg["role"] == a.split('"')[1]
+                i = run(i + 1, msg, emit and cond)
+                if tokens[i].strip("{}- ") == "else":
+                    i = run(i + 1, msg, emit and not cond)
+            elif a in ("end", "else"):
+                return i if a == "else" else i + 1
+            else:
+                if emit:
+                    out.append(msg["role"] if a == ".Role" else msg["content"])
+            i += 1 if a in (".Role", ".Content") else 0
+        return i
+    run(0, None, True)
+    return "".join(out)
+
+
+LLAMA3_JINJA = ("{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = "
+                "'<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + "
+                "'<|eot_id|>' %}{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}"
+                "{{ content }}{% endfor %}{% if add_generation_prompt %}"
+                "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}")
+CHATML_JINJA = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
+                "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
+                "{% endif %}")
+
+
+def test_modelfile_templates_render_like_the_jinja_ones(default_base):
+    """The Go template of each known family renders a conversation as its Jinja template does (bos aside:
+    llama.cpp adds BOS itself)."""
+    import jinja2
+
+    from jlora.convert.ollama import go_template, modelfile_text
+    tok = transformers.AutoTokenizer.from_pretrained(default_base)
+    chat = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": "hello"}, {"role": "user", "content": "2+2?"}]
+    cases = [(tok.chat_template, lambda m: tok.apply_chat_template(m, tokenize=False, add_generation_prompt=True)),
+             (LLAMA3_JINJA, lambda m: jinja2.Template(LLAMA3_JINJA).render(messages=m, bos_token="",
+                                                                           add_generation_prompt=True)),
+             (CHATML_JINJA, lambda m: jinja2.Template(CHATML_JINJA).render(messages=m, add_generation_prompt=True))]
+    for jinja, render in cases:
+        name, go, stops = go_template(jinja)
+        want = render(chat)
+        if name == "jlora-demo":
+            want = want.removeprefix(tok.bos_token)
+        assert _render_go(go, chat) == want, name
+    assert "No TEMPLATE" in modelfile_text("m.gguf", "{{ messages }}")

@@ -12,6 +12,7 @@ import dataclasses
 from jlora.train.config import DEMO_SETTINGS, HELP, TrainConfig, flag, with_demo_settings
 
 _TYPES = {"int": int, "float": float, "str": str}
+_BARE = {"remat": "full"}  # settings whose flag may be given without a value, and what it means then
 
 
 def add_train_flags(parser: argparse.ArgumentParser, *, skip: tuple[str, ...] = (),
@@ -29,6 +30,9 @@ def add_train_flags(parser: argparse.ArgumentParser, *, skip: tuple[str, ...] = 
         kind = str(f.type).split("|")[0].strip()
         if kind == "bool":
             parser.add_argument(flag(f.name), action=argparse.BooleanOptionalAction, default=None, help=text)
+        elif f.name in _BARE:  # `--remat` alone keeps its old meaning (full)
+            parser.add_argument(flag(f.name), nargs="?", const=_BARE[f.name], default=None, help=text,
+                                metavar=f.name.upper())
         else:
             parser.add_argument(flag(f.name), type=_TYPES.get(kind, str), default=None, help=text,
                                 metavar=f.name.upper())

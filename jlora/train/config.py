@@ -20,6 +20,9 @@ DEMO_SETTINGS = dict(r=16, lora_alpha=32, lr=3e-3, steps=150, batch_size=16, seq
                      dtype="float32", eval_every=25, save_every=50, warmup_steps=10)
 
 DTYPES = ("float32", "bfloat16", "float16")
+REMAT_CHOICES = ("none", "dots", "full", "offload", "auto")  # jlora.remat.POLICIES + auto
+ATTENTION_CHOICES = ("auto", "blockwise", "reference", "splash", "cudnn")  # jlora.attention.BACKENDS
+LOSS_CHUNK_TOKENS = 2048  # jlora.train.chunked_loss.DEFAULT_CHUNK_TOKENS (not imported: no jax for --help)
 
 # One line of help per setting (the CLI's --help; the README's flag list says the same).
 HELP = {
@@ -45,7 +48,13 @@ HELP = {
     "seq_len": "tokens per row; longer examples are truncated and counted",
     "packing": "pack several examples per row (attention and positions reset per example)",
     "dtype": "compute and base-weight dtype: float32 | bfloat16 | float16 (adapters stay float32)",
-    "remat": "recompute activations in the backward pass (less memory)",
+    "remat": "what each layer's backward recomputes: none | dots (keep the projections' outputs) | full (keep "
+             "only the layer input) | offload (the layer input in host memory; TPU/GPU) | auto (the lightest "
+             "that fits, per jlora plan's estimate; none on CPU); a bare --remat means full",
+    "attention": "attention backend: auto | blockwise | reference | splash (TPU) | cudnn (GPU); auto: the best "
+                 "available here",
+    "loss_chunk_tokens": "logits of about this many tokens exist at once in the loss (0: all at once)",
+    "loraplus_lr_ratio": "LoRA+: lora_B (and 1-D adapters) learn at lr x this ratio; unset: plain AdamW",
     "quantize": "nf4: QLoRA (base weights in NF4)",
     "kernels": "fused LoRA kernels: auto | xla | pallas | triton; unset: the default path (custom VJP over XLA dots)",
     "mesh": "device mesh, e.g. data=2,fsdp=2,tensor=2; unset: all devices on data",
@@ -85,6 +94,7 @@ class TrainConfig:
     warmup_steps: int = 5
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
+    loraplus_lr_ratio: float | None = None  # LoRA+ (jlora.train.optimizer): B learns at lr x ratio
     steps: int | None = None          # optimizer steps; None: epochs over the data
     epochs: float = 1.0
     batch_size: int = 8               # rows per micro-batch (global)
@@ -92,7 +102,9 @@ class TrainConfig:
     seq_len: int = 512
     packing: bool = False
     dtype: str = "bfloat16"           # compute and base-weight dtype; adapters stay float32
-    remat: bool = False
+    remat: str = "none"               # none | dots | full | offload | auto (jlora.remat; True/False: full/none)
+    attention: str = "auto"           # auto | blockwise | reference | splash | cudnn (jlora.attention)
+    loss_chunk_tokens: int = LOSS_CHUNK_TOKENS  # 0: the whole logits at once (jlora.train.chunked_loss)
     quantize: str | None = None       # "nf4": QLoRA
     kernels: str | None = None        # fused LoRA kernels: auto | xla | pallas | triton; None: the default path
     # parallelism
@@ -176,13 +188,14 @@ def flag(name: str) -> str:
 # -- per-setting checks --------------------------------------------------------------------------------
 _AT_LEAST = {"r": 1, "steps": 1, "batch_size": 1, "grad_accum": 1, "seq_len": 2, "log_every": 1,
              "keep_checkpoints": 1, "warmup_steps": 0, "seed": 0, "eval_every": 0, "save_every": 0,
-             "weight_decay": 0.0, "max_grad_norm": 0.0}
-_ABOVE = {"lr": 0.0, "lora_alpha": 0.0, "epochs": 0.0}
+             "weight_decay": 0.0, "max_grad_norm": 0.0, "loss_chunk_tokens": 0}
+_ABOVE = {"lr": 0.0, "lora_alpha": 0.0, "epochs": 0.0, "loraplus_lr_ratio": 0.0}
 _BELOW_ONE = ("eval_fraction", "lora_dropout")   # in [0, 1)
 _CHOICES = {"lr_schedule": ("cosine", "linear", "constant"), "dtype": DTYPES, "quantize": ("nf4",),
-            "kernels": ("auto", "xla", "pallas", "triton")}
+            "kernels": ("auto", "xla", "pallas", "triton"), "remat": REMAT_CHOICES, "attention": ATTENTION_CHOICES}
 _NOTES = {"steps": " (or leave it unset to train --epochs)", "eval_every": " (0: never)",
-          "save_every": " (0: only at the end)", "max_grad_norm": " (0: no clipping)"}
+          "save_every": " (0: only at the end)", "max_grad_norm": " (0: no clipping)",
+          "loss_chunk_tokens": " (0: the whole logits at once)"}
 _KINDS = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
 
 
@@ -192,6 +205,8 @@ def check_setting(name: str, value: Any) -> Any:
     kind = str(_KINDS[name])
     optional = kind.endswith("| None")
     kind = kind.split("|")[0].strip()
+    if name == "remat" and isinstance(value, bool):
+        value = "full" if value else "none"  # run_config.json and YAML files from before the policies
     if value is None:
         if optional:
             return None

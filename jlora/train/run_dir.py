@@ -8,7 +8,8 @@ resumes exactly (`--resume`).
   first checkpoint. A run that fails before that leaves the old one in `<out>.previous`.
 - `--resume` compares the settings with the saved run_config.json: a change to one of RESUME_FIELDS
   changes the training trajectory, so the resumed run would not equal an uninterrupted one; it is refused
-  naming the fields, unless `--force`.
+  naming the fields, unless `--force`. A change to one of NOTED_FIELDS (how the step computes: remat, the
+  attention backend, the loss chunk) changes results only by float rounding: it is allowed and logged.
 """
 from __future__ import annotations
 
@@ -22,7 +23,9 @@ MARKERS = ("metrics.jsonl", "checkpoints", "run_config.json")
 RUN_FILES = MARKERS + ("adapter", "merged", "loss.png")
 RESUME_FIELDS = ("model", "data", "eval", "eval_fraction", "r", "lora_alpha", "lora_dropout", "use_rslora",
                  "targets", "lr", "lr_schedule", "warmup_steps", "weight_decay", "max_grad_norm", "steps",
-                 "epochs", "batch_size", "grad_accum", "seq_len", "packing", "dtype", "quantize", "seed")
+                 "epochs", "batch_size", "grad_accum", "seq_len", "packing", "dtype", "quantize", "seed",
+                 "loraplus_lr_ratio")
+NOTED_FIELDS = ("remat", "attention", "loss_chunk_tokens")
 _PATHS = ("model", "data", "eval")
 
 
@@ -65,15 +68,21 @@ def check(config: TrainConfig, log=print) -> None:
                               f"with the new ones")
         if diffs:
             log(f"--resume --force: continuing with settings that differ from {saved_path}: {'; '.join(diffs)}")
+        noted = differences(saved, config, NOTED_FIELDS)
+        if noted:
+            log(f"--resume: {'; '.join(noted)}; these change how the step computes, not what (results differ "
+                f"by float rounding only)")
 
 
-def differences(saved: dict, config: TrainConfig) -> list[str]:
-    """`--lr 0.001 (the run has 0.0002)` for each of RESUME_FIELDS whose value changed."""
+def differences(saved: dict, config: TrainConfig, fields: tuple[str, ...] = RESUME_FIELDS) -> list[str]:
+    """`--lr 0.001 (the run has 0.0002)` for each of `fields` whose value changed."""
     out = []
-    for name in RESUME_FIELDS:
+    for name in fields:
         if name not in saved:
             continue
         new, old = getattr(config, name), saved[name]
+        if name == "remat" and isinstance(old, bool):
+            old = "full" if old else "none"  # run_config.json from before the policies
         if name in _PATHS and new is not None and old is not None:
             same = Path(new).resolve() == Path(old).resolve()
         else:

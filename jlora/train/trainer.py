@@ -19,7 +19,7 @@ from jlora.data import BatchIterator, DataError, read_jsonl, split_holdout, toke
 from jlora.llama import use_kernels
 from jlora.lora_config import TARGET_PRESETS, LoraConfig
 from jlora.peft_model import get_peft_model, trainable_parameters
-from jlora.train import hosts, run_dir
+from jlora.train import hosts, long_context, run_dir
 from jlora.train.checkpoints import Checkpoints
 from jlora.train.config import TrainConfig
 from jlora.train.guard import DeadGradient, Guard, NonFiniteLoss, TrainingStopped
@@ -83,6 +83,7 @@ class Trainer:
         # Everything is checked before the run directory is touched: --out, --resume's settings, the mesh,
         # the data, the model (a typo must not cost the run that --overwrite would replace).
         run_dir.check(c, log=self.log)
+        long_context.check_platform(c)  # --attention runs here
         mesh = make_mesh(c.mesh)
         row_shards = mesh.shape["data"] * mesh.shape["fsdp"]
         if c.batch_size % row_shards:
@@ -97,14 +98,14 @@ class Trainer:
         self.log(f"data: {stats}" + (f"; {stats.truncated:,} examples cut to --seq-len {c.seq_len}"
                                      if stats.truncated else ""))
 
-        model = load_hf(model_dir, dtype=c.dtype, quantize=c.quantize)
+        model = load_hf(model_dir, dtype=c.dtype, quantize=c.quantize, mesh=mesh)  # each array born sharded
         if len(tokenizer) > model.config.vocab_size:
             raise ValueError(f"{model_dir}: the tokenizer has {len(tokenizer):,} tokens but the model's vocab_size "
                              f"is {model.config.vocab_size:,}: ids past the embedding would be read silently")
         lora_config = LoraConfig(r=c.r, lora_alpha=c.lora_alpha, lora_dropout=c.lora_dropout,
                                  use_rslora=c.use_rslora, target_modules=_targets(c.targets))
         model = get_peft_model(model, lora_config, rngs=nnx.Rngs(params=c.seed, dropout=c.seed + 1))
-        model.remat = c.remat
+        long_context.configure_model(model, c, log=self.log)  # --attention, --remat, the --seq-len warning
         trainable, total = trainable_parameters(model)
         self.log(f"model: {model_dir} ({c.dtype}); LoRA r={c.r} alpha={c.lora_alpha} on {c.targets}: "
                  f"trainable params: {trainable:,d} || all params: {total:,d} || "
@@ -123,16 +124,19 @@ class Trainer:
         model.eval()
         eval_split = SplitModel.of(model)
         schedule = learning_rate_schedule(c.lr, steps, c.warmup_steps, c.lr_schedule)
-        tx = make_optimizer(schedule, weight_decay=c.weight_decay, max_grad_norm=c.max_grad_norm)
+        tx = make_optimizer(schedule, weight_decay=c.weight_decay, max_grad_norm=c.max_grad_norm,
+                            loraplus_lr_ratio=c.loraplus_lr_ratio)
         params = shard_flat(split.params(), mesh)
         frozen = shard_state(split.frozen, mesh)
         opt_state = tx.init(params)
         opt_shard = opt_state_shardings(opt_state, mesh)
         opt_state = jax.device_put(opt_state, opt_shard)
         param_shard = flat_shardings(params, mesh)
-        train_step = jax.jit(make_train_step(split, tx, schedule=schedule), donate_argnums=(0, 1),
+        chunk = c.loss_chunk_tokens or None  # 0: the whole logits at once
+        train_step = jax.jit(make_train_step(split, tx, schedule=schedule, loss_chunk_tokens=chunk),
+                             donate_argnums=(0, 1),
                              out_shardings=(param_shard, opt_shard, None))
-        eval_step = jax.jit(make_eval_step(eval_split))
+        eval_step = jax.jit(make_eval_step(eval_split, loss_chunk_tokens=chunk))
         key = jax.random.key(c.seed)
 
         # The checks passed: from here on the run directory is written.

@@ -80,8 +80,9 @@ def padded_length(seq_len: int, blocks) -> int:
     return -(-seq_len // step) * step
 
 
-@functools.lru_cache(maxsize=64)
 def _kernel(heads: int, t: int, window: int | None, cap: float | None, blocks, interpret: bool):
+    """Made per trace (its MaskInfo arrays become constants of that trace; caching the kernel across traces
+    would leak them); splash caches the numpy mask processing itself (mask_info._process_mask)."""
     sa = _splash()
     shape = (t, t)
     one = sa.CausalMask(shape) if window is None else sa.LocalMask(shape, (window - 1, 0), 0)
@@ -134,9 +135,9 @@ def _per_device(q, k, v, segment_ids, *, window, scale, cap, blocks):
 
 
 def _context_mesh():
-    """The mesh set by `jax.set_mesh` (None without one)."""
+    """The mesh set by `jax.set_mesh` (None without one, or inside a shard_map: already per device)."""
     mesh = jax.sharding.get_abstract_mesh()
-    return None if mesh is None or mesh.empty else mesh
+    return None if mesh is None or mesh.empty or mesh.manual_axes else mesh
 
 
 def _sharded(call, mesh, q, k, v, segment_ids):

@@ -81,3 +81,35 @@ def test_packed_logits_equal_transformers(checkpoint, hf_model, close32, logits3
         want, want64 = logits32_and_64(ref, ex[None])
         close32(packed[0, start:start + len(ex)], want[0], want64[0], what=f"splash example at {start}")
         start += len(ex)
+
+
+@pytest.mark.slow  # ~40 s: interpret-mode kernels traced through the whole model's forward and backward
+def test_lora_grads_equal_reference_path(checkpoint):
+    """LoRA gradients through the whole model (every layer's dq, dk, dv feed them), mistral (window 8) on
+    packed rows: splash against the reference path. Bound as in tests/core/test_attention.py."""
+    from flax import nnx
+    from jlora.train.loss import token_loss_sum
+    from jlora.train.state import SplitModel
+
+    path = checkpoint("mistral")
+    rng = np.random.RandomState(6)
+    rows, t = 2, 31
+    seg = np.sort(rng.randint(1, 4, (rows, t)), axis=1)
+    batch = {"inputs": rng.randint(3, 96, (rows, t)), "targets": rng.randint(3, 96, (rows, t)),
+             "loss_mask": (rng.rand(rows, t) > 0.2), "segment_ids": seg,
+             "positions": np.stack([np.concatenate([np.arange(n) for n in np.unique(s, return_counts=True)[1]])
+                                    for s in seg])}
+    batch = {k: jnp.asarray(v, jnp.int32) for k, v in batch.items()}
+    grads = {}
+    for backend in ("splash", "reference"):
+        model = jlora.get_peft_model(jlora.load_hf(path), jlora.LoraConfig(r=4, lora_alpha=8, init_lora_weights=False),
+                                     rngs=nnx.Rngs(3))
+        use_attention(model, backend)
+        split = SplitModel.of(model)
+        grads[backend] = jax.jit(jax.grad(lambda p: token_loss_sum(split.model(p, split.frozen), batch)[0]))(
+            split.params())
+    bound = 64 * (32 + t) * EPS32
+    for k, ref in grads["reference"].items():
+        ref = np.asarray(ref, np.float64)
+        assert np.abs(ref).max() > 0, k
+        assert np.abs(np.asarray(grads["splash"][k], np.float64) - ref).max() <= bound * np.abs(ref).max(), k

@@ -10,7 +10,7 @@ import re
 
 from flax import nnx
 
-from jlora.llama_config import LlamaConfig
+from jlora.models.config import ModelConfig
 
 # Buffers some older checkpoints carry that are recomputed, never loaded (transformers ignores them too).
 IGNORED = re.compile(r".*\.rotary_emb\.inv_freq$")
@@ -30,16 +30,26 @@ class Entry:
         return tuple(reversed(jlora_shape)) if self.transpose else tuple(jlora_shape)
 
 
-def tensor_map(config: LlamaConfig) -> dict[str, Entry]:
-    """HF tensor name -> Entry, for every tensor a checkpoint of `config` must hold."""
+def tensor_map(config: ModelConfig) -> dict[str, Entry]:
+    """HF tensor name -> Entry, for every tensor a checkpoint of `config` must hold.
+
+    Read from the config's flags (jlora.models.config), never from its model_type: qk_norm adds
+    `self_attn.{q,k}_norm.weight`, sandwich_norms adds `{pre,post}_feedforward_layernorm.weight`.
+    """
     m: dict[str, Entry] = {"model.embed_tokens.weight": Entry(("model", "embed_tokens", "weight"), False),
                            "model.norm.weight": Entry(("model", "norm", "weight"), False)}
     if not config.tie_word_embeddings:
         m["lm_head.weight"] = Entry(("lm_head", "kernel"), True)
+    norms = ["input_layernorm", "post_attention_layernorm"]
+    if config.sandwich_norms:
+        norms += ["pre_feedforward_layernorm", "post_feedforward_layernorm"]
     for i in range(config.num_hidden_layers):
         base = ("model", "layers", i)
-        for norm in ("input_layernorm", "post_attention_layernorm"):
+        for norm in norms:
             m[f"model.layers.{i}.{norm}.weight"] = Entry(base + (norm, "weight"), False)
+        if config.qk_norm:
+            for norm in ("q_norm", "k_norm"):
+                m[f"model.layers.{i}.self_attn.{norm}.weight"] = Entry(base + ("self_attn", norm, "weight"), False)
         for parent, names, has_bias in (("self_attn", ("q_proj", "k_proj", "v_proj"), config.qkv_bias),
                                         ("self_attn", ("o_proj",), config.o_bias),
                                         ("mlp", ("gate_proj", "up_proj", "down_proj"), config.mlp_bias)):

@@ -7,7 +7,8 @@ Layers, lowest first (a module may import its own layer and the ones below):
     1 nf4       jlora.nf4.*                                        NF4 tensor type, (de)quantization, bnb layout
     2 kernels   jlora.kernels.*  (kernels/)                        jax + the NF4 tensor type only
     3 model     jlora.llama_config, presets, rope, lora_layer, lora_config, module_patterns,
-                nf4_weight, llama, peft_model, qlora, memory, mesh_axes, kernel_sharding, attention.*, remat
+                nf4_weight, llama, peft_model, qlora, memory, mesh_axes, kernel_sharding, attention.*, remat,
+                models.*
     4 convert   jlora.convert.*  (convert/), jlora.vllm_rules      checkpoints and adapters in and out
     5 data      jlora.data.*, jlora.default.*                      JSONL -> batches; the demo data and base
     6 train     jlora.train.*
@@ -48,7 +49,8 @@ LAYER_OF = {
     "jlora.kernels": "kernels",
     **{f"jlora.{m}": "model" for m in (
         "llama_config", "presets", "rope", "lora_layer", "lora_config", "module_patterns", "nf4_weight",
-        "llama", "peft_model", "qlora", "memory", "mesh_axes", "kernel_sharding", "attention", "remat")},
+        "llama", "peft_model", "qlora", "memory", "mesh_axes", "kernel_sharding", "attention", "remat",
+        "models")},
     "jlora.convert": "convert",
     "jlora.vllm_rules": "convert",
     "jlora.data": "data",
@@ -170,8 +172,8 @@ def test_every_module_has_a_layer():
 def test_the_graph_sees_known_edges():
     """The checker itself: it finds top-level, function-local and `from jlora import Name` edges."""
     edges = {(a, b) for a, b, _ in EDGES}
-    assert ("jlora.llama", "jlora.nf4_weight") in edges            # module level
-    assert ("jlora.llama", "jlora.kernels") in edges               # inside Linear._fused
+    assert ("jlora.models.layers", "jlora.nf4_weight") in edges    # module level
+    assert ("jlora.models.layers", "jlora.kernels") in edges       # inside Linear._fused
     assert ("jlora.kernels.nf4_lora_linear", "jlora.nf4.dequantize") in edges
     assert ("jlora.qlora", "jlora.nf4") in edges                   # from jlora import nf4
     assert ("jlora.train.sharding", "jlora.mesh_axes") in edges

@@ -1,0 +1,206 @@
+"""The building blocks of every decoder: Linear (frozen projection + optional LoRA), RMSNorm, Embedding, MLP.
+
+Module and variable names mirror transformers' (`q_proj.kernel` is the HF `q_proj.weight`, transposed), so
+converters and LoRA target matching use HF names directly.
+
+    RMSNorm:  Llama  w * (x / sqrt(mean(x^2) + eps))           (normalised in float32, scaled in the dtype)
+              Gemma  (offset + w) * (x / sqrt(mean(x^2) + eps)) (all in float32, then cast; offset = 1)
+    MLP:      down(act(gate(x)) * up(x)),  act = silu | gelu_pytorch_tanh
+"""
+from __future__ import annotations
+
+import functools
+import warnings
+
+import jax
+import jax.numpy as jnp
+
+from flax import nnx
+
+from jlora.kernels.dispatch import auto_impl
+from jlora.kernels.mixed_dot import linear as mixed_linear
+from jlora.lora_layer import LoRA
+from jlora.models.config import ModelConfig
+from jlora.nf4 import NF4Tensor
+from jlora.nf4_weight import nf4_matmul
+
+Dtype = jnp.dtype
+
+# config.hidden_act -> the function (transformers' ACT2FN names; jlora.models.hf_fields.ACTIVATIONS lists them).
+ACTIVATION = {
+    "silu": jax.nn.silu,
+    "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True),
+}
+
+
+# A new model's path: dense bases through lora_linear(impl="xla") (custom VJP over XLA dots: GSPMD-partitionable,
+# fastest measured on CPU); NF4 bases through nf4_matmul + LoRA, whose dequantize is ordered so that only one
+# layer's dense weight is alive at a time (the fused NF4 op's XLA path does not order it).
+DEFAULT_KERNELS = "default"
+
+
+def _dropout_active(lora: LoRA) -> bool:
+    return lora.dropout is not None and not lora.dropout.deterministic
+
+
+@functools.cache
+def _warn_dropout_skips_kernels(impl: str, rate: float) -> None:
+    """Once per (impl, rate): the Pallas/Triton kernels do not apply dropout, so those projections skip them."""
+    if impl in (DEFAULT_KERNELS, "xla") or (impl == "auto" and auto_impl(False) == "xla"):
+        return  # the XLA path with dropout is the same ops, split: nothing is lost
+    warnings.warn(f"lora_dropout={rate}: the fused {impl!r} kernels do not apply dropout, so while training the "
+                  f"adapted projections run as XLA ops instead (set lora_dropout=0 to use the kernels)",
+                  stacklevel=3)
+
+
+class Linear(nnx.Module):
+    """A frozen projection `x @ kernel + bias` (kernel [in, out]) with an optional LoRA adapter.
+
+    `kernel` is an `nnx.Param` [in, out], or after `jlora.quantize_model` an `NF4Weight` holding the
+    weight in torch orientation [out, in] as bitsandbytes stores it (see jlora/qlora.py).
+
+    Paths (`kernel_impl`, set by `use_kernels`):
+    - DEFAULT_KERNELS (every backend and dtype): an adapted dense projection is one custom-VJP op
+      (`jlora.kernels.lora_linear`, impl="xla": the frozen product and the rank-r path on 2-D rows, no
+      dW); an unadapted one is `jlora.kernels.mixed_dot.linear` (16-bit operands stay native in the
+      forward and input-gradient dots); an NF4 one is `nf4_matmul` + `LoRA.__call__`. With active LoRA
+      dropout the frozen product and the adapter run as separate ops.
+    - "auto" / "pallas" / "triton": the fused kernels for adapted projections (see jlora.kernels).
+    - None: the plain jnp path, `x @ kernel + bias + lora(x)` by ordinary autodiff: the reference.
+    Each rounds `frozen + low-rank` to the compute dtype once; the low-rank part is computed in the
+    adapters' dtype (float32), as PEFT does (the Pallas/Triton kernels: in the compute dtype).
+    """
+
+    def __init__(self, in_features: int, out_features: int, *, use_bias: bool, dtype: Dtype,
+                 param_dtype: Dtype, init_std: float, rngs: nnx.Rngs):
+        self.in_features, self.out_features = in_features, out_features
+        kernel = jax.random.normal(rngs.params(), (in_features, out_features), jnp.float32) * init_std
+        self.kernel = nnx.Param(kernel.astype(param_dtype))
+        self.bias = nnx.data(nnx.Param(jnp.zeros((out_features,), param_dtype)) if use_bias else None)
+        self.dtype = dtype
+        self.lora: LoRA | None = nnx.data(None)
+        self.kernel_impl: str | None = DEFAULT_KERNELS  # `use_kernels`: auto | xla | pallas | triton | None
+        self.kernel_mesh = None              # set by `use_kernels`: run the kernel per device over this mesh
+        self.row_parallel = False            # o_proj / down_proj: input axis split over tensor
+
+    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        x = x.astype(self.dtype)
+        kernel = self.kernel.get_value()
+        impl = self.kernel_impl
+        if impl is None:
+            return self._plain(x, kernel)
+        nf4_default = impl == DEFAULT_KERNELS and isinstance(kernel, NF4Tensor)
+        if self.lora is not None and not _dropout_active(self.lora) and not nf4_default:
+            return self._fused(x, kernel)
+        if self.lora is not None and _dropout_active(self.lora):
+            _warn_dropout_skips_kernels(impl, self.lora.dropout.rate)
+        return self._unfused(x, kernel, mixed_linear)
+
+    def _plain(self, x: jnp.ndarray, kernel) -> jnp.ndarray:
+        """The reference: plain jnp ops and ordinary autodiff (dW included when asked for)."""
+        return self._unfused(x, kernel, lambda x, w: x @ w.astype(self.dtype))
+
+    def _unfused(self, x: jnp.ndarray, kernel, dense_matmul) -> jnp.ndarray:
+        """y = x W + b + lora(x) as separate ops; `dense_matmul(x, W)` is the product for a dense kernel."""
+        if isinstance(kernel, NF4Tensor):
+            y = nf4_matmul(x, kernel)
+        else:
+            y = dense_matmul(x, kernel)
+        if self.bias is not None:
+            y = y + self.bias[...].astype(self.dtype)
+        if self.lora is not None:
+            y = (y + self.lora(x)).astype(self.dtype)
+        return y
+
+    def _fused(self, x: jnp.ndarray, kernel) -> jnp.ndarray:
+        """The same y through jlora.kernels (frozen matmul and low-rank path in one op, no dW)."""
+        from jlora import kernels
+
+        a, b = self.lora.a[...], self.lora.b[...]
+        impl = "xla" if self.kernel_impl == DEFAULT_KERNELS else self.kernel_impl
+        op = kernels.nf4_lora_linear if isinstance(kernel, NF4Tensor) else kernels.lora_linear
+        w = kernel if isinstance(kernel, NF4Tensor) else kernel.astype(self.dtype)
+        mesh = self.kernel_mesh
+        if mesh is not None and mesh.size > 1:
+            from jlora.kernel_sharding import sharded_lora_linear
+            y = sharded_lora_linear(op, x, w, a, b, scale=self.lora.scaling, impl=impl, mesh=mesh,
+                                    row_parallel=self.row_parallel)
+        else:
+            y = op(x, w, a, b, scale=self.lora.scaling, impl=impl)
+        if self.bias is not None:
+            y = y + self.bias[...].astype(self.dtype)
+        return y
+
+
+class RMSNorm(nnx.Module):
+    """(offset + weight) * (x / sqrt(mean(x^2) + eps)), normalised in float32 as transformers does.
+
+    offset 0 (Llama, Qwen): the normalised x is cast to the dtype, then scaled by the weight in the dtype.
+    offset != 0 (Gemma's `1 + w`, weight initialised to zeros): scaled in float32, then cast.
+    """
+
+    def __init__(self, features: int, *, eps: float, dtype: Dtype, param_dtype: Dtype, offset: float = 0.0):
+        init = jnp.zeros if offset else jnp.ones
+        self.weight = nnx.Param(init((features,), param_dtype))
+        self.eps, self.dtype, self.offset = eps, dtype, float(offset)
+
+    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        if self.offset:
+            return (x32 * (self.offset + self.weight[...].astype(jnp.float32))).astype(self.dtype)
+        return self.weight[...].astype(self.dtype) * x32.astype(self.dtype)
+
+
+class Embedding(nnx.Module):
+    def __init__(self, vocab: int, features: int, *, dtype: Dtype, param_dtype: Dtype, init_std: float,
+                 rngs: nnx.Rngs):
+        emb = jax.random.normal(rngs.params(), (vocab, features), jnp.float32) * init_std
+        self.weight = nnx.Param(emb.astype(param_dtype))
+        self.dtype = dtype
+
+    def __call__(self, ids: jnp.ndarray) -> jnp.ndarray:
+        return jnp.take(self.weight[...], ids, axis=0).astype(self.dtype)
+
+    def attend(self, x: jnp.ndarray) -> jnp.ndarray:
+        """Tied output head: x @ weight^T (16-bit operands stay native, jlora.kernels.mixed_dot)."""
+        return mixed_linear(x, self.weight[...].astype(self.dtype), transpose_w=True)
+
+
+class MLP(nnx.Module):
+    """down(act(gate(x)) * up(x)), act = ACTIVATION[config.hidden_act]."""
+
+    def __init__(self, config: ModelConfig, *, dtype: Dtype, param_dtype: Dtype, rngs: nnx.Rngs):
+        c = config
+        kw = dict(use_bias=c.mlp_bias, dtype=dtype, param_dtype=param_dtype, init_std=c.initializer_range,
+                  rngs=rngs)
+        self.gate_proj = Linear(c.hidden_size, c.intermediate_size, **kw)
+        self.up_proj = Linear(c.hidden_size, c.intermediate_size, **kw)
+        self.down_proj = Linear(c.intermediate_size, c.hidden_size, **kw)
+        self.hidden_act = c.hidden_act
+
+    def __call__(self, x):
+        return self.down_proj(ACTIVATION[self.hidden_act](self.gate_proj(x)) * self.up_proj(x))
+
+
+def use_kernels(model: nnx.Module, impl: str | None = "auto", *, mesh=None) -> nnx.Module:
+    """Routes every adapted projection through `jlora.kernels` (`impl`: auto | xla | pallas | triton), or
+    through the plain jnp reference path with None. A new model already runs DEFAULT_KERNELS;
+    call this to force another backend. Projections with active LoRA dropout run their frozen product
+    and adapter as separate XLA ops (a warning says so once when a Pallas/Triton kernel is skipped).
+
+    mesh: the (data, fsdp, tensor) mesh the model trains on (jlora.train.sharding.make_mesh). Pallas and
+    Triton kernels are opaque to XLA's partitioner, so on several devices each kernel runs per device
+    under shard_map (jlora.kernel_sharding); without a mesh they need one device.
+    """
+    from jlora.kernels import IMPLS
+    from jlora.mesh_axes import ROW_PARALLEL_MODULES
+
+    if impl is not None and impl not in IMPLS:
+        raise ValueError(f"kernel impl {impl!r} is not one of {list(IMPLS)} (or None for the plain path)")
+    for path, module in nnx.iter_graph(model):
+        if isinstance(module, Linear):
+            module.kernel_impl = impl
+            module.kernel_mesh = mesh
+            module.row_parallel = bool(path) and path[-1] in ROW_PARALLEL_MODULES
+    return model

@@ -1,0 +1,77 @@
+"""Rotary position embeddings as transformers computes them (default, linear, llama3), one table per kind.
+
+inv_freq_j = 1 / theta^(2j / d) for j < d/2, then
+- linear:  inv_freq / factor
+- llama3:  wavelengths 2*pi/inv_freq above original_ctx/low_freq_factor are divided by factor, those below
+           original_ctx/high_freq_factor kept, and the band between interpolated smoothly.
+rotate(x, p) = x * cos(p * inv_freq) + rotate_half(x) * sin(p * inv_freq), halves not interleaved.
+
+Tables by LayerSpec.rope: "global" uses rope_theta + rope_scaling; "local" (Gemma 3's sliding layers) uses
+rope_local_theta + rope_local_scaling (None: unscaled); "none" layers are not rotated.
+"""
+from __future__ import annotations
+
+import math
+
+import jax.numpy as jnp
+import numpy as np
+
+from jlora.models.config import ModelConfig
+from jlora.models.family import ROPE_GLOBAL, ROPE_LOCAL
+
+
+def inverse_frequencies(config: ModelConfig, kind: str = ROPE_GLOBAL) -> np.ndarray:
+    """float32 [head_dim // 2] of the `kind` table ("global" | "local"), computed in float32 like transformers."""
+    if kind == ROPE_LOCAL:
+        theta, scaling = config.rope_local_theta, config.rope_local_scaling
+        scaling = dict(scaling) if scaling else None
+    elif kind == ROPE_GLOBAL:
+        theta, scaling = config.rope_theta, config.rope_scaling_dict
+    else:
+        raise ValueError(f"rope table {kind!r} is not one of {ROPE_GLOBAL!r}, {ROPE_LOCAL!r}")
+    return _inverse_frequencies(config.head_dim, theta, scaling, config.max_position_embeddings)
+
+
+def _inverse_frequencies(dim: int, theta: float, scaling: dict | None, max_positions: int) -> np.ndarray:
+    exponent = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim)
+    inv_freq = (np.float32(1.0) / (np.float32(theta) ** exponent)).astype(np.float32)
+    if scaling is None:
+        return inv_freq
+    kind = scaling["rope_type"]
+    factor = np.float32(scaling["factor"])
+    if kind == "linear":
+        return (inv_freq / factor).astype(np.float32)
+    if kind != "llama3":
+        raise ValueError(f"rope_type {kind!r} has no table here (jlora.models.hf_fields.ROPE_TYPES)")
+    low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+    old_ctx = scaling.get("original_max_position_embeddings", max_positions)
+    low_wavelen, high_wavelen = old_ctx / low, old_ctx / high
+    wavelen = (np.float32(2 * math.pi) / inv_freq).astype(np.float32)
+    scaled = np.where(wavelen > low_wavelen, inv_freq / factor, inv_freq).astype(np.float32)
+    smooth = ((old_ctx / wavelen - low) / (high - low)).astype(np.float32)
+    smoothed = ((1 - smooth) * scaled / factor + smooth * scaled).astype(np.float32)
+    medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+    return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+def cos_sin(positions: jnp.ndarray, inv_freq: np.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """cos, sin float32 [batch, seq, head_dim] for integer positions [batch, seq]."""
+    freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)[None, None, :]
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb), jnp.sin(emb)
+
+
+def rope_tables(config: ModelConfig, positions: jnp.ndarray) -> dict[str, tuple[jnp.ndarray, jnp.ndarray]]:
+    """kind -> (cos, sin) for every table some layer uses; "global" always (no-rope layers are handed it
+    and ignore it, so every layer is called the same way)."""
+    kinds = dict.fromkeys((ROPE_GLOBAL, *config.rope_kinds))
+    return {k: cos_sin(positions, inverse_frequencies(config, k)) for k in kinds}
+
+
+def apply_rotary(x: jnp.ndarray, cos: jnp.ndarray, sin: jnp.ndarray) -> jnp.ndarray:
+    """x [batch, seq, heads, head_dim]; cos/sin [batch, seq, head_dim] cast to x's dtype first."""
+    cos = cos[:, :, None, :].astype(x.dtype)
+    sin = sin[:, :, None, :].astype(x.dtype)
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return x * cos + rotated * sin

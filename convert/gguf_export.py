@@ -21,11 +21,14 @@ convert_hf_to_gguf.py does for these families, done here with the same `gguf` pa
       f32, f16, bf16   every matrix in that type
       q8_0             every matrix Q8_0 (blocks of 32: one f16 scale, 32 int8), like convert_hf_to_gguf
       q4_0             Q4_0 matrices (blocks of 32: one f16 scale, 32 4-bit), token_embd/output in Q8_0
+      q4_k_m           llama-quantize's Q4_K_M mix: Q4_K, with output and the attn_v / ffn_down of the
+                       layers llama.cpp's use_more_bits picks (first and last eighth, every third
+                       between) in Q6_K; rows not a multiple of 256 fall back to Q5_0 / Q8_0 as there
 
-  A matrix whose rows are not a multiple of the block size falls back to f16 (as llama.cpp does).
-  Quantization is gguf.quants' (the Python port of ggml's reference quantizers). The k-quants
-  (Q4_K_M ...) have no Python quantizer in gguf; make them from the f16 export with llama.cpp's
-  ``llama-quantize model-f16.gguf model-q4_k_m.gguf Q4_K_M``.
+  Any other matrix whose rows are not a multiple of the block size falls back to f16 (as llama.cpp
+  does). Q8_0, Q4_0 and Q5_0 are gguf.quants' (the Python port of ggml's reference quantizers); Q4_K
+  and Q6_K are jlora.convert.kquants' (gguf has no Python k-quantizer). Other k-quants: export f16,
+  then run llama.cpp's ``llama-quantize model-f16.gguf model-q5_k_m.gguf Q5_K_M``.
 
 Metadata: architecture, context length, embedding and feed-forward lengths, block count, heads, kv
 heads, head dim (rope dimension count), rope freq base and scaling, RMS norm eps, vocab size, file type,
@@ -45,6 +48,7 @@ import numpy as np
 from jlora.atomic_files import new_file_mode
 from jlora.convert.gguf_vocab import add_vocab
 from jlora.convert.hf_checkpoint import read_config, weight_files
+from jlora.convert.kquants import quantize_q4_k, quantize_q6_k
 from jlora.convert.safetensors_io import iter_tensors, read_header
 
 # model_type -> (GGUF architecture, permute q/k rows for llama.cpp's interleaved RoPE)
@@ -62,8 +66,11 @@ GGUF_TYPES = {
     "bf16": (gguf.LlamaFileType.MOSTLY_BF16, Q.BF16, Q.BF16),
     "q8_0": (gguf.LlamaFileType.MOSTLY_Q8_0, Q.Q8_0, Q.Q8_0),
     "q4_0": (gguf.LlamaFileType.MOSTLY_Q4_0, Q.Q4_0, Q.Q8_0),
+    "q4_k_m": (gguf.LlamaFileType.MOSTLY_Q4_K_M, Q.Q4_K, Q.Q4_K),
 }
-K_QUANTS = ("q4_k_m", "q4_k_s", "q5_k_m", "q5_k_s", "q6_k", "q3_k_m", "q2_k")
+K_QUANTS = ("q4_k_s", "q5_k_m", "q5_k_s", "q6_k", "q3_k_m", "q2_k")
+# llama.cpp's fallback for a k-quant matrix whose rows are not a multiple of 256 (llama-quant.cpp)
+K_FALLBACK = {Q.Q4_K: Q.Q5_0, Q.Q6_K: Q.Q8_0}
 
 
 class GGUFExportError(ValueError):
@@ -82,7 +89,7 @@ def check_type(gguf_type: str) -> str:
     t = gguf_type.lower()
     if t in GGUF_TYPES:
         return t
-    hint = (f" ({gguf_type} has no Python quantizer in gguf: export f16, then run llama.cpp's "
+    hint = (f" ({gguf_type}: export f16, then run llama.cpp's "
             f"`llama-quantize model-f16.gguf model-{t}.gguf {gguf_type.upper()}`)") if t in K_QUANTS else ""
     raise GGUFExportError(f"unknown GGUF type {gguf_type!r}; supported: {', '.join(GGUF_TYPES)}{hint}")
 
@@ -164,8 +171,24 @@ def _add_metadata(w: gguf.GGUFWriter, hf: dict, arch: str, file_type, name: str)
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
 
-def _plan(files: list[Path], hf: dict, arch: str, gguf_type: str) -> list[_Tensor]:
+def use_more_bits(i: int, n: int) -> bool:
+    """llama.cpp's choice of the layers whose attn_v / ffn_down get more bits in the _M k-quant mixes."""
+    return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
+
+
+def _matrix_type(gguf_type: str, name: str, n_layers: int) -> gguf.GGMLQuantizationType:
     _, matrix_type, edge_type = GGUF_TYPES[gguf_type]
+    if gguf_type == "q4_k_m":
+        parts = name.split(".")
+        if name.startswith("output."):
+            return Q.Q6_K
+        if parts[0] == "blk" and parts[2] in ("attn_v", "ffn_down") and use_more_bits(int(parts[1]), n_layers):
+            return Q.Q6_K
+        return Q.Q4_K
+    return edge_type if name.startswith(("token_embd.", "output.")) else matrix_type
+
+
+def _plan(files: list[Path], hf: dict, arch: str, gguf_type: str) -> list[_Tensor]:
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], hf["num_hidden_layers"])
     plan = []
     for path in files:
@@ -179,9 +202,10 @@ def _plan(files: list[Path], hf: dict, arch: str, gguf_type: str) -> list[_Tenso
             if len(shape) == 1:
                 qtype = Q.F32
             else:
-                qtype = edge_type if name.startswith(("token_embd.", "output.")) else matrix_type
-                block = gguf.GGML_QUANT_SIZES[qtype][0]
-                if shape[-1] % block:
+                qtype = _matrix_type(gguf_type, name, hf["num_hidden_layers"])
+                if shape[-1] % gguf.GGML_QUANT_SIZES[qtype][0]:
+                    qtype = K_FALLBACK.get(qtype, Q.F16)
+                if shape[-1] % gguf.GGML_QUANT_SIZES[qtype][0]:
                     qtype = Q.F16
             plan.append(_Tensor(source, name, shape, qtype))
     return plan
@@ -202,6 +226,10 @@ def _convert(t: _Tensor, value: np.ndarray, hf: dict, permute: bool) -> np.ndarr
         value = permute_rows(value, hf["num_attention_heads"])
     elif permute and ".self_attn.k_proj." in t.source:
         value = permute_rows(value, hf.get("num_key_value_heads") or hf["num_attention_heads"])
+    if t.qtype == Q.Q4_K:
+        return quantize_q4_k(value)
+    if t.qtype == Q.Q6_K:
+        return quantize_q6_k(value)
     return gguf.quants.quantize(value, t.qtype)
 
 

@@ -98,6 +98,58 @@ def test_quantized_tensors(merged, tmp_path, rel, kind, qtype, step, slack):
     assert rel(got, full) <= bound, f"{kind}: logits rel {rel(got, full):.3g}"
 
 
+@pytest.fixture(scope="module")
+def wide_checkpoint(default_base, tmp_path_factory):
+    """A random 2-layer Llama with rows of 256 (k-quant blocks) and the default base's tokenizer."""
+    import shutil
+    out = tmp_path_factory.mktemp("wide")
+    config = transformers.LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(config).save_pretrained(out)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(default_base / f, out / f)
+    return out
+
+
+def test_q4_k_m_mix_and_kquant_bytes(wide_checkpoint, tmp_path, rel):
+    """q4_k_m: llama-quantize's type per tensor; the Q4_K / Q6_K bytes dequantize (gguf and transformers
+    agree exactly) to within one step of the weights; transformers runs the file."""
+    from transformers.integrations.gguf.dequant import dequantize as hf_dequantize
+    path = export_gguf(wide_checkpoint, tmp_path / "model.gguf", "q4_k_m")
+    hf = dict(iter_tensors(wide_checkpoint / "model.safetensors"))
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(path).tensors}
+    # use_more_bits(i, 2): layer 1 only; output in Q6_K; norms float32
+    assert types["blk.0.attn_v.weight"] == types["blk.0.ffn_down.weight"] == "Q4_K"
+    assert types["blk.1.attn_v.weight"] == types["blk.1.ffn_down.weight"] == "Q6_K"
+    assert types["output.weight"] == "Q6_K" and types["token_embd.weight"] == "Q4_K"
+    assert types["blk.1.attn_q.weight"] == "Q4_K" and types["blk.1.attn_norm.weight"] == "F32"
+    assert gguf.GGUFReader(path).fields["general.file_type"].contents() == gguf.LlamaFileType.MOSTLY_Q4_K_M
+    for t in gguf.GGUFReader(path).tensors:
+        if t.name not in ("blk.0.ffn_down.weight", "blk.1.ffn_down.weight"):
+            continue
+        raw = np.asarray(t.data)
+        deq = gguf.quants.dequantize(raw, t.tensor_type)
+        ours_hf = hf_dequantize(torch.from_numpy(raw.copy()), int(t.tensor_type)).numpy().reshape(deq.shape)
+        np.testing.assert_array_equal(deq, ours_hf, err_msg=t.name)
+        w = hf[f"model.layers.{t.name.split('.')[1]}.mlp.down_proj.weight"]
+        sub = 32 if t.tensor_type.name == "Q4_K" else 16
+        blocks = w.reshape(-1, sub)
+        spread = blocks.max(1) - np.minimum(blocks.min(1), 0) if sub == 32 else 2 * np.abs(blocks).max(1)
+        err = np.abs(deq - w).reshape(-1, sub).max(1)
+        levels = 15 if sub == 32 else 62
+        # half a step, plus (Q4_K) the minimum's code rounded up: at most one step of dmin (<= max |min| / 63)
+        dmin = np.abs(np.minimum(w.reshape(-1, 256), 0).min(1)) / 63 if sub == 32 else np.zeros(w.size // 256)
+        bound = spread / levels * 0.5 * (1 + 2 ** -5) + np.repeat(dmin * (1 + 2 ** -9), 256 // sub) + 1e-7
+        assert (err <= bound).all(), t.name
+    ref = transformers.AutoModelForCausalLM.from_pretrained(wide_checkpoint, dtype=torch.float32).eval()
+    with torch.no_grad():
+        want = ref(torch.tensor(_ids())).logits.numpy()
+    got = _hf_logits(path)
+    # 4-bit weights of a random model: measured 0.25 (the tensor checks above are the exact ones)
+    assert rel(got, want) <= 0.4, f"q4_k_m logits rel {rel(got, want):.3g}"
+
+
 def test_metadata_read_back(merged, tmp_path):
     src, _, _ = merged
     path = export_gguf(src, tmp_path / "model.gguf", "bf16")
@@ -145,9 +197,9 @@ def test_llama3_rope_factors_match_transformers():
 
 def test_bad_type_and_family(merged, tmp_path, checkpoint):
     src, _, _ = merged
-    with pytest.raises(GGUFExportError, match=r"unknown GGUF type 'q4_k_m'; supported: f32, f16, bf16, q8_0, "
-                                              r"q4_0 .*llama-quantize"):
-        export_gguf(src, tmp_path / "m.gguf", "q4_k_m")
+    with pytest.raises(GGUFExportError, match=r"unknown GGUF type 'q5_k_m'; supported: f32, f16, bf16, q8_0, "
+                                              r"q4_0, q4_k_m .*llama-quantize"):
+        export_gguf(src, tmp_path / "m.gguf", "q5_k_m")
     gemma = tmp_path / "gemma"
     gemma.mkdir()
     (gemma / "config.json").write_text('{"model_type": "gemma2"}')
@@ -172,8 +224,8 @@ def test_cli_adapter_to_gguf_and_modelfile(default_base, tmp_path, rel, capsys):
     modelfile = (out.parent / "Modelfile").read_text()
     assert modelfile.startswith("FROM ./m.gguf\n") and 'PARAMETER stop "</s>"' in modelfile
     assert sorted(p.name for p in out.parent.iterdir()) == ["Modelfile", "m.gguf"], "no temporary left"
-    assert main(["export", str(tmp_path / "adapter"), "--out", str(out), "--gguf", "q4_k_m"]) == 2
-    assert "supported: f32, f16, bf16, q8_0, q4_0" in capsys.readouterr().err
+    assert main(["export", str(tmp_path / "adapter"), "--out", str(out), "--gguf", "q5_k_m"]) == 2
+    assert "supported: f32, f16, bf16, q8_0, q4_0, q4_k_m" in capsys.readouterr().err
     assert main(["export", str(tmp_path / "adapter"), "--out", str(tmp_path / "x"), "--ollama"]) == 2
 
 

@@ -8,6 +8,10 @@ QLoRA (`load_quantized`, where `load_hf` goes when `quantize` is given or config
 each is read (peak about the NF4 model plus one tensor in the load dtype); a transformers +
 bitsandbytes 4-bit NF4 checkpoint is read bit-exactly, each projection's tensors gathered until all
 are read, then placed as one `NF4Weight`. Writing one is jlora/convert/quantized.py.
+
+On a device mesh (`mesh=` with more than one device) every array is instead created shard by shard
+from the file in the trainer's sharding (jlora/convert/sharded_load.py): no device holds more than its
+shard, and each host reads only the slices its devices hold.
 """
 from __future__ import annotations
 
@@ -153,7 +157,7 @@ def is_bnb_nf4_checkpoint(hf: dict, where: str) -> bool:
 
 
 def load_quantized(model_dir, hf: dict, *, dtype="float32", quantize=None,
-                   allow_pickle: bool = False) -> LlamaForCausalLM:
+                   allow_pickle: bool = False, mesh=None) -> LlamaForCausalLM:
     """A `LlamaForCausalLM` with NF4 projections from a checkpoint dir (see the module docstring).
 
     Args:
@@ -164,6 +168,7 @@ def load_quantized(model_dir, hf: dict, *, dtype="float32", quantize=None,
         `load_in_4bit` does.
       quantize: "nf4" or a `jlora.NF4Config` to quantize an unquantized checkpoint; ignored for a
         checkpoint that is already NF4 (its stored block sizes are kept).
+      mesh: as in `load_hf`.
     """
     model_dir = Path(model_dir)
     where = str(model_dir / "config.json")
@@ -175,29 +180,34 @@ def load_quantized(model_dir, hf: dict, *, dtype="float32", quantize=None,
         raise CheckpointError(f"{model_dir}: a bitsandbytes 4-bit checkpoint must be safetensors, found "
                               f"{[f.name for f in files]}")
     model = abstract_model(config, dtype=dtype)
-    fill_from_tensors(model, config, files, None if prequantized else config_nf4)
+    fill(model, config, files, None if prequantized else config_nf4, mesh=mesh)
     model.source_dir = str(model_dir.resolve())
     return model
 
 
-def load_hf(model_dir, dtype="float32", *, allow_pickle: bool = False, quantize: str | None = None
-            ) -> LlamaForCausalLM:
+def load_hf(model_dir, dtype="float32", *, allow_pickle: bool = False, quantize: str | None = None,
+            mesh=None) -> LlamaForCausalLM:
     """Reads a transformers Llama/Mistral/Qwen2 checkpoint into a `LlamaForCausalLM` in `dtype`.
 
     `model_dir` is a local directory or a Hugging Face Hub id (`jlora.convert.hub.resolve_model`);
     `dtype` is float32, bfloat16 or float16 (a name or a dtype). Unknown or missing tensors, wrong
     shapes, truncated or corrupt files, a shard index naming files outside the directory and pickle
     weights (without `allow_pickle=True`) are errors that name the file and tensor.
+
+    `mesh`: a (data, fsdp, tensor) `jax.sharding.Mesh` (jlora.train.sharding.make_mesh). With more
+    than one device, every array is created per shard from the file in the sharding the trainer gives
+    it (jlora/convert/sharded_load.py); a mesh axis that does not divide a tensor's dimension is a
+    `MeshError` naming the tensor, its shape, the axis and the mesh. None or one device: as without.
     """
     dtype = check_dtype(dtype)
     model_dir = resolve_model(model_dir)
     hf = read_config(model_dir)
     if quantize is not None or hf.get("quantization_config"):
-        return load_quantized(model_dir, hf, dtype=dtype, quantize=quantize, allow_pickle=allow_pickle)
+        return load_quantized(model_dir, hf, dtype=dtype, quantize=quantize, allow_pickle=allow_pickle, mesh=mesh)
     config = LlamaConfig.from_hf_dict(hf, where=str(model_dir / "config.json"))
     files = weight_files(model_dir, allow_pickle=allow_pickle)
     model = abstract_model(config, dtype=dtype)
-    fill_from_tensors(model, config, files)
+    fill(model, config, files, mesh=mesh)
     model.source_dir = str(model_dir.resolve())
     return model
 
@@ -213,6 +223,17 @@ def _bnb_parts(files: list[Path], expected: dict) -> dict[str, set[str]]:
         if w in parts:
             parts[w].add(n)
     return parts
+
+
+def fill(model: LlamaForCausalLM, config: LlamaConfig, files: list[Path], quantize: NF4Config | None = None,
+         *, mesh=None) -> None:
+    """fill_from_tensors, or on a mesh of several devices (safetensors files) fill_sharded: each array
+    created per shard. Pickle weights on a mesh load whole and are placed by the trainer afterwards."""
+    if mesh is None or mesh.size == 1 or any(f.suffix != ".safetensors" for f in files):
+        fill_from_tensors(model, config, files, quantize)
+        return
+    from jlora.convert.sharded_load import fill_sharded
+    fill_sharded(model, config, files, mesh, quantize=quantize, bnb_parts=_bnb_parts(files, tensor_map(config)))
 
 
 def fill_from_tensors(model: LlamaForCausalLM, config: LlamaConfig, files: list[Path],

@@ -12,33 +12,9 @@ from jlora.attention import BlockSizes, attend, blockwise_attention, check_backe
 from jlora.train.loss import token_loss_sum
 from jlora.train.state import SplitModel
 
+from tests.long_context.attention_float64 import numpy_attention
+
 EPS32 = 2.0 ** -23
-
-
-def _numpy_attention(q, k, v, seg, window, scale, dout, cap=None):
-    """float64 forward and backward of softmax(softcap(q k^T scale) + mask) v with grouped kv heads, where
-    softcap(s) = cap * tanh(s / cap) (transformers' Gemma 2 eager attention: after scaling, before the mask)."""
-    q, k, v, dout = (np.asarray(a, np.float64) for a in (q, k, v, dout))
-    t = q.shape[1]
-    i, j = np.arange(t)[:, None], np.arange(t)[None, :]
-    mask = (j <= i) & ((i - j < window) if window else True)
-    mask = mask[None] & (seg[:, :, None] == seg[:, None, :])                       # [b, t, s]
-    s = np.einsum("btkgd,bskd->bkgts", q, k) * scale
-    tanh = np.tanh(s / cap) if cap else None
-    if cap:
-        s = cap * tanh
-    s = np.where(mask[:, None, None], s, -np.inf)
-    p = np.exp(s - s.max(-1, keepdims=True))
-    p /= p.sum(-1, keepdims=True)
-    out = np.einsum("bkgts,bskd->btkgd", p, v)
-    dp = np.einsum("btkgd,bskd->bkgts", dout, v)
-    ds = p * (dp - (dp * p).sum(-1, keepdims=True))
-    if cap:
-        ds = ds * (1 - tanh ** 2)
-    dq = np.einsum("bkgts,bskd->btkgd", ds, k) * scale
-    dk = np.einsum("bkgts,btkgd->bskd", ds, q) * scale
-    dv = np.einsum("bkgts,btkgd->bskd", p, dout)
-    return out, (dq, dk, dv)
 
 
 @pytest.mark.parametrize("window", [None, 5])
@@ -51,7 +27,7 @@ def test_blockwise_equals_float64(window, blocks):
     q, k, v = rng.randn(b, t, kv, g, d), rng.randn(b, t, kv, d), rng.randn(b, t, kv, d)
     dout = rng.randn(b, t, kv, g, d)
     seg = np.array([[1] * 10 + [2] * 9 + [0] * 4, [3] * 12 + [4] * 11])  # some block pairs see nothing
-    want, grads = _numpy_attention(q, k, v, seg, window, 0.3, dout)
+    want, grads = numpy_attention(q, k, v, seg, window, 0.3, dout)
 
     def f(q, k, v):
         return blockwise_attention(q, k, v, jnp.asarray(seg), sliding_window=window, scale=0.3, block_sizes=blocks)
@@ -74,8 +50,8 @@ def test_logit_softcap_equals_float64(backend):
     q, k, v = 1.5 * rng.randn(b, t, kv, g, d), 1.5 * rng.randn(b, t, kv, d), rng.randn(b, t, kv, d)
     dout = rng.randn(b, t, kv, g, d)
     seg = np.array([[1] * 11 + [2] * 8, [5] * 19])
-    want, grads = _numpy_attention(q, k, v, seg, 6, 0.35, dout, cap=2.0)
-    plain, _ = _numpy_attention(q, k, v, seg, 6, 0.35, dout)
+    want, grads = numpy_attention(q, k, v, seg, 6, 0.35, dout, cap=2.0)
+    plain, _ = numpy_attention(q, k, v, seg, 6, 0.35, dout)
     assert np.abs(plain - want).max() > 0.1 * np.abs(want).max()  # the cap matters at these scores
 
     def f(q, k, v):
@@ -171,7 +147,7 @@ def test_blockwise_bfloat16_against_float64():
     args = [jnp.asarray(a, jnp.bfloat16) for a in (rng.randn(b, t, kv, g, d), rng.randn(b, t, kv, d),
                                                    rng.randn(b, t, kv, d), rng.randn(b, t, kv, g, d))]
     seg = np.ones((b, t), np.int32)
-    want, grads = _numpy_attention(*(np.asarray(a, np.float64) for a in args[:3]), seg, 16, 0.25,
+    want, grads = numpy_attention(*(np.asarray(a, np.float64) for a in args[:3]), seg, 16, 0.25,
                                    np.asarray(args[3], np.float64))
     out, vjp = jax.vjp(lambda q, k, v: blockwise_attention(q, k, v, jnp.asarray(seg), sliding_window=16, scale=0.25,
                                                            block_sizes=BlockSizes(8, 8)), *args[:3])

@@ -14,29 +14,32 @@ from tests.long_context.attention_float64 import numpy_attention
 EPS32 = 2.0 ** -23
 
 
-@pytest.mark.parametrize("t, window, cap, blocks", [
-    (23, None, None, None),            # one 128 block, padded from 23
-    (150, 40, 2.0, BlockSizes(128, 128)),  # two blocks (padded to 256), window crossing them, soft cap
+@pytest.mark.parametrize("t, window, cap, blocks, dtype", [
+    (23, None, None, None, jnp.bfloat16),                 # one 128 block, padded from 23; bf16 as a TPU runs it
+    (150, 40, 2.0, BlockSizes(128, 128), jnp.float32),    # two blocks (padded to 256), window across them, soft cap
 ])
-def test_splash_equals_float64(t, window, cap, blocks):
+def test_splash_equals_float64(t, window, cap, blocks, dtype):
     """Row 0 packs two examples and ends in padding (segment 0); row 1 is one example. 2 kv heads x 2
-    queries each. Bound: float32 rounding over the head and key reductions, as for blockwise."""
+    queries each. float32 bound: float32 rounding over the head and key reductions, as for blockwise; bf16:
+    a few bf16 roundings (2^-8) of the float64 attention of the same bf16-rounded inputs."""
     b, kv, g, d = 2, 2, 2, 8
     rng = np.random.RandomState(3)
-    q, k, v = 1.5 * rng.randn(b, t, kv, g, d), 1.5 * rng.randn(b, t, kv, d), rng.randn(b, t, kv, d)
-    dout = rng.randn(b, t, kv, g, d)
+    args = [jnp.asarray(a, dtype) for a in (1.5 * rng.randn(b, t, kv, g, d), 1.5 * rng.randn(b, t, kv, d),
+                                            rng.randn(b, t, kv, d), rng.randn(b, t, kv, g, d))]
     cut = [t // 2, t - t // 2 - 3, 3]
     seg = np.array([[1] * cut[0] + [2] * cut[1] + [0] * cut[2], [7] * t])
-    want, grads = numpy_attention(q, k, v, seg, window, 0.3, dout, cap)
+    q64, k64, v64, dout64 = (np.asarray(a, np.float64) for a in args)
+    want, grads = numpy_attention(q64, k64, v64, seg, window, 0.3, dout64, cap)
 
     def f(q, k, v):
         return attend(q, k, v, jnp.asarray(seg), backend="splash", sliding_window=window, scale=0.3,
                       logit_softcap=cap, block_sizes=blocks)
 
-    out, vjp = jax.vjp(jax.jit(f), *(jnp.asarray(a, jnp.float32) for a in (q, k, v)))
-    got = vjp(jnp.asarray(dout, jnp.float32))
-    bound = 16 * (d + t) * EPS32
+    out, vjp = jax.vjp(jax.jit(f), *args[:3])
+    got = vjp(args[3])
+    bound = 16 * (d + t) * EPS32 if dtype == jnp.float32 else 8 * 2.0 ** -8
     for name, x, ref in zip(["out", "dq", "dk", "dv"], [out, *got], [want, *grads]):
+        assert x.dtype == dtype, name
         assert np.abs(np.asarray(x, np.float64) - ref).max() <= bound * np.abs(ref).max(), name
 
 

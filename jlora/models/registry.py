@@ -7,14 +7,20 @@ from __future__ import annotations
 
 from typing import Any
 
+from jlora.models import gemma
 from jlora.models import llama
+from jlora.models import phi3
 from jlora.models import qwen3
+from jlora.models import smollm3
 from jlora.models.family import ConfigError, Family
 
 # One line per family module (helpers add theirs in parallel).
 _MODULES = (
     llama,
+    gemma,
     qwen3,
+    phi3,
+    smollm3,
 )
 
 FAMILIES: dict[str, Family] = {f.model_type: f for m in _MODULES for f in m.FAMILIES}

@@ -60,15 +60,16 @@ def _pad(tokens: list, scores: list, types: list, vocab_size: int, where: Path) 
 
 
 def _byte_level_bpe(model_dir: Path, vocab_size: int):
-    """(tokens, token types) like convert_hf_to_gguf.py's get_vocab_base (tokens by id, gaps as [PAD<i>])."""
-    from transformers import AutoTokenizer
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    vocab = tokenizer.get_vocab()
+    """(tokens, token types) like convert_hf_to_gguf.py's get_vocab_base (tokens by id, gaps as [PAD<i>]),
+    read from tokenizer.json itself (AutoTokenizer may add a model class's default special tokens)."""
+    from tokenizers import Tokenizer
+    tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+    vocab = tokenizer.get_vocab(with_added_tokens=True)
     if max(vocab.values()) >= vocab_size:
         raise ValueError(f"{model_dir}: the tokenizer has ids up to {max(vocab.values())} but config.json's "
                          f"vocab_size is {vocab_size}; llama.cpp needs one token per embedding row")
     by_id = {i: t for t, i in vocab.items()}
-    added = tokenizer.added_tokens_decoder
+    added = tokenizer.get_added_tokens_decoder()
     tokens, types = [], []
     for i in range(vocab_size):
         if i not in by_id:

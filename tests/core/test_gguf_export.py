@@ -150,6 +150,39 @@ def test_q4_k_m_mix_and_kquant_bytes(wide_checkpoint, tmp_path, rel):
     assert rel(got, want) <= 0.4, f"q4_k_m logits rel {rel(got, want):.3g}"
 
 
+FAMILIES = {
+    "qwen2": ("Qwen2Config", {}),
+    # transformers' GGUF loader ignores qwen3's key_length and assumes head_dim 128
+    "qwen3": ("Qwen3Config", dict(num_attention_heads=2, num_key_value_heads=1, head_dim=128)),
+    "mistral": ("MistralConfig", dict(sliding_window=None)),
+    "llama-tied": ("LlamaConfig", dict(tie_word_embeddings=True)),
+}
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_other_families_load_in_transformers(family, default_base, tmp_path, rel):
+    """f32 export of each mapped family (biases, q/k norms, tied head): transformers' GGUF loader rebuilds
+    the same model."""
+    import shutil
+    cls, extra = FAMILIES[family]
+    config = getattr(transformers, cls)(**{**dict(vocab_size=512, hidden_size=64, intermediate_size=96,
+                                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                                  max_position_embeddings=128), **extra})
+    torch.manual_seed(1)
+    ref = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            if name.endswith(("norm.weight", ".bias")):
+                p.copy_(torch.randn_like(p) * 0.1 + (1.0 if "norm" in name else 0.0))
+    ref.save_pretrained(tmp_path / "hf")
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(default_base / f, tmp_path / "hf" / f)
+    path = export_gguf(tmp_path / "hf", tmp_path / "model.gguf", "f32")
+    with torch.no_grad():
+        want = ref(torch.tensor(_ids())).logits.numpy()
+    assert rel(_hf_logits(path), want) <= 1e-5, family
+
+
 def test_metadata_read_back(merged, tmp_path):
     src, _, _ = merged
     path = export_gguf(src, tmp_path / "model.gguf", "bf16")
@@ -179,6 +212,23 @@ def test_metadata_read_back(merged, tmp_path):
     again = transformers.AutoTokenizer.from_pretrained(tmp_path, gguf_file="model.gguf")
     text = "Q: what is 12 + 7?\nA: 19"
     assert again(text)["input_ids"] == tok(text)["input_ids"]
+
+
+def test_linear_rope_scaling_metadata(checkpoint, default_base, tmp_path):
+    """Linear RoPE scaling is metadata (transformers' GGUF loader does not read it: checked with GGUFReader)."""
+    import json
+    import shutil
+    src = tmp_path / "hf"
+    shutil.copytree(checkpoint("llama-linear"), src)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(default_base / f, src / f)
+    with pytest.raises(GGUFExportError, match="the tokenizer has ids up to 511 but config.json's vocab_size is 96"):
+        export_gguf(src, tmp_path / "m.gguf", "f16")
+    hf = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**hf, "vocab_size": 512}))  # metadata only: shapes unchecked
+    fields = gguf.GGUFReader(export_gguf(src, tmp_path / "m.gguf", "f16")).fields
+    assert fields["llama.rope.scaling.type"].contents() == "linear"
+    assert fields["llama.rope.scaling.factor"].contents() == 2.0
 
 
 def test_llama3_rope_factors_match_transformers():

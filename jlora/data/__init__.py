@@ -19,6 +19,9 @@ from jlora.data.load import DataStats
 from jlora.data.load import load_examples
 from jlora.data.load import tokenize_records
 from jlora.data.packing import plan_rows
+from jlora.data.readers import Columns
+from jlora.data.readers import iter_records
+from jlora.data.readers import read_records
 from jlora.data.split import split_holdout
 from jlora.data.tokenize import Example
 from jlora.data.tokenize import tokenize_record

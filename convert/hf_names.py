@@ -50,14 +50,11 @@ def tensor_map(config: ModelConfig) -> dict[str, Entry]:
         if config.qk_norm:
             for norm in ("q_norm", "k_norm"):
                 m[f"model.layers.{i}.self_attn.{norm}.weight"] = Entry(base + ("self_attn", norm, "weight"), False)
-        for parent, names, has_bias in (("self_attn", ("q_proj", "k_proj", "v_proj"), config.qkv_bias),
-                                        ("self_attn", ("o_proj",), config.o_bias),
-                                        ("mlp", ("gate_proj", "up_proj", "down_proj"), config.mlp_bias)):
-            for name in names:
-                prefix = f"model.layers.{i}.{parent}.{name}"
-                m[f"{prefix}.weight"] = Entry(base + (parent, name, "kernel"), True)
-                if has_bias:
-                    m[f"{prefix}.bias"] = Entry(base + (parent, name, "bias"), False)
+        for parent, name, has_bias in config.projections():
+            prefix = f"model.layers.{i}.{parent}.{name}"
+            m[f"{prefix}.weight"] = Entry(base + (parent, name, "kernel"), True)
+            if has_bias:
+                m[f"{prefix}.bias"] = Entry(base + (parent, name, "bias"), False)
     return m
 
 

@@ -17,21 +17,27 @@ from flax import nnx
 from jlora.atomic_files import write_text
 from jlora.convert.safetensors_io import CheckpointError, iter_tensors, write_atomic
 from jlora.llama import LlamaForCausalLM
-from jlora.lora_config import ALL_LINEAR, LoraConfig
+from jlora.lora_config import LoraConfig
 from jlora.module_patterns import PatternError
 from jlora.peft_model import adapted_modules, get_peft_model, linear_modules
 
 PREFIX = "base_model.model."
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
-# What PEFT uses when target_modules is null, for the Llama family (TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING).
-PEFT_DEFAULT_TARGETS = ["q_proj", "v_proj"]
+# What PEFT uses when target_modules is null, by model_type (peft.utils.constants.
+# TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING, peft 0.21). A model_type it has no entry for (phi3,
+# smollm3) makes PEFT raise "Please specify `target_modules`", and jlora raises too rather than guess.
+PEFT_DEFAULT_TARGETS = {t: ["q_proj", "v_proj"] for t in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2",
+                                                          "gemma3_text")}
 
 
 def explicit_targets(model: LlamaForCausalLM) -> list[str]:
-    """Module-name suffixes when every layer is adapted alike, else the full module names."""
+    """Module-name suffixes when every layer is adapted alike, else the full module names.
+
+    Suffixes are in the order a layer holds its projections (q, k, v, o, gate, up, down; Phi-3: qkv_proj,
+    o_proj, gate_up_proj, down_proj)."""
     adapted = [n for n, _ in adapted_modules(model)]
-    suffixes = sorted({n.rsplit(".", 1)[1] for n in adapted}, key=ALL_LINEAR.index)
+    suffixes = list(dict.fromkeys(n.rsplit(".", 1)[1] for n in adapted))
     everywhere = [n for n, _ in linear_modules(model) if n.rsplit(".", 1)[1] in suffixes]
     return suffixes if everywhere == adapted else adapted
 
@@ -108,12 +114,21 @@ def _read_adapter_config(adapter_dir: Path) -> dict:
     return d
 
 
-def config_from_peft(d: dict) -> LoraConfig:
+def config_from_peft(d: dict, model_type: str = "llama") -> LoraConfig:
+    """The LoraConfig of a PEFT adapter_config.json dict for a base of `model_type`: a null
+    `target_modules` means PEFT's default for that model_type, "all-linear" the family's projections."""
+    from jlora.models.registry import FAMILIES
+
     targets = d.get("target_modules")
     if targets is None:
-        targets = PEFT_DEFAULT_TARGETS
+        if model_type not in PEFT_DEFAULT_TARGETS:
+            raise PatternError(f"target_modules is null, and PEFT has no default targets for model_type "
+                               f"{model_type!r} (it raises too); list the modules, e.g. "
+                               f"{list(FAMILIES[model_type].target_modules) if model_type in FAMILIES else ''}")
+        targets = PEFT_DEFAULT_TARGETS[model_type]
     elif targets == "all-linear":
-        targets = list(ALL_LINEAR)
+        family = FAMILIES.get(model_type)
+        targets = list(family.target_modules if family else LoraConfig().target_modules)
     return LoraConfig(r=int(d.get("r", 8)), lora_alpha=d.get("lora_alpha", 8), lora_dropout=0.0,
                       target_modules=targets, use_rslora=bool(d.get("use_rslora", False)),
                       rank_pattern=dict(d.get("rank_pattern") or {}), alpha_pattern=dict(d.get("alpha_pattern") or {}))
@@ -148,7 +163,7 @@ def load_adapter(model: LlamaForCausalLM, adapter_dir, *, allow_pickle: bool = F
     d = _read_adapter_config(adapter_dir)
     tensors = {normalise_key(k): v for k, v in read_adapter_weights(adapter_dir, allow_pickle).items()}
     try:  # patterns from the file: invalid or too costly ones fail here, before the model changes
-        config = config_from_peft(d)
+        config = config_from_peft(d, model.config.model_type)
         config.check_patterns(n for n, _ in linear_modules(model))
     except PatternError as e:
         raise CheckpointError(f"{adapter_dir / CONFIG_FILE}: {e}") from None

@@ -1,6 +1,7 @@
 """Attach LoRA adapters to a Llama model's projections and count parameters as PEFT does."""
 from __future__ import annotations
 
+import dataclasses
 from typing import Iterator
 
 import jax
@@ -11,19 +12,17 @@ from jlora.llama import Linear, LlamaForCausalLM
 from jlora.lora_config import LoraConfig
 from jlora.lora_layer import LoRA, LoRAParam
 from jlora.memory import memory_report
+from jlora.models.fused import fused_targets
 from jlora.module_patterns import list_entry_matches
 from jlora.nf4_weight import NF4Weight
 
 
 def linear_modules(model: LlamaForCausalLM) -> Iterator[tuple[str, Linear]]:
     """(HF module name, module) for each adaptable projection, e.g. `model.layers.3.mlp.up_proj`."""
+    projections = model.config.projections()
     for i, layer in enumerate(model.model.layers):
-        prefix = f"model.layers.{i}"
-        for sub, names in (("self_attn", ("q_proj", "k_proj", "v_proj", "o_proj")),
-                           ("mlp", ("gate_proj", "up_proj", "down_proj"))):
-            parent = getattr(layer, sub)
-            for name in names:
-                yield f"{prefix}.{sub}.{name}", getattr(parent, name)
+        for sub, name, _ in projections:
+            yield f"model.layers.{i}.{sub}.{name}", getattr(getattr(layer, sub), name)
 
 
 def adapted_modules(model: LlamaForCausalLM) -> Iterator[tuple[str, Linear]]:
@@ -49,6 +48,8 @@ def get_peft_model(model: LlamaForCausalLM, config: LoraConfig, *, rngs: nnx.Rng
 
     The model is left in eval mode (dropout off); call `model.train()` to enable dropout.
     """
+    if model.config.fused_projections:  # Llama's split names mean the fused modules they make up
+        config = dataclasses.replace(config, target_modules=fused_targets(config.target_modules))
     names = [n for n, _ in linear_modules(model)]
     targets = [(n, m) for n, m in linear_modules(model) if config.matches(n)]
     if not targets:

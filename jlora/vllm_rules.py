@@ -2,6 +2,12 @@
 
 `vllm_violations(config, tensor_names, max_lora_rank)` lists every rule an adapter breaks, so an export
 can be refused before a server silently serves the base model instead.
+
+Module names depend on the base's architecture. vLLM expects its supported LoRA modules expanded by the
+model's `packed_modules_mapping`: Llama-style models map their fused `qkv_proj` to [q_proj, k_proj, v_proj]
+and `gate_up_proj` to [gate_proj, up_proj], so adapters name the split modules; Phi-3 maps `qkv_proj` to
+[qkv_proj] and `gate_up_proj` to [gate_up_proj], so adapters name the fused ones and q_proj is unknown.
+jlora reads this from its family registry (`Family.target_modules`, jlora.models) by the base's model_type.
 """
 from __future__ import annotations
 
@@ -11,10 +17,11 @@ import re
 from pathlib import Path
 
 from jlora.convert.safetensors_io import tensor_shapes
+from jlora.models.family import ALL_LINEAR
 
 MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
-KNOWN_MODULES = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "embed_tokens",
-                 "lm_head"}
+HEAD_MODULES = ("embed_tokens", "lm_head")
+KNOWN_MODULES = frozenset(ALL_LINEAR + HEAD_MODULES)  # Llama-style models (and any model_type jlora does not know)
 REJECTED_INITS = {"pissa", "olora", "corda", "loftq"}
 WEIGHT_KEY = re.compile(r"^(?P<module>.+)\.(lora_A\.weight|lora_B\.weight|lora_embedding_A|lora_embedding_B)$")
 
@@ -24,9 +31,25 @@ def smallest_max_lora_rank(r: int) -> int | None:
     return next((m for m in MAX_LORA_RANKS if m >= r), None)
 
 
+def _families():
+    from jlora.models.registry import FAMILIES  # on first use: importing the registry loads every family
+    return FAMILIES
+
+
+def vllm_modules(model_type: str | None = None) -> frozenset[str]:
+    """The module names vLLM accepts in an adapter for a base of `model_type`: the family's LoRA targets plus
+    embed_tokens and lm_head (None, or a model_type jlora does not know: Llama's names)."""
+    family = _families().get(model_type)
+    return KNOWN_MODULES if family is None else frozenset(family.target_modules + HEAD_MODULES)
+
+
 def vllm_violations(config: dict, tensor_names, max_lora_rank: int = 16,
-                    ranks: dict[str, int] | None = None) -> list[str]:
-    """Every vLLM rule the adapter breaks; an empty list means a vLLM server with `max_lora_rank` serves it."""
+                    ranks: dict[str, int] | None = None, *, model_type: str | None = None) -> list[str]:
+    """Every vLLM rule the adapter breaks; an empty list means a vLLM server with `max_lora_rank` serves it.
+
+    `model_type`: the base's (config.json), which decides the module names vLLM knows (`vllm_modules`)."""
+    known = vllm_modules(model_type)
+    arch = model_type if model_type in _families() else "Llama"
     v = []
     if max_lora_rank not in MAX_LORA_RANKS:
         v.append(f"--max-lora-rank {max_lora_rank} is not one vLLM accepts: {list(MAX_LORA_RANKS)}")
@@ -59,18 +82,33 @@ def vllm_violations(config: dict, tensor_names, max_lora_rank: int = 16,
             v.append(f"weight {name!r}: adapter name in the key")
         else:
             leaf = m.group("module").split(".")[-1]
-            if leaf not in KNOWN_MODULES:
-                v.append(f"weight {name!r}: module {leaf!r} is not one vLLM knows for Llama ({sorted(KNOWN_MODULES)})")
+            if leaf not in known:
+                v.append(f"weight {name!r}: module {leaf!r} is not one vLLM knows for {arch} ({sorted(known)})")
     return v
 
 
-def check_vllm_adapter(adapter_dir, max_lora_rank: int = 16) -> None:
-    """Raises ValueError naming each broken vLLM rule of the adapter in `adapter_dir`."""
+def base_model_type(config: dict) -> str | None:
+    """The model_type in the config.json of the adapter's base, when `base_model_name_or_path` is a local
+    checkpoint directory (as jlora writes it for a local base); else None."""
+    base = config.get("base_model_name_or_path")
+    if not isinstance(base, str) or not (Path(base) / "config.json").is_file():
+        return None
+    try:
+        return json.loads((Path(base) / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def check_vllm_adapter(adapter_dir, max_lora_rank: int = 16, *, model_type: str | None = None) -> None:
+    """Raises ValueError naming each broken vLLM rule of the adapter in `adapter_dir`.
+
+    `model_type` (default: read from the base's local config.json, else Llama's names) picks the module names."""
     adapter_dir = Path(adapter_dir)
     config = json.loads((adapter_dir / "adapter_config.json").read_text())
     shapes = tensor_shapes(adapter_dir / "adapter_model.safetensors")
     ranks = {k: s[0] for k, s in shapes.items() if k.endswith("lora_A.weight")}
-    problems = vllm_violations(config, list(shapes), max_lora_rank, ranks)
+    problems = vllm_violations(config, list(shapes), max_lora_rank, ranks,
+                               model_type=model_type or base_model_type(config))
     if problems:
         raise ValueError(f"{adapter_dir}: vLLM would not serve this adapter:\n  - " + "\n  - ".join(problems))
 

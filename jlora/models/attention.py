@@ -17,6 +17,7 @@ from jlora.attention import DEFAULT_BACKEND as DEFAULT_ATTENTION
 from jlora.attention import attend
 from jlora.models.config import ModelConfig
 from jlora.models.family import ROPE_NONE, LayerSpec
+from jlora.models.fused import split_qkv
 from jlora.models.layers import Linear, RMSNorm
 from jlora.models.rope import apply_rotary
 
@@ -29,9 +30,13 @@ class Attention(nnx.Module):
         c = config
         spec = spec if spec is not None else LayerSpec(c.sliding_window)
         kw = dict(dtype=dtype, param_dtype=param_dtype, init_std=c.initializer_range, rngs=rngs)
-        self.q_proj = Linear(c.hidden_size, c.q_features, use_bias=c.qkv_bias, **kw)
-        self.k_proj = Linear(c.hidden_size, c.kv_features, use_bias=c.qkv_bias, **kw)
-        self.v_proj = Linear(c.hidden_size, c.kv_features, use_bias=c.qkv_bias, **kw)
+        self.fused = c.fused_projections
+        if self.fused:  # Phi-3: one projection, output q | k | v (jlora.models.fused)
+            self.qkv_proj = Linear(c.hidden_size, c.q_features + 2 * c.kv_features, use_bias=c.qkv_bias, **kw)
+        else:
+            self.q_proj = Linear(c.hidden_size, c.q_features, use_bias=c.qkv_bias, **kw)
+            self.k_proj = Linear(c.hidden_size, c.kv_features, use_bias=c.qkv_bias, **kw)
+            self.v_proj = Linear(c.hidden_size, c.kv_features, use_bias=c.qkv_bias, **kw)
         self.o_proj = Linear(c.q_features, c.hidden_size, use_bias=c.o_bias, **kw)
         if c.qk_norm:
             norm = dict(eps=c.rms_norm_eps, dtype=dtype, param_dtype=param_dtype, offset=c.norm_weight_offset)
@@ -50,9 +55,13 @@ class Attention(nnx.Module):
 
     def __call__(self, x, cos, sin, segment_ids):
         b, t, _ = x.shape
-        q = self.q_proj(x).reshape(b, t, self.heads, self.head_dim)
-        k = self.k_proj(x).reshape(b, t, self.kv_heads, self.head_dim)
-        v = self.v_proj(x).reshape(b, t, self.kv_heads, self.head_dim)
+        if self.fused:
+            q, k, v = split_qkv(self.qkv_proj(x), self.heads * self.head_dim, self.kv_heads * self.head_dim)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.reshape(b, t, self.heads, self.head_dim)
+        k = k.reshape(b, t, self.kv_heads, self.head_dim)
+        v = v.reshape(b, t, self.kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         if self.rope != ROPE_NONE:

@@ -48,6 +48,7 @@ class ModelConfig:
     final_logit_softcapping: float | None = None  # logits -> cap * tanh(logits / cap)  (Gemma2)
     query_pre_attn_scalar: float | None = None   # attention scale query_pre_attn_scalar ** -0.5 (Gemma); None: head_dim
     fused_projections: bool = False              # Phi-3: one qkv_proj and one gate_up_proj (HF names)
+    partial_rotary_factor: float = 1.0           # rope rotates the first int(head_dim * f) dims of a head (Phi-4-mini)
     rope_local_theta: float | None = None        # base of the "local" rope table (Gemma3 rope_local_base_freq)
     rope_local_scaling: tuple[tuple[str, Any], ...] | None = None
     layer_specs: tuple[LayerSpec, ...] = ()      # one per layer; () -> every layer LayerSpec(sliding_window, global)
@@ -104,9 +105,27 @@ class ModelConfig:
         groups layers by their position in this period (1 for Llama, 2 for Gemma2, 6 for Gemma3)."""
         return _period(self.layer_specs)
 
+    @cached_property
+    def rotary_dim(self) -> int:
+        """How many leading dims of each head rope rotates (the rest pass through): int(head_dim * factor)."""
+        return int(self.head_dim * self.partial_rotary_factor)
+
+    def projections(self) -> tuple[tuple[str, str, bool], ...]:
+        """(parent module, HF name, has bias) of each adaptable projection of a layer, in the layer's order:
+        q, k, v, o, gate, up, down; with fused_projections qkv_proj, o_proj, gate_up_proj, down_proj."""
+        if self.fused_projections:
+            return (("self_attn", "qkv_proj", self.qkv_bias), ("self_attn", "o_proj", self.o_bias),
+                    ("mlp", "gate_up_proj", self.mlp_bias), ("mlp", "down_proj", self.mlp_bias))
+        return (*(("self_attn", n, self.qkv_bias) for n in ("q_proj", "k_proj", "v_proj")),
+                ("self_attn", "o_proj", self.o_bias),
+                *(("mlp", n, self.mlp_bias) for n in ("gate_proj", "up_proj", "down_proj")))
+
     def linear_shapes(self) -> dict[str, tuple[int, int]]:
         """(in_features, out_features) of each adaptable projection, by HF module name suffix."""
         h, i = self.hidden_size, self.intermediate_size
+        if self.fused_projections:
+            return {"qkv_proj": (h, self.q_features + 2 * self.kv_features), "o_proj": (self.q_features, h),
+                    "gate_up_proj": (h, 2 * i), "down_proj": (i, h)}
         return {
             "q_proj": (h, self.q_features),
             "k_proj": (h, self.kv_features),

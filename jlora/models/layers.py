@@ -21,6 +21,7 @@ from jlora.kernels.dispatch import auto_impl
 from jlora.kernels.mixed_dot import linear as mixed_linear
 from jlora.lora_layer import LoRA
 from jlora.models.config import ModelConfig
+from jlora.models.fused import split_gate_up
 from jlora.nf4 import NF4Tensor
 from jlora.nf4_weight import nf4_matmul
 
@@ -174,13 +175,21 @@ class MLP(nnx.Module):
         c = config
         kw = dict(use_bias=c.mlp_bias, dtype=dtype, param_dtype=param_dtype, init_std=c.initializer_range,
                   rngs=rngs)
-        self.gate_proj = Linear(c.hidden_size, c.intermediate_size, **kw)
-        self.up_proj = Linear(c.hidden_size, c.intermediate_size, **kw)
+        self.fused = c.fused_projections
+        if self.fused:  # Phi-3: one projection, output gate | up (jlora.models.fused)
+            self.gate_up_proj = Linear(c.hidden_size, 2 * c.intermediate_size, **kw)
+        else:
+            self.gate_proj = Linear(c.hidden_size, c.intermediate_size, **kw)
+            self.up_proj = Linear(c.hidden_size, c.intermediate_size, **kw)
         self.down_proj = Linear(c.intermediate_size, c.hidden_size, **kw)
         self.hidden_act = c.hidden_act
 
     def __call__(self, x):
-        return self.down_proj(ACTIVATION[self.hidden_act](self.gate_proj(x)) * self.up_proj(x))
+        if self.fused:
+            gate, up = split_gate_up(self.gate_up_proj(x))
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(ACTIVATION[self.hidden_act](gate) * up)
 
 
 def use_kernels(model: nnx.Module, impl: str | None = "auto", *, mesh=None) -> nnx.Module:

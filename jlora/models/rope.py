@@ -29,7 +29,7 @@ def inverse_frequencies(config: ModelConfig, kind: str = ROPE_GLOBAL) -> np.ndar
         theta, scaling = config.rope_theta, config.rope_scaling_dict
     else:
         raise ValueError(f"rope table {kind!r} is not one of {ROPE_GLOBAL!r}, {ROPE_LOCAL!r}")
-    return _inverse_frequencies(config.head_dim, theta, scaling, config.max_position_embeddings)
+    return _inverse_frequencies(config.rotary_dim, theta, scaling, config.max_position_embeddings)
 
 
 def _inverse_frequencies(dim: int, theta: float, scaling: dict | None, max_positions: int) -> np.ndarray:
@@ -54,6 +54,27 @@ def _inverse_frequencies(dim: int, theta: float, scaling: dict | None, max_posit
     return np.where(medium, smoothed, scaled).astype(np.float32)
 
 
+def longrope_frequencies(dim: int, theta: float, scaling: dict) -> tuple[np.ndarray, np.ndarray]:
+    """(short, long) float32 [dim // 2]: 1 / (factor_j * theta^(2j / dim)) with the short / long factors,
+    computed in float32 like transformers' `_compute_longrope_parameters`."""
+    exponent = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim)
+    base = (np.float32(theta) ** exponent).astype(np.float32)
+    return tuple((np.float32(1.0) / (np.asarray(scaling[k], np.float32) * base)).astype(np.float32)
+                 for k in ("short_factor", "long_factor"))
+
+
+def longrope_cos_sin(positions: jnp.ndarray, config: ModelConfig) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """Phi-3's longrope table: the long factors when max(positions) + 1 > original_max_position_embeddings
+    (one choice for the whole batch, as transformers makes it), else the short ones; cos and sin times
+    attention_factor (in float32)."""
+    scaling = config.rope_scaling_dict
+    short, long_ = longrope_frequencies(config.rotary_dim, config.rope_theta, scaling)
+    use_long = jnp.max(positions) + 1 > scaling["original_max_position_embeddings"]
+    cos, sin = cos_sin(positions, jnp.where(use_long, long_, short))
+    factor = jnp.float32(scaling["attention_factor"])
+    return cos * factor, sin * factor
+
+
 def cos_sin(positions: jnp.ndarray, inv_freq: np.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
     """cos, sin float32 [batch, seq, head_dim] for integer positions [batch, seq]."""
     freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)[None, None, :]
@@ -65,11 +86,17 @@ def rope_tables(config: ModelConfig, positions: jnp.ndarray) -> dict[str, tuple[
     """kind -> (cos, sin) for every table some layer uses; "global" always (no-rope layers are handed it
     and ignore it, so every layer is called the same way)."""
     kinds = dict.fromkeys((ROPE_GLOBAL, *config.rope_kinds))
-    return {k: cos_sin(positions, inverse_frequencies(config, k)) for k in kinds}
+    longrope = (config.rope_scaling_dict or {}).get("rope_type") == "longrope"
+    return {k: longrope_cos_sin(positions, config) if longrope and k == ROPE_GLOBAL
+            else cos_sin(positions, inverse_frequencies(config, k)) for k in kinds}
 
 
 def apply_rotary(x: jnp.ndarray, cos: jnp.ndarray, sin: jnp.ndarray) -> jnp.ndarray:
-    """x [batch, seq, heads, head_dim]; cos/sin [batch, seq, head_dim] cast to x's dtype first."""
+    """x [batch, seq, heads, head_dim]; cos/sin [batch, seq, rotary_dim] cast to x's dtype first. With
+    rotary_dim < head_dim (partial_rotary_factor) the first rotary_dim dims rotate and the rest pass through."""
+    rotary = cos.shape[-1]
+    if rotary < x.shape[-1]:
+        return jnp.concatenate([apply_rotary(x[..., :rotary], cos, sin), x[..., rotary:]], axis=-1)
     cos = cos[:, :, None, :].astype(x.dtype)
     sin = sin[:, :, None, :].astype(x.dtype)
     half = x.shape[-1] // 2

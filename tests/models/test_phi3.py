@@ -1,0 +1,328 @@
+"""Phi-3 / Phi-4 (`Phi3ForCausalLM`) against transformers, PEFT, bitsandbytes and vLLM's rules.
+
+What differs from Llama and is checked here against the reference, never against jlora itself:
+- fused `qkv_proj` (output rows q, then k, then v) and `gate_up_proj` (gate rows first; silu on gate);
+- LoRA on the fused modules as PEFT names them (one A, one B per fused module), and vLLM's Phi3
+  `packed_modules_mapping` (`qkv_proj -> [qkv_proj]`): split names are not modules of this model;
+- `partial_rotary_factor` < 1 (Phi-4-mini): only the first dims of each head rotate;
+- longrope: short factors while max(position) + 1 <= original_max_position_embeddings, long factors
+  beyond, cos/sin scaled by sqrt(1 + ln(max/orig) / ln(orig)); a sliding window on every layer.
+"""
+import json
+
+import numpy as np
+import peft
+import pytest
+import torch
+from flax import nnx
+
+import jlora
+from jlora.vllm_rules import check_vllm_adapter, vllm_violations
+
+VOCAB = 96
+TINY = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-5, pad_token_id=0, bos_token_id=1,
+            eos_token_id=2)
+VARIANTS = {
+    # every layer slides over 8 keys (Phi-3-mini-4k has sliding_window 2047)
+    "window": dict(sliding_window=8),
+    # Phi-4-mini's shape: rotary on half of each head, longrope, tied embeddings
+    "longrope": dict(partial_rotary_factor=0.5, original_max_position_embeddings=16, tie_word_embeddings=True,
+                     rope_scaling=dict(rope_type="longrope", short_factor=[1.0, 1.3, 1.9, 2.6],
+                                       long_factor=[1.5, 3.0, 7.0, 11.0])),
+}
+FUSED = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
+
+
+def make_phi3(out_dir, *, seed=0, sizes=TINY, **extra):
+    """A random transformers Phi3ForCausalLM (non-trivial norms) saved with save_pretrained."""
+    import transformers
+    config = transformers.Phi3Config(**{**sizes, **extra})
+    torch.manual_seed(seed)
+    model = transformers.Phi3ForCausalLM(config).to(torch.float32)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(torch.randn_like(p) * 0.1 + 1.0)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    return out_dir
+
+
+@pytest.fixture(scope="module")
+def phi3(tmp_path_factory):
+    cache = {}
+
+    def get(variant="window"):
+        if variant not in cache:
+            cache[variant] = make_phi3(tmp_path_factory.mktemp(f"phi3-{variant}"), **VARIANTS[variant])
+        return cache[variant]
+    return get
+
+
+def _ids(seed=3):
+    return np.random.RandomState(seed).randint(0, VOCAB, (2, 24))
+
+
+# -- the forward pass -------------------------------------------------------------------------------
+
+SHORT = np.tile(np.arange(12), 2)[None].repeat(2, 0)  # max position 11 < 16: the short factors
+
+
+@pytest.mark.parametrize("variant,positions", [("window", None), ("longrope", None), ("longrope", SHORT)])
+def test_logits_equal_transformers(variant, positions, phi3, hf_model, close32, logits32_and_64):
+    """Positions 0..23 (24 > original_max_position_embeddings = 16) run the long factors, SHORT the short ones."""
+    path = phi3(variant)
+    ref = hf_model(path)
+    if positions is None:
+        want, want64 = logits32_and_64(ref, _ids())
+    else:
+        with torch.no_grad():
+            pos = torch.tensor(positions)
+            want = ref(torch.tensor(_ids()), position_ids=pos).logits.numpy()
+            want64 = ref.double()(torch.tensor(_ids()), position_ids=pos).logits.numpy()
+    got = np.asarray(jlora.load_hf(path)(_ids(), positions=positions))
+    assert got.shape == want.shape
+    close32(got, want, want64, what=f"{variant} positions={'short' if positions is not None else '0..23'}")
+
+
+def test_longrope_switches_factors_with_length(phi3, hf_model, rel):
+    """Guard for the test above: tokens 0..11 at positions 0..11 see the long factors when the batch reaches
+    position 23 and the short ones when it stops at 11, in transformers and in jlora alike."""
+    path = phi3("longrope")
+    ids = _ids()
+    with torch.no_grad():
+        ref = hf_model(path)
+        long_ = ref(torch.tensor(ids)).logits.numpy()[:, :12]
+        short = ref(torch.tensor(ids), position_ids=torch.tensor(SHORT)).logits.numpy()[:, :12]
+    assert rel(long_, short) > 1e-3
+    model = jlora.load_hf(path)
+    assert rel(np.asarray(model(ids))[:, :12], np.asarray(model(ids, positions=SHORT))[:, :12]) > 1e-3
+
+
+def test_fused_modules_are_the_lora_targets(phi3):
+    model = jlora.get_peft_model(jlora.load_hf(phi3()), jlora.LoraConfig(r=2), rngs=nnx.Rngs(0))
+    from jlora.peft_model import adapted_modules
+    names = [n for n, _ in adapted_modules(model)]
+    assert names == [f"model.layers.{i}.{p}" for i in range(2) for p in
+                     ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")]
+
+
+@pytest.mark.parametrize("targets", [["q_proj", "v_proj"], ["gate_proj"]])
+def test_part_of_a_fused_module_is_an_error(targets, phi3):
+    """PEFT cannot adapt q alone inside Phi-3's qkv_proj either: the error names the fused module."""
+    with pytest.raises(ValueError, match="qkv_proj|gate_up_proj"):
+        jlora.get_peft_model(jlora.load_hf(phi3()), jlora.LoraConfig(r=2, target_modules=targets), rngs=nnx.Rngs(0))
+
+
+def test_fused_targets_from_split_names():
+    """Llama's names (jlora's and Unsloth's default list, the "attention"/"mlp" presets) mean the fused modules
+    they make up; prefixes are kept; a regex is PEFT's business and passes through."""
+    from jlora.models.fused import fused_targets
+    assert fused_targets(list(jlora.LoraConfig().target_modules)) == FUSED
+    assert fused_targets(jlora.LoraConfig(target_modules="attention").target_modules) == ["qkv_proj", "o_proj"]
+    assert fused_targets(["layers.1.mlp.gate_proj", "layers.1.mlp.up_proj", "qkv_proj"]) == \
+        ["layers.1.mlp.gate_up_proj", "qkv_proj"]
+    assert fused_targets(r".*\.qkv_proj") == r".*\.qkv_proj"
+
+
+# -- PEFT and vLLM ----------------------------------------------------------------------------------
+
+EXPORT_CASES = [
+    ("window", dict(r=8, lora_alpha=16, use_rslora=True, target_modules=FUSED,
+                    rank_pattern={"gate_up_proj": 4, "layers.1.self_attn.qkv_proj": 2}, alpha_pattern={"o_proj": 3})),
+    ("longrope", dict(r=4, lora_alpha=8, target_modules=["qkv_proj", "gate_up_proj"])),
+]
+
+
+@pytest.mark.parametrize("variant,kwargs", EXPORT_CASES)
+def test_jlora_export_loads_in_peft(variant, kwargs, phi3, hf_model, rel, close32, tmp_path, logits32_and_64):
+    path = phi3(variant)
+    model = jlora.get_peft_model(jlora.load_hf(path), jlora.LoraConfig(init_lora_weights=False, **kwargs),
+                                 rngs=nnx.Rngs(7))
+    ours = np.asarray(model(_ids()))
+    jlora.save_pretrained(model, tmp_path / "adapter")
+    saved = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert saved["target_modules"] == kwargs["target_modules"]
+    check_vllm_adapter(tmp_path / "adapter", max_lora_rank=8)  # the base's config.json says phi3
+
+    ref = peft.PeftModel.from_pretrained(hf_model(path), tmp_path / "adapter").eval()
+    want, want64 = logits32_and_64(ref, _ids())
+    with torch.no_grad(), ref.disable_adapter():
+        plain = ref(torch.tensor(_ids())).logits.numpy()
+    assert rel(plain, want) > 1e-4, "the adapter must change the logits, or this test proves nothing"
+    close32(ours, want, want64, what=f"{variant} {kwargs}")
+
+
+def test_peft_saved_adapter_loads_in_jlora(phi3, hf_model, close32, tmp_path, logits32_and_64):
+    path = phi3("longrope")
+    pcfg = peft.LoraConfig(r=8, lora_alpha=16, target_modules=["qkv_proj", "o_proj", "gate_up_proj"],
+                           use_rslora=True, rank_pattern={"qkv_proj": 4}, alpha_pattern={"layers.0.mlp.gate_up_proj": 2},
+                           init_lora_weights=False, task_type="CAUSAL_LM")
+    torch.manual_seed(0)
+    ref = peft.get_peft_model(hf_model(path), pcfg).eval()
+    ref.save_pretrained(tmp_path / "peft")
+    want, want64 = logits32_and_64(ref, _ids())
+    model = jlora.load_adapter(jlora.load_hf(path), tmp_path / "peft")
+    close32(np.asarray(model(_ids())), want, want64, what="peft -> jlora")
+
+
+def test_peft_all_linear_adapter_loads(phi3, hf_model, close32, tmp_path, logits32_and_64):
+    """PEFT's "all-linear" on Phi-3 is the four fused-name projections; the saved config lists them."""
+    path = phi3()
+    torch.manual_seed(1)
+    ref = peft.get_peft_model(hf_model(path), peft.LoraConfig(r=4, target_modules="all-linear",
+                                                              init_lora_weights=False, task_type="CAUSAL_LM")).eval()
+    ref.save_pretrained(tmp_path / "peft")
+    want, want64 = logits32_and_64(ref, _ids())
+    model = jlora.load_adapter(jlora.load_hf(path), tmp_path / "peft")
+    close32(np.asarray(model(_ids())), want, want64, what="all-linear")
+
+
+def test_null_target_modules_is_an_error(phi3, tmp_path):
+    """PEFT has no default targets for phi3 (it raises); jlora must not guess Llama's q_proj/v_proj."""
+    model = jlora.get_peft_model(jlora.load_hf(phi3()), jlora.LoraConfig(r=2), rngs=nnx.Rngs(0))
+    jlora.save_pretrained(model, tmp_path / "a")
+    cfg = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    (tmp_path / "a" / "adapter_config.json").write_text(json.dumps({**cfg, "target_modules": None}))
+    with pytest.raises(jlora.CheckpointError, match="target_modules"):
+        jlora.load_adapter(jlora.load_hf(phi3()), tmp_path / "a")
+
+
+def test_vllm_rules_follow_the_phi3_packed_mapping():
+    """vLLM's Phi3ForCausalLM: packed_modules_mapping = {qkv_proj: [qkv_proj], gate_up_proj: [gate_up_proj]},
+    so its expected LoRA modules are the fused names, and q_proj / gate_proj are rejected (Llama: the reverse)."""
+    cfg = {"r": 8, "lora_alpha": 8, "target_modules": ["qkv_proj"], "bias": "none"}
+    key = "base_model.model.model.layers.0.{}.lora_A.weight"
+    fused = [key.format("self_attn.qkv_proj"), key.format("mlp.gate_up_proj")]
+    split = [key.format("self_attn.q_proj"), key.format("mlp.gate_proj")]
+    assert vllm_violations(cfg, fused, 8, model_type="phi3") == []
+    assert len(vllm_violations(cfg, split, 8, model_type="phi3")) == 2
+    assert len(vllm_violations(cfg, fused, 8, model_type="llama")) == 2
+
+
+def test_merged_export_loads_in_transformers(phi3, hf_model, rel, close32, tmp_path, logits32_and_64):
+    path = phi3("longrope")
+    model = jlora.get_peft_model(jlora.load_hf(path), jlora.LoraConfig(r=4, init_lora_weights=False, target_modules=FUSED),
+                                 rngs=nnx.Rngs(1))
+    ours = np.asarray(model(_ids()))
+    jlora.save_merged(model, tmp_path / "merged")
+    merged, merged64 = logits32_and_64(hf_model(tmp_path / "merged"), _ids())
+    with torch.no_grad():
+        base = hf_model(path)(torch.tensor(_ids())).logits.numpy()
+    assert rel(base, ours) > 1e-4
+    close32(ours, merged, merged64, what="merged")
+
+
+# -- NF4 / QLoRA: transformers + bitsandbytes quantize the fused weights whole --------------------------
+
+QSIZES = dict(TINY, hidden_size=64, intermediate_size=128)  # every row holds whole 64-blocks
+
+
+def load_bnb(path, quantize=False):
+    """transformers + bitsandbytes 4-bit (NF4, double quant) on CPU, bitsandbytes' exact dequantize path
+    (tests/qlora/conftest.py explains the AVX-512 BF16 switch)."""
+    import bitsandbytes as bnb
+    import transformers
+    kw = {}
+    if quantize:
+        kw["quantization_config"] = transformers.BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.float32)
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, device_map="cpu", dtype=torch.float32, **kw).eval()
+    for m in model.modules():
+        if isinstance(m, bnb.nn.Linear4bit):
+            m.support_avx512bf16_for_cpu = False
+    return model
+
+
+def torch_logits(model, ids):
+    with torch.no_grad():
+        return model(torch.tensor(ids)).logits.float().numpy()
+
+
+@pytest.fixture(scope="module")
+def qdirs(tmp_path_factory):
+    """(dense base, the same quantized and saved by transformers + bitsandbytes)."""
+    base = make_phi3(tmp_path_factory.mktemp("phi3-q"), sizes=QSIZES, partial_rotary_factor=0.75)
+    out = tmp_path_factory.mktemp("phi3-bnb")
+    load_bnb(base, quantize=True).save_pretrained(out, safe_serialization=True)
+    return base, out
+
+
+def test_nf4_equals_transformers_bitsandbytes(qdirs, rel):
+    """Quantize-on-load holds, byte for byte, the fused qkv_proj / gate_up_proj NF4 tensors bitsandbytes saved,
+    and the 4-bit checkpoint reads back; logits equal transformers + bitsandbytes."""
+    from safetensors.numpy import load_file
+
+    from jlora import nf4
+    from jlora.peft_model import linear_modules
+    base, bnb_dir = qdirs
+    ids = _ids()
+    want = torch_logits(load_bnb(bnb_dir), ids)
+    theirs = load_file(str(bnb_dir / "model.safetensors"))
+    model = jlora.load_hf(base, quantize="nf4")
+    assert [n for n, _ in linear_modules(model)][:2] == ["model.layers.0.self_attn.qkv_proj",
+                                                         "model.layers.0.self_attn.o_proj"]
+    for name, linear in linear_modules(model):
+        for suffix, array in nf4.to_bnb_tensors(linear.kernel.get_value()).items():
+            assert np.ascontiguousarray(array).tobytes() == np.ascontiguousarray(theirs[f"{name}.{suffix}"]).tobytes(), \
+                f"{name}.{suffix}"
+    assert rel(np.asarray(model(ids)), want) <= 1e-4
+    assert rel(np.asarray(jlora.load_hf(bnb_dir)(ids)), want) <= 1e-4
+
+
+def test_qlora_adapter_loads_in_peft_on_bitsandbytes_base(qdirs, rel, tmp_path):
+    base, bnb_dir = qdirs
+    ids = _ids()
+    model = jlora.get_peft_model(jlora.load_hf(base, quantize="nf4"),
+                                 jlora.LoraConfig(r=4, init_lora_weights=False, target_modules=FUSED), rngs=nnx.Rngs(2))
+    jlora.save_pretrained(model, tmp_path / "adapter")
+    ref = peft.PeftModel.from_pretrained(load_bnb(bnb_dir), tmp_path / "adapter").eval()
+    want = torch_logits(ref, ids)
+    with ref.disable_adapter():
+        assert rel(torch_logits(ref, ids), want) > 1e-3, "the adapter must change the logits"
+    assert rel(np.asarray(model(ids)), want) <= 1e-4
+    jlora.save_quantized(model, tmp_path / "q")  # the NF4 base alone, in bitsandbytes' layout
+    assert rel(torch_logits(load_bnb(tmp_path / "q"), ids), torch_logits(load_bnb(bnb_dir), ids)) <= 1e-6
+
+
+# -- presets and bad input ----------------------------------------------------------------------------
+
+PHI3_PRESETS = ["phi-3-mini-4k", "phi-4", "phi-4-mini"]
+PUBLISHED = {"phi-3-mini-4k": 3_821_079_552, "phi-4": 14_659_507_200,
+             "phi-4-mini": 3_836_021_760}
+
+
+def transformers_meta_count(hf: dict) -> int:
+    """Parameters of transformers' model for the same config.json, built on the meta device (no memory)."""
+    import transformers
+    config = transformers.AutoConfig.for_model(**{k: v for k, v in hf.items() if k != "architectures"})
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(config)
+    return sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("name", PHI3_PRESETS)
+def test_preset_parameter_count(name):
+    import jax
+    config = jlora.preset_config(name)
+    assert config.model_type == "phi3" and config.fused_projections
+    model = jlora.abstract_model(config, dtype="bfloat16")
+    total = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    assert total == transformers_meta_count(config.hf_config) == PUBLISHED[name]
+
+
+@pytest.mark.parametrize("change,field", [
+    ({"hidden_act": "gelu"}, "hidden_act"),
+    ({"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}, "rope_type"),
+    ({"rope_scaling": {"rope_type": "longrope", "short_factor": [1.0] * 3, "long_factor": [1.0] * 4}},
+     "short_factor"),
+    ({"partial_rotary_factor": 1.5}, "partial_rotary_factor"),
+])
+def test_unsupported_config_names_field_and_value(change, field):
+    import transformers
+    hf = transformers.Phi3Config(**TINY).to_dict()
+    hf.pop("rope_parameters", None)
+    hf.update(architectures=["Phi3ForCausalLM"], **change)
+    with pytest.raises(jlora.models.ConfigError, match=field):
+        jlora.models.ModelConfig.from_hf_dict(hf)

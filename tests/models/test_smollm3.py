@@ -1,0 +1,183 @@
+"""SmolLM3 (`SmolLM3ForCausalLM`) and SmolLM2 (a `LlamaForCausalLM`) against transformers, PEFT and bitsandbytes.
+
+SmolLM3 is Llama with layers that skip rope: `no_rope_layers[i] == 1` means layer i rotates q and k,
+0 means it does not (default: every `no_rope_layer_interval`-th layer, i.e. (i + 1) % 4 == 0, is NoPE).
+With `use_sliding_window` and a `sliding_window`, the NoPE layers (`layer_types` "sliding_attention")
+attend to the last `sliding_window` keys. Module names are Llama's, so PEFT and vLLM targets are too.
+"""
+import json
+
+import numpy as np
+import peft
+import pytest
+import torch
+from flax import nnx
+
+import jlora
+from jlora.vllm_rules import check_vllm_adapter
+
+VOCAB = 96
+TINY = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5, pad_token_id=0, bos_token_id=1,
+            eos_token_id=2, rope_theta=10000.0)
+VARIANTS = {
+    "nope": dict(no_rope_layers=[1, 0, 1, 0]),
+    # the NoPE layers also slide over 8 keys; biases on the projections; untied head
+    "window": dict(no_rope_layer_interval=2, use_sliding_window=True, sliding_window=8, attention_bias=True,
+                   mlp_bias=True, tie_word_embeddings=False),
+}
+
+
+def make_smollm3(out_dir, *, seed=0, **extra):
+    import transformers
+    config = transformers.SmolLM3Config(**{**TINY, **extra})
+    torch.manual_seed(seed)
+    model = transformers.SmolLM3ForCausalLM(config).to(torch.float32)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight") or name.endswith(".bias"):
+                p.copy_(torch.randn_like(p) * 0.1 + (1.0 if "norm" in name else 0.0))
+    model.save_pretrained(out_dir, safe_serialization=True)
+    return out_dir
+
+
+@pytest.fixture(scope="module")
+def smol(tmp_path_factory):
+    cache = {}
+
+    def get(variant="nope"):
+        if variant not in cache:
+            cache[variant] = make_smollm3(tmp_path_factory.mktemp(f"smollm3-{variant}"), **VARIANTS[variant])
+        return cache[variant]
+    return get
+
+
+def _ids(t=24, seed=3):
+    return np.random.RandomState(seed).randint(0, VOCAB, (2, t))
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_logits_equal_transformers(variant, smol, hf_model, close32, logits32_and_64):
+    path = smol(variant)
+    want, want64 = logits32_and_64(hf_model(path), _ids())
+    got = np.asarray(jlora.load_hf(path)(_ids()))
+    close32(got, want, want64, what=variant)
+
+
+def test_nope_layers_matter(smol, rel, tmp_path):
+    """Guard: the same weights with every layer rotating give other logits (transformers), so the test
+    above checks which layers skip rope; jlora reads the per-layer choice from config.json."""
+    import transformers
+    path = smol("nope")
+    config = json.loads((path / "config.json").read_text())
+    ref = transformers.SmolLM3ForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    ref.config.no_rope_layers = [1, 1, 1, 1]
+    for layer in ref.model.layers:
+        layer.self_attn.use_rope = 1
+    with torch.no_grad():
+        all_rope = ref(torch.tensor(_ids())).logits.numpy()
+    assert rel(np.asarray(jlora.load_hf(path)(_ids())), all_rope) > 1e-3
+    specs = jlora.load_hf(path).config.layer_specs
+    assert [s.rope for s in specs] == ["global", "none", "global", "none"] == \
+        ["global" if r else "none" for r in config["no_rope_layers"]]
+
+
+@pytest.mark.parametrize("variant,kwargs", [
+    ("nope", dict(r=8, lora_alpha=16, use_rslora=True, rank_pattern={"down_proj": 4, "layers.3.self_attn.q_proj": 2},
+                  alpha_pattern={"v_proj": 32})),
+    ("window", dict(r=4, lora_alpha=8)),
+])
+def test_jlora_export_loads_in_peft(variant, kwargs, smol, hf_model, rel, close32, tmp_path, logits32_and_64):
+    path = smol(variant)
+    model = jlora.get_peft_model(jlora.load_hf(path), jlora.LoraConfig(init_lora_weights=False, **kwargs),
+                                 rngs=nnx.Rngs(7))
+    ours = np.asarray(model(_ids()))
+    jlora.save_pretrained(model, tmp_path / "adapter")
+    check_vllm_adapter(tmp_path / "adapter", max_lora_rank=8)
+    ref = peft.PeftModel.from_pretrained(hf_model(path), tmp_path / "adapter").eval()
+    want, want64 = logits32_and_64(ref, _ids())
+    with torch.no_grad(), ref.disable_adapter():
+        plain = ref(torch.tensor(_ids())).logits.numpy()
+    assert rel(plain, want) > 1e-4, "the adapter must change the logits, or this test proves nothing"
+    close32(ours, want, want64, what=f"{variant} {kwargs}")
+
+
+def test_peft_saved_adapter_loads_in_jlora(smol, hf_model, close32, tmp_path, logits32_and_64):
+    path = smol("window")
+    pcfg = peft.LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "up_proj"],
+                           use_rslora=True, rank_pattern={"k_proj": 2}, init_lora_weights=False, task_type="CAUSAL_LM")
+    torch.manual_seed(0)
+    ref = peft.get_peft_model(hf_model(path), pcfg).eval()
+    ref.save_pretrained(tmp_path / "peft")
+    want, want64 = logits32_and_64(ref, _ids())
+    model = jlora.load_adapter(jlora.load_hf(path), tmp_path / "peft")
+    close32(np.asarray(model(_ids())), want, want64, what="peft -> jlora")
+
+
+def test_merged_export_loads_in_transformers(smol, hf_model, rel, close32, tmp_path, logits32_and_64):
+    path = smol("nope")
+    model = jlora.get_peft_model(jlora.load_hf(path), jlora.LoraConfig(r=4, init_lora_weights=False),
+                                 rngs=nnx.Rngs(1))
+    ours = np.asarray(model(_ids()))
+    jlora.save_merged(model, tmp_path / "merged")
+    merged, merged64 = logits32_and_64(hf_model(tmp_path / "merged"), _ids())
+    with torch.no_grad():
+        base = hf_model(path)(torch.tensor(_ids())).logits.numpy()
+    assert rel(base, ours) > 1e-4
+    close32(ours, merged, merged64, what="merged")
+
+
+def test_nf4_equals_transformers_bitsandbytes(smol, rel, tmp_path):
+    import bitsandbytes as bnb
+    import transformers
+    path = smol("nope")  # hidden 64, intermediate 64: whole 64-blocks per row
+    qcfg = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                           bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32)
+    ref = transformers.AutoModelForCausalLM.from_pretrained(path, device_map="cpu", dtype=torch.float32,
+                                                            quantization_config=qcfg).eval()
+    for m in ref.modules():
+        if isinstance(m, bnb.nn.Linear4bit):
+            m.support_avx512bf16_for_cpu = False  # bitsandbytes' exact path (tests/qlora/conftest.py)
+    with torch.no_grad():
+        want = ref(torch.tensor(_ids())).logits.numpy()
+    assert rel(np.asarray(jlora.load_hf(path, quantize="nf4")(_ids())), want) <= 1e-4
+
+
+# -- presets ------------------------------------------------------------------------------------------
+
+PUBLISHED = {"smollm3-3b": 3_075_098_624, "smollm2-1.7b": 1_711_376_384}
+
+
+def transformers_meta_count(hf: dict) -> int:
+    import transformers
+    config = transformers.AutoConfig.for_model(**{k: v for k, v in hf.items() if k != "architectures"})
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(config)
+    return sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+def test_preset_parameter_count(name):
+    import jax
+    config = jlora.preset_config(name)
+    model = jlora.abstract_model(config, dtype="bfloat16")
+    total = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    assert total == transformers_meta_count(config.hf_config) == PUBLISHED[name]
+
+
+def test_smollm3_preset_skips_rope_every_fourth_layer():
+    specs = jlora.preset_config("smollm3-3b").layer_specs
+    assert [i for i, s in enumerate(specs) if s.rope == "none"] == list(range(3, 36, 4))
+
+
+@pytest.mark.parametrize("change,field", [
+    ({"no_rope_layers": [1, 0]}, "no_rope_layers"),
+    ({"rope_scaling": {"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 64}}, "rope_type"),
+    ({"layer_types": ["full_attention"] * 3 + ["chunked_attention"]}, "layer_types"),
+])
+def test_unsupported_config_names_field(change, field):
+    import transformers
+    hf = transformers.SmolLM3Config(**TINY).to_dict()
+    hf.update(architectures=["SmolLM3ForCausalLM"], **change)
+    with pytest.raises(jlora.models.ConfigError, match=field):
+        jlora.models.ModelConfig.from_hf_dict(hf)

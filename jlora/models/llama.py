@@ -53,6 +53,8 @@ LLAMA_PRESETS = {
     "llama-3.1-70b": _llama(8192, 28672, 80, 64, 8, rope=_LLAMA3_ROPE),
     "llama-3.2-1b": _llama(2048, 8192, 16, 32, 8, rope={**_LLAMA3_ROPE, "factor": 32.0}, tie=True),
     "llama-3.2-3b": _llama(3072, 8192, 28, 24, 8, rope={**_LLAMA3_ROPE, "factor": 32.0}, tie=True),
+    # HuggingFaceTB/SmolLM2-1.7B: a LlamaForCausalLM (SmolLM3 is its own family, jlora/models/smollm3.py)
+    "smollm2-1.7b": _llama(2048, 8192, 24, 32, 32, vocab=49152, theta=130000.0, tie=True, ctx=8192, eps=1e-5),
 }
 MISTRAL_PRESETS = {
     "mistral-7b": {"architectures": ["MistralForCausalLM"], "model_type": "mistral", "hidden_size": 4096,

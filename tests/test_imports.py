@@ -10,6 +10,8 @@ Layers, lowest first (a module may import its own layer and the ones below):
                 nf4_weight, llama, peft_model, qlora, memory, mesh_axes, kernel_sharding, attention.*, remat,
                 models.*
     4 convert   jlora.convert.*  (convert/), jlora.vllm_rules      checkpoints and adapters in and out
+                jlora.generate.*                                   KV cache, sampling, generate (model + loaders;
+                                                                   below train, which samples during runs)
     5 data      jlora.data.*, jlora.default.*                      JSONL -> batches; the demo data and base
     6 train     jlora.train.*
     7 tools     jlora.plan.*, jlora.ranks.*                        planning and rank analysis (use train)
@@ -53,6 +55,7 @@ LAYER_OF = {
         "models")},
     "jlora.convert": "convert",
     "jlora.vllm_rules": "convert",
+    "jlora.generate": "convert",
     "jlora.data": "data",
     "jlora.default": "data",
     "jlora.train": "train",

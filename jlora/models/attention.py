@@ -53,7 +53,8 @@ class Attention(nnx.Module):
         self.attention = DEFAULT_ATTENTION
         self.attention_blocks = None  # jlora.attention.BlockSizes, None: its default
 
-    def __call__(self, x, cos, sin, segment_ids):
+    def __call__(self, x, cos, sin, segment_ids, cache=None):
+        """With `cache` (jlora.generate.cache.KVCache at this layer): writes k, v into it and returns (out, cache)."""
         b, t, _ = x.shape
         if self.fused:
             q, k, v = split_qkv(self.qkv_proj(x), self.heads * self.head_dim, self.kv_heads * self.head_dim)
@@ -70,6 +71,10 @@ class Attention(nnx.Module):
         q = q.reshape(b, t, self.kv_heads, group, self.head_dim)
         # logit_softcap only when set: attend() grows that keyword with the soft-capping backends.
         cap = {} if self.logit_softcap is None else {"logit_softcap": self.logit_softcap}
+        if cache is not None:
+            out, cache = cache.attend(q, k, v, segment_ids, backend=self.attention, sliding_window=self.sliding_window,
+                                      scale=self.scale, block_sizes=self.attention_blocks, **cap)
+            return self.o_proj(out.reshape(b, t, self.heads * self.head_dim)), cache
         out = attend(q, k, v, segment_ids, backend=self.attention, sliding_window=self.sliding_window,
                      scale=self.scale, block_sizes=self.attention_blocks, **cap)
         return self.o_proj(out.reshape(b, t, self.heads * self.head_dim))

@@ -46,12 +46,17 @@ class DecoderLayer(nnx.Module):
         """Which rope table this layer's attention uses (LayerSpec.rope)."""
         return self.self_attn.rope
 
-    def __call__(self, h, cos, sin, mask):
+    def __call__(self, h, cos, sin, mask, cache=None):
+        """h -> h; with a KV cache (generation) h -> (h, cache)."""
+        attn = self.self_attn(self.input_layernorm(h), cos, sin, mask, *(() if cache is None else (cache,)))
+        attn, cache = (attn, None) if cache is None else attn
         if self.sandwich:
-            h = h + self.post_attention_layernorm(self.self_attn(self.input_layernorm(h), cos, sin, mask))
-            return h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h)))
-        h = h + self.self_attn(self.input_layernorm(h), cos, sin, mask)
-        return h + self.mlp(self.post_attention_layernorm(h))
+            h = h + self.post_attention_layernorm(attn)
+            h = h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h)))
+        else:
+            h = h + attn
+            h = h + self.mlp(self.post_attention_layernorm(h))
+        return h if cache is None else (h, cache)
 
 
 class DecoderModel(nnx.Module):
@@ -87,8 +92,9 @@ class CausalLM(nnx.Module):
             self.lm_head = Linear(config.hidden_size, config.vocab_size, use_bias=False, dtype=dtype,
                                   param_dtype=param_dtype, init_std=config.initializer_range, rngs=rngs)
 
-    def hidden_states(self, input_ids, positions=None, segment_ids=None):
-        """Final-normed hidden states [batch, seq, hidden]."""
+    def hidden_states(self, input_ids, positions=None, segment_ids=None, cache=None):
+        """Final-normed hidden states [batch, seq, hidden]; with `cache` (jlora.generate.cache.KVCache) the
+        layers write their k, v into it and this returns (hidden states, cache)."""
         input_ids = jnp.asarray(input_ids)
         b, t = input_ids.shape
         if positions is None:
@@ -100,10 +106,13 @@ class CausalLM(nnx.Module):
         h = self.model.embed_tokens(input_ids)
         if self.config.embedding_scale is not None:
             h = h * jnp.asarray(self.config.embedding_scale, h.dtype)  # rounded to the dtype, as transformers
-        for layer in self.model.layers:
+        for i, layer in enumerate(self.model.layers):
             cos, sin = tables.get(layer.rope, tables["global"])
-            h = call_layer(layer, self.remat, h, cos, sin, mask)
-        return self.model.norm(h)
+            if cache is None:
+                h = call_layer(layer, self.remat, h, cos, sin, mask)
+            else:
+                h, cache = layer(h, cos, sin, mask, cache.at_layer(i))
+        return self.model.norm(h) if cache is None else (self.model.norm(h), cache)
 
     def logits_from_hidden(self, h):
         logits = self.model.embed_tokens.attend(h) if self.lm_head is None else self.lm_head(h)

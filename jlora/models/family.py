@@ -45,9 +45,12 @@ class LayerSpec:
 class Family:
     """One `model_type`. architectures: the transformers class names whose checkpoints it reads.
     read: HF config dict -> ModelConfig fields. presets: name -> config.json dict of a published model.
-    target_modules: the HF module names LoRA may adapt (PEFT's `target_modules`, vLLM's module names)."""
+    target_modules: the HF module names LoRA may adapt (PEFT's `target_modules`, vLLM's module names).
+    peft_default_targets: what PEFT adapts when an adapter_config.json has `target_modules: null` (peft's
+    TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING); None where PEFT has no entry and refuses."""
     model_type: str
     architectures: tuple[str, ...]
     read: Callable[[dict[str, Any], str], dict[str, Any]]
     presets: Mapping[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
     target_modules: tuple[str, ...] = ALL_LINEAR
+    peft_default_targets: tuple[str, ...] | None = ("q_proj", "v_proj")

@@ -271,6 +271,7 @@ def test_nf4_equals_transformers_bitsandbytes(qdirs, rel):
     assert rel(np.asarray(jlora.load_hf(bnb_dir)(ids)), want) <= 1e-4
 
 
+@pytest.mark.slow  # the same PEFT-on-bitsandbytes path tests/qlora runs for Llama; here for the fused modules
 def test_qlora_adapter_loads_in_peft_on_bitsandbytes_base(qdirs, rel, tmp_path):
     base, bnb_dir = qdirs
     ids = _ids()

@@ -83,9 +83,9 @@ def test_nope_layers_matter(smol, rel, tmp_path):
 
 
 @pytest.mark.parametrize("variant,kwargs", [
-    ("nope", dict(r=8, lora_alpha=16, use_rslora=True, rank_pattern={"down_proj": 4, "layers.3.self_attn.q_proj": 2},
+    pytest.param("nope", dict(r=8, lora_alpha=16, use_rslora=True, rank_pattern={"down_proj": 4, "layers.3.self_attn.q_proj": 2},
                   alpha_pattern={"v_proj": 32})),
-    ("window", dict(r=4, lora_alpha=8)),
+    pytest.param("window", dict(r=4, lora_alpha=8), marks=pytest.mark.slow),  # biases + windows: covered below too
 ])
 def test_jlora_export_loads_in_peft(variant, kwargs, smol, hf_model, rel, close32, tmp_path, logits32_and_64):
     path = smol(variant)
@@ -127,6 +127,7 @@ def test_merged_export_loads_in_transformers(smol, hf_model, rel, close32, tmp_p
     close32(ours, merged, merged64, what="merged")
 
 
+@pytest.mark.slow  # nothing SmolLM3-specific in the NF4 path (Llama's names); tests/qlora and test_phi3 cover it
 def test_nf4_equals_transformers_bitsandbytes(smol, rel, tmp_path):
     import bitsandbytes as bnb
     import transformers

@@ -30,12 +30,23 @@ def register(sub):
     p.add_argument("--seq-len", type=int, required=True)
     p.add_argument("--grad-accum", type=int, default=1)
     p.add_argument("--dtype", default="bfloat16", help="compute and base-weight dtype")
-    p.add_argument("--remat", choices=["auto", "none", "full"], default="auto",
-                   help="auto: none if it fits, else per-layer remat")
+    p.add_argument("--remat", choices=["auto", "none", "dots", "full", "offload"], default="auto",
+                   help="what each layer's backward recomputes (jlora.remat); auto: the first of none, full, "
+                        "offload that fits (offload keeps layer inputs in host memory, reported apart); dots only "
+                        "by name (it can hold more than none)")
+    p.add_argument("--attention", choices=["auto", "blockwise", "reference", "splash", "cudnn"], default="auto",
+                   help="attention backend as jlora train --attention; auto: splash on TPU, cudnn on GPUs")
+    p.add_argument("--loss-chunk-tokens", type=int, default=2048,
+                   help="logits of about this many tokens at once in the loss (0: the whole logits)")
+    p.add_argument("--max-seq-len", action="store_true",
+                   help="find the largest --seq-len that fits (estimate, then compiles bisect; --seq-len seeds "
+                        "the estimate, --max-compiles bounds the compiles)")
+    p.add_argument("--seq-len-multiple", type=int, default=1024, help="--max-seq-len answers in multiples of this")
     p.add_argument("--compile-effort", choices=["fast", "default"], default="fast",
                    help="fast: XLA's quick schedule (minutes less per compile; can show somewhat less temporary "
                         "memory); default: the schedule jlora train compiles with")
-    p.add_argument("--max-compiles", type=int, default=2, help="compiles a suggestion may spend checking itself")
+    p.add_argument("--max-compiles", type=int, default=2,
+                   help="compiles a suggestion (or --max-seq-len) may spend checking itself")
     p.add_argument("--kernels", choices=["pallas", "xla", "auto"],
                    help="compile the step with the fused kernels (jlora train --kernels); pallas: Mosaic kernels")
     p.add_argument("--no-suggest", action="store_true", help="do not search for a setting that fits")
@@ -62,7 +73,9 @@ def run(args) -> int:
                           seq_len=args.seq_len, mesh=args.mesh, quantize=args.quantize, r=args.r,
                           lora_alpha=args.lora_alpha, targets=args.targets, dtype=args.dtype, remat=args.remat,
                           grad_accum=args.grad_accum, effort=args.compile_effort, suggest=not args.no_suggest,
-                          max_compiles=args.max_compiles, kernels=args.kernels)
+                          max_compiles=args.max_compiles, kernels=args.kernels, attention=args.attention,
+                          loss_chunk_tokens=args.loss_chunk_tokens or None, max_seq_len=args.max_seq_len,
+                          seq_len_multiple=args.seq_len_multiple)
     log = (lambda *a: None) if args.json else (lambda *a: print(*a, file=sys.stderr, flush=True))
     try:
         result = plan(request, log=log)

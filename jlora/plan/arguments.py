@@ -25,6 +25,7 @@ from jlora.train.optimizer import learning_rate_schedule, make_optimizer
 from jlora.train.placement import opt_state_shardings
 from jlora.train.sharding import batch_sharding, nf4_specs, param_spec
 from jlora.train.state import SplitModel, path_name
+from jlora.train.chunked_loss import DEFAULT_CHUNK_TOKENS
 from jlora.train.step import make_train_step
 
 BATCH_KEYS = ("inputs", "targets", "loss_mask", "positions", "segment_ids")
@@ -90,7 +91,8 @@ def _frozen_state(frozen: nnx.State, mesh) -> nnx.State:
 
 
 def abstract_step(model: nnx.Module, mesh, *, batch_size: int, seq_len: int, grad_accum: int = 1,
-                  steps: int = 1000, warmup_steps: int = 5) -> AbstractStep:
+                  steps: int = 1000, warmup_steps: int = 5,
+                  loss_chunk_tokens: int | None = DEFAULT_CHUNK_TOKENS) -> AbstractStep:
     """The jitted train step's function and sharded abstract arguments for `model` (abstract) on `mesh`."""
     split = trace_safe_split(model)
     if jax.tree.leaves(split.rng_state):
@@ -109,7 +111,7 @@ def abstract_step(model: nnx.Module, mesh, *, batch_size: int, seq_len: int, gra
     replicated = NamedSharding(mesh, P())
     key = _place(jax.eval_shape(lambda: jax.random.key(0)), replicated)
     step_index = jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated)
-    fn = make_train_step(split, tx, schedule=schedule)
+    fn = make_train_step(split, tx, schedule=schedule, loss_chunk_tokens=loss_chunk_tokens)
     return AbstractStep(fn=fn, args=(params, opt, frozen, batch, key, step_index),
                         out_shardings=(param_sh, opt_sh, None))
 

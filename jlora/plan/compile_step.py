@@ -3,7 +3,8 @@
     result = compile_step(abstract_step(model, mesh, batch_size=8, seq_len=2048))
     result.total_bytes      # per device: arguments + outputs - donated + temporaries + code
 
-memory_analysis() gives the per-device buffer sizes of the SPMD program, cost_analysis() its FLOPs and
+memory_analysis() gives the per-device buffer sizes of the SPMD program (device memory, and apart from it the
+pinned host memory that remat "offload" moves residuals to: its host_* fields), cost_analysis() its FLOPs and
 HBM bytes per device. A program that does not fit makes XLA raise RESOURCE_EXHAUSTED instead, naming
 the temporaries it needed: those are kept (rounded as XLA prints them) with `exact=False`.
 
@@ -48,10 +49,19 @@ class CompileResult:
     compiler_hbm_bytes: int | None = None  # what XLA said it may use, when it refused
     error: str | None = None
     kernel_calls: int | None = None        # tpu_custom_call ops (Pallas Mosaic kernels), when counted
+    host_temp_bytes: int = 0               # per device, pinned host memory (remat "offload" residuals)
+    host_argument_bytes: int = 0
+    host_output_bytes: int = 0
+    host_alias_bytes: int = 0
 
     @property
     def total_bytes(self) -> int:
+        """Device (HBM) bytes; host memory is counted apart (host_total_bytes)."""
         return self.argument_bytes + self.output_bytes - self.alias_bytes + self.temp_bytes + self.code_bytes
+
+    @property
+    def host_total_bytes(self) -> int:
+        return self.host_argument_bytes + self.host_output_bytes - self.host_alias_bytes + self.host_temp_bytes
 
 
 def _cost(compiled) -> dict:
@@ -91,4 +101,8 @@ def compile_step(step: AbstractStep, *, effort: str = "fast", count_kernels: boo
         compiled=True, argument_bytes=int(mem.argument_size_in_bytes), output_bytes=int(mem.output_size_in_bytes),
         alias_bytes=int(mem.alias_size_in_bytes), temp_bytes=int(mem.temp_size_in_bytes),
         code_bytes=int(mem.generated_code_size_in_bytes), flops=cost.get("flops"), kernel_calls=kernel_calls,
-        bytes_accessed=cost.get("bytes accessed"), lower_seconds=t1 - t0, compile_seconds=t2 - t1)
+        bytes_accessed=cost.get("bytes accessed"), lower_seconds=t1 - t0, compile_seconds=t2 - t1,
+        host_temp_bytes=int(getattr(mem, "host_temp_size_in_bytes", 0) or 0),
+        host_argument_bytes=int(getattr(mem, "host_argument_size_in_bytes", 0) or 0),
+        host_output_bytes=int(getattr(mem, "host_output_size_in_bytes", 0) or 0),
+        host_alias_bytes=int(getattr(mem, "host_alias_size_in_bytes", 0) or 0))

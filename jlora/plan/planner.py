@@ -5,15 +5,32 @@ lowered with abstract arguments and compiled by libtpu for that generation; memo
 the compiler. For GPUs (h100, h200) there is no compiler here: memory is estimated by abstract
 evaluation (jlora.plan.estimate) and FLOPs counted from the architecture, and the plan says so.
 
-remat "auto" tries none, then full, and keeps the first that fits. A setting whose arguments alone
-exceed HBM, or whose estimate is over twice HBM, is reported without compiling it (a refused compile
-still costs minutes).
+remat "auto" tries the policies lightest first (none, full, offload: jlora.remat.AUTO_ORDER) and keeps the
+first that fits; policies whose estimate is over HBM are passed over without a compile. Host memory (the layer
+inputs "offload" keeps in pinned host memory) is reported apart from HBM and never counts against it. A
+setting whose arguments alone exceed HBM, or whose estimate is over twice HBM, is reported without
+compiling it (a refused compile still costs minutes).
+
+The attention backend (`attention`, as jlora train --attention) is resolved for the target: "auto" is
+splash on TPU (the step is traced here and compiled with Mosaic kernels, under jax.set_mesh so each device
+runs its own rows and heads); for GPUs the estimate traces blockwise attention, which saves what cuDNN's
+flash attention saves (the output and its log-sum-exp). The loss is chunked as jlora train chunks it
+(`loss_chunk_tokens`, None: whole logits).
+
+`max_seq_len()` (jlora plan --max-seq-len) finds the largest sequence length that fits: a bisection over
+the estimate (cheap), then compiles from the estimate's answer, bisecting between what fitted and what
+did not until they are one `seq_len_multiple` apart or `max_compiles` are spent.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
 
+import contextlib
+
+import jax
+
+from jlora.attention import check_backend, use_attention
 from jlora.plan.arguments import ArraySizes, abstract_step
 from jlora.plan.compile_step import EFFORTS, compile_step
 from jlora.plan.estimate import ActivationModel, estimate_bytes_per_device
@@ -22,9 +39,11 @@ from jlora.plan.hardware import Topology, parse_topology, tpu_devices
 from jlora.plan.model import (PlanError, abstract_lora_model, checkpoint_quantization, lora_config,
                               model_config)
 from jlora.plan.roofline import Roofline, roofline
+from jlora.remat import AUTO_ORDER, POLICIES
+from jlora.train.chunked_loss import DEFAULT_CHUNK_TOKENS
 from jlora.train.sharding import AXES, parse_mesh
 
-REMAT = {"auto": ("none", "full"), "none": ("none",), "full": ("full",)}
+REMAT = {"auto": AUTO_ORDER, **{p: (p,) for p in POLICIES}}
 SKIP_FACTOR = 2.0  # estimate over this many HBMs: not worth a compile
 
 
@@ -46,6 +65,10 @@ class PlanRequest:
     suggest: bool = True
     max_compiles: int = 2     # extra compiles the suggestion may spend verifying itself
     kernels: str | None = None  # jlora.use_kernels impl for the adapted projections (None: the model's default path)
+    attention: str = "auto"     # jlora train --attention; auto: splash on TPU
+    loss_chunk_tokens: int | None = DEFAULT_CHUNK_TOKENS  # None: the whole logits at once
+    seq_len_multiple: int = 1024  # --max-seq-len: answers are multiples of this
+    max_seq_len: bool = False   # search the largest seq_len that fits (jlora.plan.seq_len); seq_len seeds it
 
 
 @dataclasses.dataclass
@@ -66,6 +89,8 @@ class Attempt:
     kernel_calls: int | None = None   # Mosaic (Pallas) custom calls in the program, with --kernels
     estimate_bytes_per_chip: int = 0
     note: str = ""
+    host_bytes_per_chip: int = 0      # pinned host memory (remat offload), apart from HBM
+    seq_len: int = 0
 
 
 @dataclasses.dataclass
@@ -84,6 +109,8 @@ class Plan:
     estimate: bool                # no compiler: GPU
     suggestion: object = None     # jlora.plan.suggest.Suggestion
     notes: list = dataclasses.field(default_factory=list)
+    attention: str = "auto"       # the backend the step was planned with
+    max_seq_len: object = None    # SeqLenSearch, with --max-seq-len
 
     @property
     def fits(self) -> bool:
@@ -118,14 +145,18 @@ class Planner:
             raise PlanError(f"--compile-effort {request.effort!r}: expected one of {', '.join(EFFORTS)}")
         if request.batch_size < 1 or request.seq_len < 1 or request.grad_accum < 1:
             raise PlanError("--batch-size, --seq-len and --grad-accum must be positive")
+        if request.loss_chunk_tokens is not None and request.loss_chunk_tokens < 1:
+            raise PlanError(f"--loss-chunk-tokens {request.loss_chunk_tokens}: expected >= 1 (or none: whole logits)")
         self.request, self.log = request, log
         self.topology = parse_topology(request.topology)
+        self.attention, self.traced_attention = self.resolve_attention(request.attention)
         self.config = model_config(request.model)
         self.quantize = request.quantize or checkpoint_quantization(request.model)
         self.lora = lora_config(request.r, request.lora_alpha, request.targets)
         self.model = self.build(self.config)
         self.sizes = ArraySizes.of(self.model)
-        self.activations = ActivationModel.measure(self.build, self.config, seq_len=request.seq_len)
+        self._activations = {}
+        self.activations = self.activations_at(request.seq_len)
         if self.topology.is_tpu:
             self.devices = tpu_devices(self.topology)
             chips = len({tuple(d.coords) for d in self.devices})
@@ -137,26 +168,57 @@ class Planner:
             self.hosts = 1
         self.n_devices = self.topology.chips * self.devices_per_chip
 
+    def resolve_attention(self, name: str) -> tuple[str, str]:
+        """(backend the plan is for, backend the estimate traces) on this topology's platform."""
+        on = "tpu" if self.topology.is_tpu else "gpu"
+        try:
+            check_backend(name, on)
+        except ValueError as e:
+            raise PlanError(f"--attention {name}: {e} ({self.topology.name})") from None
+        if name == "auto":
+            name = "splash" if on == "tpu" else "cudnn"
+        # cuDNN cannot be traced on this host; blockwise saves the same (output and log-sum-exp).
+        return name, "blockwise" if name == "cudnn" else name
+
     def build(self, config):
-        return abstract_lora_model(config, lora=self.lora, dtype=self.request.dtype, quantize=self.quantize)
+        model = abstract_lora_model(config, lora=self.lora, dtype=self.request.dtype, quantize=self.quantize)
+        return use_attention(model, self.traced_attention)
+
+    def activations_at(self, seq_len: int) -> ActivationModel:
+        if seq_len not in self._activations:
+            self._activations[seq_len] = ActivationModel.measure(
+                self.build, self.config, seq_len=seq_len, attention=self.traced_attention,
+                chunk_tokens=self.request.loss_chunk_tokens)
+        return self._activations[seq_len]
 
     # -- one setting ---------------------------------------------------------------------------------
-    def estimate(self, sizes: dict, batch_size: int, remat: str) -> int:
-        """Estimated bytes per chip (abstract evaluation) of a setting."""
+    def estimate(self, sizes: dict, batch_size: int, remat: str, seq_len: int | None = None) -> int:
+        """Estimated device bytes per chip (abstract evaluation) of a setting."""
         args = self.sizes.per_device(sizes)
         rows = batch_size / (sizes["data"] * sizes["fsdp"])
-        per_device = estimate_bytes_per_device(sum(args.values()), args["params"], self.activations,
-                                               rows_per_device=rows, remat=remat == "full",
+        per_device = estimate_bytes_per_device(sum(args.values()), args["params"],
+                                               self.activations_at(seq_len or self.request.seq_len),
+                                               rows_per_device=rows, remat=remat,
                                                tensor=sizes["tensor"], fsdp=sizes["fsdp"])
         return per_device * self.devices_per_chip
 
-    def attempt(self, sizes: dict, batch_size: int, remat: str, grad_accum: int | None = None) -> Attempt:
+    def estimate_host(self, sizes: dict, batch_size: int, remat: str, seq_len: int | None = None) -> int:
+        rows = batch_size / (sizes["data"] * sizes["fsdp"])
+        acts = self.activations_at(seq_len or self.request.seq_len)
+        return int(acts.host_bytes(rows=rows, remat=remat)) * self.devices_per_chip
+
+    def attempt(self, sizes: dict, batch_size: int, remat: str, grad_accum: int | None = None, *,
+                seq_len: int | None = None, compile_over_estimate: bool = True) -> Attempt:
+        """What is known of one setting: compiled on TPU unless its arguments or estimate rule it out (with
+        compile_over_estimate=False, any estimate over HBM)."""
         grad_accum = grad_accum or self.request.grad_accum
+        seq_len = seq_len or self.request.seq_len
         hbm, dpc = self.topology.chip.hbm_bytes, self.devices_per_chip
         args = {k: v * dpc for k, v in self.sizes.per_device(sizes).items()}
-        estimate = self.estimate(sizes, batch_size, remat)
+        estimate = self.estimate(sizes, batch_size, remat, seq_len)
         base = dict(remat=remat, mesh=dict(sizes), batch_size=batch_size, grad_accum=grad_accum,
-                    estimate_bytes_per_chip=estimate)
+                    estimate_bytes_per_chip=estimate, seq_len=seq_len,
+                    host_bytes_per_chip=self.estimate_host(sizes, batch_size, remat, seq_len))
         if sum(args.values()) > hbm:
             return Attempt(fits=False, bytes_per_chip=sum(args.values()), source="arguments alone", exact=False,
                            memory={"arguments": sum(args.values()), **args}, **base,
@@ -165,11 +227,12 @@ class Planner:
             return Attempt(fits=estimate <= hbm, bytes_per_chip=estimate, source="estimate", exact=False,
                            memory={"arguments": sum(args.values()), **args,
                                    "activations and gradients": estimate - sum(args.values())}, **base)
-        if estimate > SKIP_FACTOR * hbm:
+        skip = SKIP_FACTOR if compile_over_estimate else 1.0
+        if estimate > skip * hbm:
             return Attempt(fits=False, bytes_per_chip=estimate, source="estimate", exact=False,
                            memory={"arguments": sum(args.values()), **args,
                                    "activations and gradients": estimate - sum(args.values())}, **base,
-                           note=f"estimated over {SKIP_FACTOR:g}x HBM; not compiled")
+                           note=f"estimated over {'' if skip == 1 else f'{skip:g}x '}HBM; not compiled")
         return self.compile(sizes, batch_size, remat, grad_accum, base)
 
     def compile(self, sizes, batch_size, remat, grad_accum, base) -> Attempt:
@@ -179,17 +242,26 @@ class Planner:
         if self.request.kernels:
             from jlora.llama import use_kernels
             use_kernels(self.model, self.request.kernels, mesh=mesh)
-        self.model.remat = remat == "full"
-        step = abstract_step(self.model, mesh, batch_size=batch_size, seq_len=self.request.seq_len,
-                             grad_accum=grad_accum)
-        self.log(f"compiling for {self.topology.name}: mesh {mesh_text(sizes)}, batch {batch_size}, remat {remat} ...")
-        result = compile_step(step, effort=self.request.effort, count_kernels=bool(self.request.kernels))
+        self.model.remat = remat
+        use_attention(self.model, self.attention)
+        seq_len = base["seq_len"]
+        step = abstract_step(self.model, mesh, batch_size=batch_size, seq_len=seq_len, grad_accum=grad_accum,
+                             loss_chunk_tokens=self.request.loss_chunk_tokens)
+        self.log(f"compiling for {self.topology.name}: mesh {mesh_text(sizes)}, batch {batch_size} x {seq_len}, "
+                 f"remat {remat}, attention {self.attention} ...")
+        # Splash runs per device under shard_map only when the mesh is set while tracing (jlora.attention.splash).
+        context = jax.set_mesh(mesh) if self.attention == "splash" else contextlib.nullcontext()
+        with context:
+            result = compile_step(step, effort=self.request.effort, count_kernels=bool(self.request.kernels))
         dpc = self.devices_per_chip
+        if result.compiled:  # the compiler's host bytes replace the estimate's
+            base = {**base, "host_bytes_per_chip": result.host_total_bytes * dpc}
         groups = {k: v * dpc for k, v in step.bytes_per_device().items()}
         memory = {"arguments": result.argument_bytes * dpc, "frozen": groups["frozen"], "params": groups["params"],
                   "opt_state": groups["opt_state"], "batch": groups["batch"] + groups["key"] + groups["step"],
                   "outputs": result.output_bytes * dpc, "donated": result.alias_bytes * dpc,
-                  "temporaries": result.temp_bytes * dpc, "code": result.code_bytes * dpc}
+                  "temporaries": result.temp_bytes * dpc, "code": result.code_bytes * dpc,
+                  "host_temporaries": result.host_temp_bytes * dpc}
         total = result.total_bytes * dpc
         seconds = result.lower_seconds + result.compile_seconds
         if not result.compiled:
@@ -220,9 +292,9 @@ class Planner:
         return sizes
 
     def roofline_of(self, attempt: Attempt) -> Roofline:
-        r = self.request
-        tokens = attempt.batch_size * attempt.grad_accum * r.seq_len
-        per_token = flops_per_token(self.config, self.lora, r.seq_len)
+        seq_len = attempt.seq_len or self.request.seq_len
+        tokens = attempt.batch_size * attempt.grad_accum * seq_len
+        per_token = flops_per_token(self.config, self.lora, seq_len)
         model_flops = tokens * per_token
         chips = self.topology.chips
         if attempt.flops_per_chip:
@@ -230,13 +302,14 @@ class Planner:
                             chip=self.topology.chip, chips=chips, model_flops=model_flops)
         # No compiler numbers: model FLOPs (+ the recomputed forward under remat) and a traffic estimate:
         # each pass reads this chip's share of the gathered weights; activations are written and read back.
-        passes = 3 if attempt.remat == "full" else 2
-        forward = forward_flops_per_token(self.config, self.lora, r.seq_len) if attempt.remat == "full" else 0.0
+        recompute = attempt.remat in ("full", "offload")  # dots recomputes no projection
+        passes = 3 if recompute else 2
+        forward = forward_flops_per_token(self.config, self.lora, seq_len) if recompute else 0.0
         flops = tokens * (per_token + forward) / chips
         weights = self.sizes.total()["frozen"] / attempt.mesh["tensor"]
         rows = attempt.batch_size * attempt.grad_accum / (attempt.mesh["data"] * attempt.mesh["fsdp"])
-        acts = 2 * self.activations.bytes(rows=rows, remat=attempt.remat == "full", tensor=attempt.mesh["tensor"],
-                                          fsdp=attempt.mesh["fsdp"])
+        acts = 2 * self.activations_at(seq_len).bytes(rows=rows, remat=attempt.remat, tensor=attempt.mesh["tensor"],
+                                                      fsdp=attempt.mesh["fsdp"])
         traffic = (passes * weights * attempt.grad_accum + acts) * self.devices_per_chip
         return roofline(flops_per_chip=flops, bytes_per_chip=traffic, chip=self.topology.chip, chips=chips,
                         model_flops=model_flops)
@@ -244,9 +317,13 @@ class Planner:
     def run(self) -> Plan:
         r = self.request
         sizes = self.mesh_sizes()
+        if r.max_seq_len:
+            return self.run_max_seq_len(sizes)
         attempts = []
-        for remat in REMAT[r.remat]:
-            attempts.append(self.attempt(sizes, r.batch_size, remat))
+        policies = REMAT[r.remat]
+        for i, remat in enumerate(policies):
+            # auto passes over a policy estimated over HBM (a compile costs minutes), except the last one
+            attempts.append(self.attempt(sizes, r.batch_size, remat, compile_over_estimate=i == len(policies) - 1))
             if attempts[-1].fits or attempts[-1].source == "arguments alone":
                 break
         chosen = next((a for a in attempts if a.fits), attempts[-1])
@@ -255,7 +332,8 @@ class Planner:
         plan = Plan(request=r, topology=self.topology, quantize=self.quantize, devices=self.n_devices,
                     devices_per_chip=self.devices_per_chip, total_params=total, trainable_params=trainable,
                     attempts=attempts, chosen=chosen, roofline=self.roofline_of(chosen),
-                    tokens_per_step=r.batch_size * r.grad_accum * r.seq_len, estimate=not self.topology.is_tpu)
+                    tokens_per_step=r.batch_size * r.grad_accum * r.seq_len, estimate=not self.topology.is_tpu,
+                    attention=self.attention)
         if self.devices_per_chip > 1:
             plan.notes.append(f"libtpu describes {self.topology.chip.name} as {self.devices_per_chip} devices per "
                               f"chip (one per TensorCore): the mesh spans {self.n_devices} devices; memory is per chip")
@@ -265,6 +343,9 @@ class Planner:
                               f"feeds each host its own rows, so keep tensor <= {per_host} on {self.hosts} hosts")
         if self.hosts > 1 and chosen.batch_size % self.hosts:
             plan.notes.append(f"jlora train on {self.hosts} hosts needs --batch-size to be a multiple of {self.hosts}")
+        if self.request.attention == "cudnn" or (self.request.attention == "auto" and not self.topology.is_tpu):
+            plan.notes.append("attention cudnn: estimated with blockwise attention, which saves the same "
+                              "(output and log-sum-exp per query)")
         if chosen.remat == "none" and chosen.mesh["fsdp"] > 1 and chosen.source == "compiled":
             plan.notes.append("without remat XLA keeps each layer's all-gathered weights from the forward to the "
                               "backward pass (it reuses the gather), so fsdp shrinks the arguments but not the "
@@ -273,6 +354,24 @@ class Planner:
             from jlora.plan.suggest import suggest
             plan.suggestion = suggest(self, attempts)
         return plan
+
+
+    def run_max_seq_len(self, sizes: dict) -> Plan:
+        from jlora.plan.seq_len import max_seq_len
+
+        r = self.request
+        search = max_seq_len(self)
+        attempts = search.attempts or [self.attempt(sizes, r.batch_size, search.remat,
+                                                    seq_len=max(search.estimate, r.seq_len_multiple),
+                                                    compile_over_estimate=False)]
+        chosen = next((a for a in attempts if a.fits and a.seq_len == search.answer), attempts[-1])
+        trainable = sum(math.prod(v.shape) for v in self.sizes.params.values())
+        total = trainable + sum(math.prod(v.shape) for _, v in self.sizes.frozen)
+        return Plan(request=r, topology=self.topology, quantize=self.quantize, devices=self.n_devices,
+                    devices_per_chip=self.devices_per_chip, total_params=total, trainable_params=trainable,
+                    attempts=attempts, chosen=chosen, roofline=self.roofline_of(chosen),
+                    tokens_per_step=chosen.batch_size * chosen.grad_accum * chosen.seq_len,
+                    estimate=not self.topology.is_tpu, attention=self.attention, max_seq_len=search)
 
 
 def plan(request: PlanRequest, *, log=lambda *_: None) -> Plan:

@@ -1,4 +1,7 @@
-"""A Plan as text for people and as JSON for scripts (`fits` and `bytes_per_chip` always present)."""
+"""A Plan as text for people and as JSON for scripts (`fits` and `bytes_per_chip` always present).
+
+`bytes_per_chip` is device memory (HBM); `host_bytes_per_chip` is the pinned host memory that remat
+"offload" keeps the layer inputs in, reported apart and never counted against HBM."""
 from __future__ import annotations
 
 import dataclasses
@@ -42,8 +45,10 @@ def format_text(plan: Plan) -> str:
         f"{plan.total_params:,}), {base} base weights",
         f"topology {t.name}: {t.chips} x {t.chip.name}, {gib(hbm)} HBM, {t.chip.peak_flops / 1e12:.0f} TFLOP/s bf16, "
         f"{t.chip.hbm_bandwidth / 1e9:,.0f} GB/s per chip",
-        f"step: {r.batch_size} x {r.seq_len} tokens" + (f" x {r.grad_accum} micro-batches" if r.grad_accum > 1 else "")
-        + f", mesh {mesh_text(a.mesh)}",
+        f"step: {a.batch_size} x {a.seq_len or r.seq_len} tokens"
+        + (f" x {r.grad_accum} micro-batches" if r.grad_accum > 1 else "") + f", mesh {mesh_text(a.mesh)}",
+        f"attention {plan.attention}, loss "
+        + (f"in chunks of {r.loss_chunk_tokens:,} tokens" if r.loss_chunk_tokens else "over the whole logits"),
     ]
     if r.kernels:
         calls = "" if a.kernel_calls is None else f": {a.kernel_calls} Mosaic (Pallas) kernel call sites in the step"
@@ -51,9 +56,10 @@ def format_text(plan: Plan) -> str:
     if plan.estimate:
         lines.append("ESTIMATE: no compiler for GPUs here; memory from abstract evaluation, FLOPs from the "
                      "architecture")
-    lines += ["", f"  {'remat':<6}{'per chip':>12}  {'fits':<5}how known"]
+    lines += ["", f"  {'remat':<8}{'seq len':>9}{'HBM/chip':>12}{'host/chip':>12}  {'fits':<5}how known"]
     for x in plan.attempts:
-        lines.append(f"  {x.remat:<6}{gib(x.bytes_per_chip):>12}  {'yes' if x.fits else 'no':<5}{_source(x)}"
+        lines.append(f"  {x.remat:<8}{x.seq_len or r.seq_len:>9,}{gib(x.bytes_per_chip):>12}"
+                     f"{gib(x.host_bytes_per_chip):>12}  {'yes' if x.fits else 'no':<5}{_source(x)}"
                      + (f": {x.note}" if x.note and x.source != "refused by the compiler" else ""))
     m = a.memory
     how = {"compiled": "compiler", "refused by the compiler": "compiler, refused"}.get(a.source, "estimate")
@@ -71,6 +77,9 @@ def format_text(plan: Plan) -> str:
         lines.append(args)
         if "activations and gradients" in m:
             lines.append(f"  activations  {gib(m['activations and gradients']):>11}  (saved for backward, + gradients)")
+    if a.host_bytes_per_chip:
+        lines.append(f"  host memory  {gib(a.host_bytes_per_chip):>11}  (pinned host memory, offloaded layer inputs; "
+                     f"not HBM)" + ("" if a.source == "compiled" else " (estimate)"))
     free = hbm - a.bytes_per_chip
     lines.append(f"  total        {gib(a.bytes_per_chip):>11}  of {gib(hbm)}: "
                  + (f"FITS ({gib(free)} free)" if a.fits else f"DOES NOT FIT (over by {gib(-free)})"
@@ -94,9 +103,16 @@ def format_text(plan: Plan) -> str:
     if not a.fits and not plan.quantize:
         lines.append("(--quantize nf4 stores the frozen projections in ~4.1 bits per weight instead of 16)")
     lines += [f"note: {n}" for n in plan.notes]
-    if a.fits and r.remat == "auto":
-        lines.append(f"train with: jlora train --mesh {mesh_text(a.mesh)} --batch-size {a.batch_size}"
-                     + (" --remat" if a.remat == "full" else ""))
+    search = plan.max_seq_len
+    if search is not None:
+        lines += ["", f"largest --seq-len that fits (multiples of {search.multiple:,}, remat {search.remat}): "
+                      + (f"{search.answer:,} (compiled)" if search.source == "compiled" else
+                         f"{search.answer:,} (estimate; not confirmed by a compile)")
+                      + (f"; {search.too_long:,} does not fit" if search.too_long else "")
+                      + f"; the estimate said {search.estimate:,}"]
+    if a.fits and (r.remat == "auto" or search is not None):
+        lines.append(f"train with: jlora train --mesh {mesh_text(a.mesh)} --batch-size {a.batch_size} "
+                     f"--seq-len {a.seq_len or r.seq_len}" + (f" --remat {a.remat}" if a.remat != "none" else ""))
     return "\n".join(lines)
 
 
@@ -110,7 +126,9 @@ def to_json(plan: Plan) -> dict:
         "estimate": plan.estimate or not a.exact,
         "model": r.model, "quantize": plan.quantize, "dtype": r.dtype, "r": r.r, "targets": r.targets,
         "topology": t.name, "chip": t.chip.name, "chips": t.chips, "devices": plan.devices,
-        "mesh": a.mesh, "remat": a.remat, "batch_size": a.batch_size, "seq_len": r.seq_len,
+        "host_bytes_per_chip": int(a.host_bytes_per_chip),
+        "attention": plan.attention, "loss_chunk_tokens": r.loss_chunk_tokens,
+        "mesh": a.mesh, "remat": a.remat, "batch_size": a.batch_size, "seq_len": a.seq_len or r.seq_len,
         "grad_accum": a.grad_accum, "kernels": r.kernels,
         "trainable_params": plan.trainable_params, "total_params": plan.total_params,
         "memory": {k: int(v) for k, v in a.memory.items()},
@@ -125,4 +143,8 @@ def to_json(plan: Plan) -> dict:
         "suggestion": None if plan.suggestion is None else {**dataclasses.asdict(plan.suggestion),
                                                              "flags": plan.suggestion.flags()},
         "notes": plan.notes,
+        "max_seq_len": None if plan.max_seq_len is None else {
+            "answer": plan.max_seq_len.answer, "source": plan.max_seq_len.source, "remat": plan.max_seq_len.remat,
+            "estimate": plan.max_seq_len.estimate, "fits": plan.max_seq_len.fits,
+            "too_long": plan.max_seq_len.too_long, "multiple": plan.max_seq_len.multiple},
     }

@@ -43,7 +43,7 @@ class Suggestion:
     def flags(self) -> str:
         mesh = ",".join(f"{a}={self.mesh[a]}" for a in AXES if self.mesh[a] > 1) or "data=1"
         accum = f" --grad-accum {self.grad_accum}" if self.grad_accum > 1 else ""
-        remat = " --remat" if self.remat == "full" else ""
+        remat = f" --remat {self.remat}" if self.remat != "none" else ""
         return f"--mesh {mesh} --batch-size {self.batch_size}{accum}{remat}"
 
 

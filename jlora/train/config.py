@@ -49,8 +49,8 @@ HELP = {
     "packing": "pack several examples per row (attention and positions reset per example)",
     "dtype": "compute and base-weight dtype: float32 | bfloat16 | float16 (adapters stay float32)",
     "remat": "what each layer's backward recomputes: none | dots (keep the projections' outputs) | full (keep "
-             "only the layer input) | offload (the layer input in host memory; TPU/GPU) | auto (the lightest "
-             "that fits, per jlora plan's estimate; none on CPU); a bare --remat means full",
+             "only the layer input) | offload (the layer input in host memory; TPU/GPU) | auto (the first of "
+             "none, full, offload that fits, per jlora plan's estimate; none on CPU); a bare --remat means full",
     "attention": "attention backend: auto | blockwise | reference | splash (TPU) | cudnn (GPU); auto: the best "
                  "available here",
     "loss_chunk_tokens": "logits of about this many tokens exist at once in the loss (0: all at once)",

@@ -8,7 +8,9 @@ from flax import nnx
 
 import jlora
 from jlora.plan.arguments import ArraySizes, trace_safe_split
+from jlora.attention import BlockSizes, use_attention
 from jlora.plan.estimate import ActivationModel, saved_activation_bytes
+from jlora.remat import POLICIES
 from jlora.plan.model import abstract_lora_model, lora_config
 from jlora.train.optimizer import make_optimizer
 from jlora.train.step import make_train_step
@@ -21,13 +23,36 @@ TINY = jlora.LlamaConfig.from_hf_dict(dict(
 def test_extrapolation_from_two_layers_and_two_rows_equals_tracing_the_whole_model():
     build = functools.partial(abstract_lora_model, lora=lora_config(4), dtype="bfloat16")
     model = ActivationModel.measure(build, TINY, seq_len=16)
-    for remat in (False, True):
+    for remat in POLICIES:
         m = build(TINY)
         m.remat = remat
-        direct = saved_activation_bytes(m, batch_size=3, seq_len=16)
-        per_row, const = (model.full, model.const_full) if remat else (model.none, model.const_none)
-        assert [3 * r + c for r, c in zip(per_row, const)] == list(direct[:2]), remat
+        *direct, _, host = saved_activation_bytes(m, batch_size=3, seq_len=16)
+        assert [3 * r + c for r, c in zip(model.per_row[remat], model.const[remat])] == direct, remat
+        assert 3 * model.host_per_row[remat] == host, remat
     assert sum(model.full) < sum(model.none)
+    # offload keeps each layer's input [rows, T, hidden] (bf16) in host memory, not on the device
+    assert model.host_per_row["offload"] == TINY.num_hidden_layers * 16 * TINY.hidden_size * 2
+    assert sum(model.per_row["offload"]) < sum(model.full) and model.host_per_row["full"] == 0
+
+
+def test_blockwise_attention_and_chunked_loss_are_linear_in_seq_len():
+    """The estimate sees what the step saves: blockwise attention and the chunked loss keep nothing of size
+    T x T or T x vocab, so 4x the tokens save 4x the bytes; the reference attention's [T, T] scores make it grow faster."""
+    def saved(attention, chunk, t):
+        m = use_attention(abstract_lora_model(TINY, lora=lora_config(4), dtype="bfloat16"), attention,
+                          block_sizes=BlockSizes(16, 16))
+        replicated, sharded, scores, _ = saved_activation_bytes(m, batch_size=1, seq_len=t, chunk_tokens=chunk)
+        return replicated + sharded, scores
+    (short, no_scores), (long, _) = saved("blockwise", 32, 64), saved("blockwise", 32, 256)
+    assert no_scores == 0 and 3.9 <= long / short <= 4.1, long / short
+    (short, scores), (long, _) = saved("reference", None, 64), saved("reference", None, 256)
+    assert scores > 0 and long / short > 5, long / short  # [T, T] scores: more than linear
+
+
+def test_quadratic_through_three_points():
+    from jlora.plan.seq_len import _quadratic
+    a, b, c = _quadratic([(1, 6), (2, 17), (4, 57)])  # 1 + 2 T + 3 T^2
+    assert np.allclose([a, b, c], [1, 2, 3])
 
 
 def test_array_sizes_count_every_parameter_once():

@@ -45,4 +45,10 @@ def test_meshes_cover_every_factorisation():
 
 def test_suggestion_flags_are_jlora_train_flags():
     s = Suggestion("v5e:4x4", "full", {"data": 1, "fsdp": 4, "tensor": 4}, 4, 2, 1, True, "")
-    assert s.flags() == "--mesh fsdp=4,tensor=4 --batch-size 4 --grad-accum 2 --remat"
+    assert s.flags() == "--mesh fsdp=4,tensor=4 --batch-size 4 --grad-accum 2 --remat full"
+    import argparse
+    from jlora.commands.train_settings import add_train_flags, settings_from_args
+    parser = argparse.ArgumentParser()
+    add_train_flags(parser)
+    config, _ = settings_from_args(parser.parse_args(s.flags().split()), demo=False)
+    assert (config.mesh, config.batch_size, config.grad_accum, config.remat) == ("fsdp=4,tensor=4", 4, 2, "full")

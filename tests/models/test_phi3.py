@@ -213,6 +213,46 @@ def test_merged_export_loads_in_transformers(phi3, hf_model, rel, close32, tmp_p
     close32(ours, merged, merged64, what="merged")
 
 
+def test_lora_gradients_equal_peft(phi3, hf_model, close32, tmp_path):
+    """The training step's gradient (jit, traced positions choosing longrope's long factors, partial rotary,
+    the fused modules through the default custom-VJP LoRA op) equals torch autograd through PEFT."""
+    import jax
+    from jlora.train.loss import token_loss_sum
+    from jlora.train.state import SplitModel
+    path = phi3("longrope")
+    model = jlora.get_peft_model(jlora.load_hf(path), jlora.LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
+                                                                       target_modules=FUSED), rngs=nnx.Rngs(3))
+    ids = _ids(seed=8)
+    rng = np.random.RandomState(9)
+    targets, mask = rng.randint(0, VOCAB, ids.shape), (rng.rand(*ids.shape) > 0.3).astype(np.float32)
+    batch = dict(inputs=ids, targets=targets, loss_mask=mask, segment_ids=np.ones_like(ids),
+                 positions=np.broadcast_to(np.arange(ids.shape[1]), ids.shape))
+    split = SplitModel.of(model)
+    value, grads = jax.jit(jax.value_and_grad(
+        lambda params: token_loss_sum(split.model(params, split.frozen), batch)[0]))(split.params())
+
+    jlora.save_pretrained(model, tmp_path / "a")
+    ref = peft.PeftModel.from_pretrained(hf_model(path), tmp_path / "a", is_trainable=True)
+    want = {}
+    for dtype in (torch.float32, torch.float64):
+        ref = ref.to(dtype)
+        ref.zero_grad()
+        logits = ref(torch.tensor(ids)).logits
+        ce = torch.nn.functional.cross_entropy(logits.reshape(-1, VOCAB), torch.tensor(targets).reshape(-1),
+                                               reduction="none")
+        loss = (ce * torch.tensor(mask, dtype=dtype).reshape(-1)).sum()
+        loss.backward()
+        want[dtype] = loss.item(), {
+            f"{n.removeprefix('base_model.model.').split('.lora_')[0]}.lora.{'a' if '.lora_A.' in n else 'b'}":
+            p.grad.double().numpy().T for n, p in ref.named_parameters() if p.requires_grad}
+    (loss32, g32), (loss64, g64) = want[torch.float32], want[torch.float64]
+    close32(np.float64(value), np.float64(loss32), np.float64(loss64), what="loss")
+    assert set(grads) == set(g64) and len(grads) == 2 * 4 * 2
+    for k in g64:
+        assert np.abs(g64[k]).max() > 0, k
+        close32(np.asarray(grads[k]), g32[k], g64[k], what=k)
+
+
 # -- NF4 / QLoRA: transformers + bitsandbytes quantize the fused weights whole --------------------------
 
 QSIZES = dict(TINY, hidden_size=64, intermediate_size=128)  # every row holds whole 64-blocks

@@ -13,7 +13,12 @@ convert_hf_to_gguf.py does for these families, done here with the same `gguf` pa
   rotate-half RoPE layout to llama.cpp's interleaved pairs (``LlamaModel.permute``): per head, the
   rows [r0..r(d/2-1), r(d/2)..r(d-1)] become [r0, r(d/2), r1, r(d/2+1), ...]:
       W.reshape(heads, 2, d/2, in).swapaxes(1, 2).reshape(W.shape)   (heads: n_kv_heads for k_proj)
-  Qwen2/Qwen3 use llama.cpp's NEOX RoPE and keep the transformers layout.
+  Qwen2/Qwen3, Gemma 2/3 and Phi-3 use llama.cpp's NEOX RoPE and keep the transformers layout.
+- Gemma 2/3: every ``*norm.weight`` is stored as 1 + w (llama.cpp's RMSNorm scales by w, Gemma's by
+  1 + w); the tied head is not written; softcaps and the sliding window are metadata; configs that
+  llama.cpp's fixed Gemma assumptions would run differently are refused (see ``_gemma_metadata``).
+- Phi-3 / Phi-4: fused ``qkv_proj`` -> ``attn_qkv``, ``gate_up_proj`` -> ``ffn_up``; partial rotary as
+  the rope dimension count; longrope as ``rope_factors_long/short`` plus the attention factor.
 - Llama 3 RoPE scaling is the ``rope_freqs.weight`` tensor (a divisor per frequency); linear and YaRN
   scaling are metadata.
 - Types: 1-D tensors (norms, biases) stay float32, as in llama.cpp. Matrices:
@@ -51,12 +56,25 @@ from jlora.convert.hf_checkpoint import read_config, weight_files
 from jlora.convert.kquants import quantize_q4_k, quantize_q6_k
 from jlora.convert.safetensors_io import iter_tensors, read_header
 
-# model_type -> (GGUF architecture, permute q/k rows for llama.cpp's interleaved RoPE)
-ARCHITECTURES = {
-    "llama": ("llama", True),
-    "mistral": ("llama", True),
-    "qwen2": ("qwen2", False),
-    "qwen3": ("qwen3", False),
+
+
+@dataclass(frozen=True)
+class Family:
+    """How one transformers model_type becomes a llama.cpp architecture."""
+
+    arch: str                  # GGUF general.architecture
+    permute: bool = False      # q/k rows to llama.cpp's interleaved RoPE pairs (LlamaModel.permute)
+    norm_shift: float = 0.0    # added to every *norm.weight (Gemma's RMSNorm scales by 1 + w; llama.cpp by w)
+
+
+FAMILIES = {
+    "llama": Family("llama", permute=True),
+    "mistral": Family("llama", permute=True),
+    "qwen2": Family("qwen2"),
+    "qwen3": Family("qwen3"),
+    "gemma2": Family("gemma2", norm_shift=1.0),
+    "gemma3_text": Family("gemma3", norm_shift=1.0),
+    "phi3": Family("phi3"),
 }
 Q = gguf.GGMLQuantizationType
 # --gguf type -> (file type, matrix type, token_embd/output type)
@@ -94,14 +112,14 @@ def check_type(gguf_type: str) -> str:
     raise GGUFExportError(f"unknown GGUF type {gguf_type!r}; supported: {', '.join(GGUF_TYPES)}{hint}")
 
 
-def architecture(hf: dict, where) -> tuple[str, bool]:
+def family(hf: dict, where) -> Family:
     model_type = hf.get("model_type")
-    if model_type not in ARCHITECTURES:
+    if model_type not in FAMILIES:
         raise GGUFExportError(
             f"{where}: model_type {model_type!r} has no GGUF mapping in jlora's exporter (mapped: "
-            f"{', '.join(ARCHITECTURES)}); llama.cpp's convert_hf_to_gguf.py may still convert the merged "
+            f"{', '.join(FAMILIES)}); llama.cpp's convert_hf_to_gguf.py may still convert the merged "
             f"checkpoint if llama.cpp has an architecture for it")
-    return ARCHITECTURES[model_type]
+    return FAMILIES[model_type]
 
 
 def permute_rows(w: np.ndarray, heads: int) -> np.ndarray:
@@ -110,8 +128,10 @@ def permute_rows(w: np.ndarray, heads: int) -> np.ndarray:
 
 
 def _rope(hf: dict) -> tuple[float, dict]:
+    """(rope theta, scaling dict) of the full-attention layers (transformers 4 and 5 spellings)."""
     rope = dict(hf.get("rope_scaling") or {})
-    rope.update(hf.get("rope_parameters") or {})
+    params = hf.get("rope_parameters") or {}
+    rope.update(params.get("full_attention", params))
     theta = hf.get("rope_theta", rope.get("rope_theta", 10000.0))
     return float(theta), rope
 
@@ -142,6 +162,11 @@ def llama3_rope_factors(hf: dict) -> np.ndarray:
     return np.asarray(out, np.float32)
 
 
+def _rotary_dim(hf: dict, rope: dict) -> int:
+    factor = hf.get("partial_rotary_factor", rope.get("partial_rotary_factor", 1.0))
+    return int(_head_dim(hf) * factor)
+
+
 def _add_metadata(w: gguf.GGUFWriter, hf: dict, arch: str, file_type, name: str) -> None:
     w.add_name(name)
     w.add_context_length(hf.get("max_position_embeddings", 2048))
@@ -152,8 +177,8 @@ def _add_metadata(w: gguf.GGUFWriter, hf: dict, arch: str, file_type, name: str)
     w.add_head_count_kv(hf.get("num_key_value_heads") or hf["num_attention_heads"])
     w.add_key_length(_head_dim(hf))
     w.add_value_length(_head_dim(hf))
-    w.add_rope_dimension_count(_head_dim(hf))
     theta, rope = _rope(hf)
+    w.add_rope_dimension_count(_rotary_dim(hf, rope))
     w.add_rope_freq_base(theta)
     kind = rope.get("rope_type", rope.get("type", "default"))
     if kind == "linear":
@@ -163,12 +188,66 @@ def _add_metadata(w: gguf.GGUFWriter, hf: dict, arch: str, file_type, name: str)
         w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
         w.add_rope_scaling_factor(rope["factor"])
         w.add_rope_scaling_orig_ctx_len(rope["original_max_position_embeddings"])
-    elif kind not in ("default", "llama3"):
-        raise GGUFExportError(f"rope_type {kind!r} has no GGUF mapping here (default, linear, llama3, yarn)")
+    elif kind not in ("default", "llama3") and not (arch == "phi3" and kind in ("longrope", "su")):
+        raise GGUFExportError(f"rope_type {kind!r} has no GGUF mapping here (default, linear, llama3, yarn; "
+                              f"longrope for phi3)")
     w.add_layer_norm_rms_eps(hf.get("rms_norm_eps", 1e-6))
     w.add_vocab_size(hf["vocab_size"])
+    if arch in ("gemma2", "gemma3"):
+        _gemma_metadata(w, hf, arch)
+    if arch == "phi3":
+        _phi3_metadata(w, hf, rope, kind)
     w.add_file_type(file_type)
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+
+
+def _gemma_metadata(w: gguf.GGUFWriter, hf: dict, arch: str) -> None:
+    """Gemma 2/3 as convert_hf_to_gguf writes them, refusing what llama.cpp's gemma graphs assume away:
+    they interleave sliding/full layers at a fixed period (2 for Gemma 2, 6 for Gemma 3), scale queries by
+    1/sqrt(head_dim) (1/sqrt(hidden/heads) for the 27B sizes) and run Gemma 3's sliding layers at RoPE
+    base 10000."""
+    n, period = hf["num_hidden_layers"], 2 if arch == "gemma2" else 6
+    want = ["full_attention" if (i + 1) % period == 0 else "sliding_attention" for i in range(n)]
+    if hf.get("layer_types") not in (None, want):
+        raise GGUFExportError(f"{arch}: layer_types {hf['layer_types']} differ from llama.cpp's fixed pattern "
+                              f"(every {period}th layer full attention)")
+    scalar, head_dim = hf.get("query_pre_attn_scalar", 256), _head_dim(hf)
+    big = (arch == "gemma2" and n == 46) or (arch == "gemma3" and n == 62)
+    if scalar != (hf["hidden_size"] // hf["num_attention_heads"] if big else head_dim):
+        raise GGUFExportError(f"{arch}: query_pre_attn_scalar {scalar} is not what llama.cpp assumes for this "
+                              f"size ({'hidden/heads' if big else f'head_dim {head_dim}'})")
+    if arch == "gemma2":
+        w.add_attn_logit_softcapping(hf.get("attn_logit_softcapping") or 0.0)
+    if hf.get("final_logit_softcapping"):
+        w.add_final_logit_softcapping(hf["final_logit_softcapping"])
+    if hf.get("sliding_window"):
+        w.add_sliding_window(hf["sliding_window"])
+    local = (hf.get("rope_parameters") or {}).get("sliding_attention", {}).get(
+        "rope_theta", hf.get("rope_local_base_freq", 10000.0))
+    if arch == "gemma3" and local != 10000.0:
+        raise GGUFExportError(f"gemma3: sliding-layer RoPE base {local} (llama.cpp uses 10000)")
+
+
+def _phi3_metadata(w: gguf.GGUFWriter, hf: dict, rope: dict, kind: str) -> None:
+    """Phi-3: original context, sliding window and (longrope) the attention factor."""
+    orig = hf.get("original_max_position_embeddings", rope.get("original_max_position_embeddings",
+                                                                  hf.get("max_position_embeddings", 4096)))
+    w.add_rope_scaling_orig_ctx_len(orig)
+    w.add_sliding_window(hf.get("sliding_window") or 0)
+    scale = hf.get("max_position_embeddings", orig) / orig
+    if kind in ("longrope", "su"):
+        w.add_rope_scaling_attn_factors(max(math.sqrt(1 + math.log(scale) / math.log(orig)), 1.0))
+
+
+def _extra_tensors(hf: dict, arch: str) -> list[tuple[str, np.ndarray]]:
+    _, rope = _rope(hf)
+    kind = rope.get("rope_type", rope.get("type"))
+    if kind == "llama3":
+        return [("rope_freqs.weight", llama3_rope_factors(hf))]
+    if arch == "phi3" and kind in ("longrope", "su"):
+        return [("rope_factors_long.weight", np.asarray(rope["long_factor"], np.float32)),
+                ("rope_factors_short.weight", np.asarray(rope["short_factor"], np.float32))]
+    return []
 
 
 def use_more_bits(i: int, n: int) -> bool:
@@ -196,6 +275,8 @@ def _plan(files: list[Path], hf: dict, arch: str, gguf_type: str) -> list[_Tenso
             if source.endswith("rotary_emb.inv_freq"):
                 continue
             name = names.get_name(source, try_suffixes=(".weight", ".bias"))
+            if source == "lm_head.weight" and name is None and hf.get("tie_word_embeddings", True):
+                continue  # Gemma: llama.cpp reads the tied head from token_embd
             if name is None:
                 raise GGUFExportError(f"{path}: tensor {source!r} has no GGUF name for architecture {arch!r}")
             shape = tuple(entry["shape"])
@@ -220,12 +301,14 @@ def _nbytes(t: _Tensor) -> tuple[tuple, np.dtype, int]:
     return byte_shape, np.dtype(np.uint8), int(np.prod(byte_shape))
 
 
-def _convert(t: _Tensor, value: np.ndarray, hf: dict, permute: bool) -> np.ndarray:
+def _convert(t: _Tensor, value: np.ndarray, hf: dict, fam: Family) -> np.ndarray:
     value = np.asarray(value, np.float32)
-    if permute and ".self_attn.q_proj." in t.source:
+    if fam.permute and ".self_attn.q_proj." in t.source:
         value = permute_rows(value, hf["num_attention_heads"])
-    elif permute and ".self_attn.k_proj." in t.source:
+    elif fam.permute and ".self_attn.k_proj." in t.source:
         value = permute_rows(value, hf.get("num_key_value_heads") or hf["num_attention_heads"])
+    if fam.norm_shift and t.source.endswith("norm.weight"):
+        value = value + np.float32(fam.norm_shift)
     if t.qtype == Q.Q4_K:
         return quantize_q4_k(value)
     if t.qtype == Q.Q6_K:
@@ -246,20 +329,21 @@ def export_gguf(model_dir, out, gguf_type: str = "f16", *, name: str | None = No
     gguf_type = check_type(gguf_type)
     model_dir, out = Path(model_dir), Path(out)
     hf = read_config(model_dir)
-    arch, permute = architecture(hf, model_dir / "config.json")
+    fam = family(hf, model_dir / "config.json")
+    arch = fam.arch
     files = weight_files(model_dir, allow_pickle=False)
     plan = _plan(files, hf, arch, gguf_type)
-    _, rope = _rope(hf)
-    extra = []
-    if rope.get("rope_type", rope.get("type")) == "llama3":
-        extra.append(("rope_freqs.weight", llama3_rope_factors(hf)))
+    extra = _extra_tensors(hf, arch)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
     os.close(fd)
     try:
         w = gguf.GGUFWriter(tmp, arch)
-        _add_metadata(w, hf, arch, GGUF_TYPES[gguf_type][0], name or model_dir.resolve().name)
+        try:
+            _add_metadata(w, hf, arch, GGUF_TYPES[gguf_type][0], name or model_dir.resolve().name)
+        except GGUFExportError as e:
+            raise GGUFExportError(f"{model_dir / 'config.json'}: {e}") from None
         try:
             add_vocab(w, model_dir, hf["vocab_size"])
         except ValueError as e:
@@ -276,7 +360,7 @@ def export_gguf(model_dir, out, gguf_type: str = "f16", *, name: str | None = No
         for path in files:
             for source, value in iter_tensors(path):
                 if source in by_source:
-                    w.write_tensor_data(_convert(by_source[source], value, hf, permute))
+                    w.write_tensor_data(_convert(by_source[source], value, hf, fam))
         for _, value in extra:
             w.write_tensor_data(value)
         w.close()

@@ -156,6 +156,11 @@ FAMILIES = {
     "qwen3": ("Qwen3Config", dict(num_attention_heads=2, num_key_value_heads=1, head_dim=128)),
     "mistral": ("MistralConfig", dict(sliding_window=None)),
     "llama-tied": ("LlamaConfig", dict(tie_word_embeddings=True)),
+    # transformers' GGUF loader keeps Gemma's default query_pre_attn_scalar (256) and softcaps: head_dim 256
+    "gemma2": ("Gemma2Config", dict(num_attention_heads=2, num_key_value_heads=1, head_dim=256, sliding_window=8)),
+    "gemma3": ("Gemma3TextConfig", dict(num_attention_heads=2, num_key_value_heads=1, head_dim=256,
+                                        sliding_window=8, num_hidden_layers=6)),
+    "phi3": ("Phi3Config", dict(pad_token_id=0, eos_token_id=2, bos_token_id=1)),
 }
 
 
@@ -252,8 +257,8 @@ def test_bad_type_and_family(merged, tmp_path, checkpoint):
         export_gguf(src, tmp_path / "m.gguf", "q5_k_m")
     gemma = tmp_path / "gemma"
     gemma.mkdir()
-    (gemma / "config.json").write_text('{"model_type": "gemma2"}')
-    with pytest.raises(GGUFExportError, match="model_type 'gemma2' has no GGUF mapping"):
+    (gemma / "config.json").write_text('{"model_type": "smollm3"}')
+    with pytest.raises(GGUFExportError, match="model_type 'smollm3' has no GGUF mapping"):
         export_gguf(gemma, tmp_path / "m.gguf", "f16")
     with pytest.raises(GGUFExportError, match="no tokenizer.json or tokenizer.model"):
         export_gguf(checkpoint("llama"), tmp_path / "m.gguf", "f16")

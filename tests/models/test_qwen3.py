@@ -54,6 +54,12 @@ def qwen3(tmp_path_factory):
     return get
 
 
+def forward(model, ids, positions=None, segment_ids=None) -> np.ndarray:
+    """model(ids, positions, segment_ids) as one jitted program (op-by-op dispatch of a first call costs
+    several times the compile of the whole forward)."""
+    return np.asarray(nnx.jit(lambda m, *a: m(*a))(model, ids, positions, segment_ids))
+
+
 def _ids(seed=1, t=24):
     return np.random.RandomState(seed).randint(0, TINY["vocab_size"], (2, t))
 
@@ -66,7 +72,7 @@ def test_logits_equal_transformers(name, qwen3, hf_model, close32, logits32_and_
     windows = [layer.self_attn.sliding_window for layer in model.model.layers]
     assert windows == ([None, 6] if "sliding" in name else [None, None])
     want, want64 = logits32_and_64(hf_model(path), _ids())
-    close32(np.asarray(model(_ids())), want, want64, what=name)
+    close32(forward(model, _ids()), want, want64, what=name)
 
 
 def test_packed_rows_equal_transformers_per_example(qwen3, hf_model, close32, logits32_and_64, packed_row):
@@ -75,7 +81,7 @@ def test_packed_rows_equal_transformers_per_example(qwen3, hf_model, close32, lo
     path = qwen3("qwen3-sliding-tied")
     examples, row, seg, pos = packed_row(pad=3)
     ref = hf_model(path)
-    packed = np.asarray(jlora.load_hf(path)(row, positions=pos, segment_ids=seg))
+    packed = forward(jlora.load_hf(path), row, pos, seg)
     start = 0
     for ex in examples:
         want, want64 = logits32_and_64(ref, ex[None])
@@ -96,11 +102,12 @@ def test_jlora_adapter_loads_in_peft(qwen3, hf_model, rel, close32, logits32_and
     with torch.no_grad(), ref.disable_adapter():
         plain = ref(torch.tensor(_ids())).logits.numpy()
     assert rel(plain, want) > 1e-4, "the adapter must change the logits, or this test proves nothing"
-    close32(np.asarray(model(_ids())), want, want64, what="jlora -> peft")
+    ours = forward(model, _ids())
+    close32(ours, want, want64, what="jlora -> peft")
 
     jlora.save_merged(model, tmp_path / "merged", dtype="float32")
     merged, merged64 = logits32_and_64(hf_model(tmp_path / "merged"), _ids())
-    close32(np.asarray(model(_ids())), merged, merged64, what="merged export in transformers")
+    close32(ours, merged, merged64, what="merged export in transformers")
 
 
 def test_peft_adapter_loads_in_jlora(qwen3, hf_model, close32, logits32_and_64, tmp_path):
@@ -113,18 +120,19 @@ def test_peft_adapter_loads_in_jlora(qwen3, hf_model, close32, logits32_and_64, 
     ref.save_pretrained(tmp_path / "peft")
     want, want64 = logits32_and_64(ref, _ids())
     model = jlora.load_adapter(jlora.load_hf(path), tmp_path / "peft")
-    close32(np.asarray(model(_ids())), want, want64, what="peft -> jlora")
+    close32(forward(model, _ids()), want, want64, what="peft -> jlora")
 
 
-def _quantized_by_bitsandbytes(path):
-    """transformers + bitsandbytes 4-bit (NF4, double quant) quantizing `path` while loading, on bitsandbytes'
-    exact dequantize-then-matmul path (its AVX-512 BF16 repack off, as tests/qlora/conftest.py explains)."""
+def _bitsandbytes(path, quantize: bool = True):
+    """transformers + bitsandbytes 4-bit (NF4, double quant): `path` quantized while loading, or a saved 4-bit
+    checkpoint; on bitsandbytes' exact dequantize-then-matmul path (its AVX-512 BF16 repack off, as
+    tests/qlora/conftest.py explains)."""
     import bitsandbytes as bnb
     import transformers
     q = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                         bnb_4bit_compute_dtype=torch.float32)
-    model = transformers.AutoModelForCausalLM.from_pretrained(path, device_map="cpu", dtype=torch.float32,
-                                                              quantization_config=q).eval()
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        path, device_map="cpu", dtype=torch.float32, **({"quantization_config": q} if quantize else {})).eval()
     layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
     assert layers
     for m in layers:
@@ -134,13 +142,19 @@ def _quantized_by_bitsandbytes(path):
 
 def test_nf4_equals_bitsandbytes(tmp_path, rel):
     """jlora's quantize-on-load, and its reading of the 4-bit checkpoint transformers + bitsandbytes save
-    (q_norm / k_norm stay dense beside the packed projections), both give bitsandbytes' logits."""
+    (q_norm / k_norm stay dense beside the packed projections), both give bitsandbytes' logits; jlora's
+    4-bit export loads in transformers + bitsandbytes with the same logits."""
     base = _build(tmp_path / "base", **NF4_SIZES)
-    bnb_model = _quantized_by_bitsandbytes(base)
+    bnb_model = _bitsandbytes(base)
     bnb_model.save_pretrained(tmp_path / "bnb", safe_serialization=True)
     ids = _ids(t=12)
     with torch.no_grad():
         want = bnb_model(torch.tensor(ids)).logits.numpy()
-    for model in (jlora.load_hf(base, quantize="nf4"), jlora.load_hf(tmp_path / "bnb")):
+    quantized = jlora.load_hf(base, quantize="nf4")
+    for model in (quantized, jlora.load_hf(tmp_path / "bnb")):
         assert isinstance(model.model.layers[0].self_attn.q_proj.kernel, jlora.NF4Weight)
-        assert rel(np.asarray(model(ids)), want) <= 1e-4
+        assert rel(forward(model, ids), want) <= 1e-4
+    jlora.save_quantized(quantized, tmp_path / "ours")
+    with torch.no_grad():
+        exported = _bitsandbytes(tmp_path / "ours", quantize=False)(torch.tensor(ids)).logits.numpy()
+    assert rel(exported, want) <= 1e-6

@@ -29,6 +29,7 @@ def run(args) -> int:
     if note:
         print(note)
     try:
+        config = resolve_auto_remat(config)
         Trainer(config).run()
     except TrainingStopped as e:
         print(f"jlora train: error: {e}", file=sys.stderr)
@@ -37,3 +38,38 @@ def run(args) -> int:
         print(f"jlora train: error: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+def resolve_auto_remat(config, log=print):
+    """`--remat auto` on a TPU or GPU with --model: the first of none, full, offload that jlora plan's estimate
+    fits in the device's memory (jlora.plan.auto_remat). On CPU, without --model, or where the device does not
+    say its memory, the config is left as it is and the trainer decides (jlora.train.long_context)."""
+    if config.remat != "auto" or not config.model:
+        return config
+    import dataclasses
+
+    import jax
+
+    from jlora.train import hosts
+    hosts.initialize()  # before anything touches a JAX backend
+    platform = jax.default_backend()
+    if platform == "cpu":
+        return config
+    limit = (jax.local_devices()[0].memory_stats() or {}).get("bytes_limit")
+    if not limit:
+        return config
+    from jlora.convert.model_dir import open_model_dir
+    from jlora.plan.auto_remat import MARGIN, lightest_fitting_remat
+    from jlora.plan.model import checkpoint_quantization, model_config
+    from jlora.plan.report import gib
+    from jlora.train.sharding import parse_mesh
+
+    model_dir = str(open_model_dir(config.model))
+    policy, estimates = lightest_fitting_remat(config, model_config(model_dir), device_bytes=limit,
+                                               mesh_sizes=parse_mesh(config.mesh), platform=platform,
+                                               quantize=checkpoint_quantization(model_dir))
+    tried = ", ".join(f"{p} {gib(b)}" for p, b in estimates.items())
+    fits = estimates[policy] <= MARGIN * limit
+    log(f"--remat auto: {policy} (estimated per device: {tried}; {gib(limit)} on this {platform})"
+        + ("" if fits else "; no policy is estimated to fit: the compile may run out of memory"))
+    return dataclasses.replace(config, remat=policy)

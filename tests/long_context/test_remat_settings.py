@@ -93,3 +93,18 @@ def test_resume_compares_the_new_settings(tmp_path):
                                 "--loss-chunk-tokens 0 (the run has 2048)" in logs[0], logs
     with pytest.raises(run_dir.RunDirError, match=r"--loraplus-lr-ratio 16 \(the run has None\)"):
         run_dir.check(TrainConfig(out=str(tmp_path), resume=True, loraplus_lr_ratio=16), log=logs.append)
+
+
+def test_auto_remat_on_an_accelerator_takes_the_first_policy_the_estimate_fits():
+    """jlora train --remat auto on TPU/GPU (jlora.plan.auto_remat): with a device too small for every saved
+    activation but big enough for the layer inputs, full; smaller than anything, offload (the last)."""
+    from jlora.plan.auto_remat import lightest_fitting_remat
+    model_config = LlamaConfig.from_hf_dict(TINY)
+    sizes = {"data": 1, "fsdp": 1, "tensor": 1}
+    config = TrainConfig(batch_size=4, seq_len=128, remat="auto", attention="blockwise", dtype="bfloat16")
+    policy, est = lightest_fitting_remat(config, model_config, device_bytes=1, mesh_sizes=sizes)
+    assert policy == "offload" and list(est) == ["none", "full", "offload"]
+    assert est["none"] > est["full"] > est["offload"], est
+    between = (est["none"] + est["full"]) / 2 / 0.9
+    policy, est = lightest_fitting_remat(config, model_config, device_bytes=int(between), mesh_sizes=sizes)
+    assert policy == "full" and list(est) == ["none", "full"], est

@@ -252,7 +252,8 @@ class Planner:
         # Splash runs per device under shard_map only when the mesh is set while tracing (jlora.attention.splash).
         context = jax.set_mesh(mesh) if self.attention == "splash" else contextlib.nullcontext()
         with context:
-            result = compile_step(step, effort=self.request.effort, count_kernels=bool(self.request.kernels))
+            result = compile_step(step, effort=self.request.effort,
+                                  count_kernels=bool(self.request.kernels) or self.attention == "splash")
         dpc = self.devices_per_chip
         if result.compiled:  # the compiler's host bytes replace the estimate's
             base = {**base, "host_bytes_per_chip": result.host_total_bytes * dpc}

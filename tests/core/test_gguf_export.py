@@ -114,7 +114,7 @@ def wide_checkpoint(default_base, tmp_path_factory):
 
 def test_q4_k_m_mix_and_kquant_bytes(wide_checkpoint, tmp_path, rel):
     """q4_k_m: llama-quantize's type per tensor; the Q4_K / Q6_K bytes dequantize (gguf and transformers
-    agree exactly) to within one step of the weights; transformers runs the file."""
+    agree exactly) to within about one code step of the weights; transformers runs the file."""
     from transformers.integrations.gguf.dequant import dequantize as hf_dequantize
     path = export_gguf(wide_checkpoint, tmp_path / "model.gguf", "q4_k_m")
     hf = dict(iter_tensors(wide_checkpoint / "model.safetensors"))
@@ -135,13 +135,14 @@ def test_q4_k_m_mix_and_kquant_bytes(wide_checkpoint, tmp_path, rel):
         w = hf[f"model.layers.{t.name.split('.')[1]}.mlp.down_proj.weight"]
         sub = 32 if t.tensor_type.name == "Q4_K" else 16
         blocks = w.reshape(-1, sub)
-        spread = blocks.max(1) - np.minimum(blocks.min(1), 0) if sub == 32 else 2 * np.abs(blocks).max(1)
-        err = np.abs(deq - w).reshape(-1, sub).max(1)
-        levels = 15 if sub == 32 else 62
-        # half a step, plus (Q4_K) the minimum's code rounded up: at most one step of dmin (<= max |min| / 63)
-        dmin = np.abs(np.minimum(w.reshape(-1, 256), 0).min(1)) / 63 if sub == 32 else np.zeros(w.size // 256)
-        bound = spread / levels * 0.5 * (1 + 2 ** -5) + np.repeat(dmin * (1 + 2 ** -9), 256 // sub) + 1e-7
-        assert (err <= bound).all(), t.name
+        # a code step: Q4_K 16 levels over [min(x, 0), max x]; Q6_K 64 levels over [-max|x|, max|x|]
+        step = ((blocks.max(1) - np.minimum(blocks.min(1), 0)) / 15 if sub == 32
+                else 2 * np.abs(blocks).max(1) / 63)
+        err = (deq - w).reshape(-1, sub)
+        # the least-squares scales may clip an extreme value (measured up to 1.01 steps on random data); the
+        # rms is that of rounding (uniform: 0.29 step; measured 0.26). A layout slip errs by many steps.
+        assert (np.abs(err).max(1) <= 1.25 * step + 1e-7).all(), t.name
+        assert np.mean(np.sqrt((err ** 2).mean(1)) / step) <= 0.3, t.name
     ref = transformers.AutoModelForCausalLM.from_pretrained(wide_checkpoint, dtype=torch.float32).eval()
     with torch.no_grad():
         want = ref(torch.tensor(_ids())).logits.numpy()

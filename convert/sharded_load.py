@@ -79,16 +79,21 @@ def _key(index: tuple) -> tuple:
 
 
 def create(shape: tuple, sharding: NamedSharding, read) -> jax.Array:
-    """`jax.make_array_from_callback`, reading each distinct shard once (replicas along `data` share it)."""
-    cache: dict = {}
+    """The global array whose shard at `index` is `read(index)` (a host array), for this process's devices.
 
-    def cb(index):
-        k = _key(index)
-        if k not in cache:
-            cache[k] = read(index)
-        return cache[k]
-
-    return jax.make_array_from_callback(tuple(shape), sharding, cb)
+    Like `jax.make_array_from_callback`, but each distinct shard is read once (replicas along `data`
+    share it) and handed to its devices before the next is read, so the host holds one shard at a time
+    (make_array_from_callback gathers every device's host copy first)."""
+    groups: dict = {}
+    for device, index in sharding.addressable_devices_indices_map(tuple(shape)).items():
+        groups.setdefault(_key(index), (index, []))[1].append(device)
+    pieces = []
+    for index, devices in groups.values():
+        part = read(index)
+        pieces += [jax.device_put(part, d) for d in devices]
+        jax.block_until_ready(pieces[-len(devices):])
+        del part
+    return jax.make_array_from_single_device_arrays(tuple(shape), sharding, pieces)
 
 
 def put(array: np.ndarray, sharding: NamedSharding) -> jax.Array:

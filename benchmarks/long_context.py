@@ -14,6 +14,23 @@ and XLA's memory analysis of the compiled step (temporaries, arguments). The ref
 it is only compiled, for its memory analysis.
 With `--loss`, the two sides are instead the chunked loss (the default, ~2048 tokens a chunk) and the
 whole `[tokens, vocab]` logits (`loss_chunk_tokens=None`), both on the "auto" attention.
+
+    python benchmarks/long_context.py --goals [--compiled plan1.json plan2.json ...]
+
+The issue-11 goals table for TPUs (no TPU needed): Llama-3.1-8B, NF4 base, LoRA r=16 on all seven
+projections, one sequence per chip (v5p:2x2x1 and v5e:2x2, batch 4, fsdp 4), T in {8k, 32k, 128k, 256k};
+"before" = reference attention and whole-logits loss, "after" = splash attention and the chunked loss.
+Each cell is `jlora plan`'s estimate (jlora.plan.estimate; FLOPs counted from the architecture, with the
+recomputed forward under remat) for the first remat policy of none, full, offload that fits, or the
+lightest-memory one (offload) when none fits. `--compiled` adds rows from `jlora plan --json` outputs
+(compiled by libtpu: bytes, host bytes, FLOPs and roofline from the compiler), labelled "compiled".
+
+    python benchmarks/long_context.py --goals-layers v5p:2x2x1:131072:full v5e:2x2:32768:full ...
+
+compiles the same step with 2 and 4 decoder layers (libtpu, fast effort) and extrapolates to 32: every
+decoder layer adds the same bytes, host bytes and FLOPs under a per-layer remat policy, so
+X(32) = X(2) + 15 (X(4) - X(2)); a whole 32-layer 8B compile takes 2 to 10+ minutes of one core here.
+Labelled "compiled 2+4 layers, extrapolated".
 """
 from __future__ import annotations
 
@@ -89,6 +106,112 @@ def build_step(backend: str, rows: int, seq: int, dtype: str, loss_chunk_tokens=
     return run, mem.temp_size_in_bytes, mem.argument_size_in_bytes
 
 
+GOAL_SEQS = (8192, 32768, 131072, 262144)
+GOAL_TOPOLOGIES = ("v5p:2x2x1", "v5e:2x2")
+
+
+def goals(compiled_files) -> None:
+    """Prints the goals table (see the module docstring)."""
+    import json
+
+    from jlora.plan.planner import Attempt, Planner, PlanRequest
+    from jlora.remat import AUTO_ORDER
+
+    print(f"# {datetime.date.today()}  {cpu_description()}  load avg {os.getloadavg()[0]:.1f}")
+    print("# llama-3.1-8b NF4, LoRA r=16 all-linear, batch 4 = one sequence per chip, fsdp=4; GiB per chip")
+    print(f"{'topology':<10} {'side':<7} {'T':>7} {'remat':<8} {'HBM/chip':>9} {'host/chip':>9} {'fits':<5} "
+          f"{'TFLOP/chip':>10} {'step s':>8} {'tok/s/chip':>10}  source")
+    for topology in GOAL_TOPOLOGIES:
+        for side, attention, chunk in (("before", "reference", None), ("after", "splash", 2048)):
+            for seq in GOAL_SEQS:
+                planner = Planner(PlanRequest(model="llama-3.1-8b", topology=topology, quantize="nf4", r=16,
+                                              batch_size=4, seq_len=seq, attention=attention,
+                                              loss_chunk_tokens=chunk, suggest=False))
+                sizes = planner.mesh_sizes()
+                hbm = planner.topology.chip.hbm_bytes
+                chosen = None
+                for remat in AUTO_ORDER:
+                    est = planner.estimate(sizes, 4, remat)
+                    chosen = Attempt(remat=remat, mesh=sizes, batch_size=4, grad_accum=1, fits=est <= hbm,
+                                     bytes_per_chip=est, source="estimate", exact=False, seq_len=seq,
+                                     host_bytes_per_chip=planner.estimate_host(sizes, 4, remat))
+                    if chosen.fits:
+                        break
+                _row(topology, side, seq, chosen, planner.roofline_of(chosen), planner.topology.chips)
+    for path in compiled_files:
+        r = json.loads(open(path).read())
+        side = "after" if r["attention"] == "splash" and r["loss_chunk_tokens"] else "before"
+        print(f"{r['topology']:<10} {side:<7} {r['seq_len']:>7} {r['remat']:<8} {r['bytes_per_chip'] / 2**30:>9.2f} "
+              f"{r['host_bytes_per_chip'] / 2**30:>9.2f} {'yes' if r['fits'] else 'no':<5} "
+              + (f"{r['flops_per_chip'] / 1e12:>10.1f} {r['step_seconds']:>8.2f} "
+                 f"{r['tokens_per_second'] / r['chips']:>10.0f}" if r['flops_per_chip'] else f"{'':>30}")
+              + f"  compiled ({r['attempts'][-1]['compile_seconds']:.0f} s, {os.path.basename(path)})")
+
+
+LLAMA_31_8B = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,
+               "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
+               "num_key_value_heads": 8, "vocab_size": 128256, "max_position_embeddings": 131072,
+               "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "tie_word_embeddings": False,
+               "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}}
+
+
+def goals_by_layers(points, *, attention="splash", chunk=2048) -> None:
+    """Compiles each TOPOLOGY:T:REMAT point at 2 and 4 layers and prints the 32-layer extrapolation."""
+    import json
+    import tempfile
+
+    from jlora.plan.planner import Planner, PlanRequest
+    from jlora.plan.roofline import roofline
+
+    print(f"# {datetime.date.today()}  {cpu_description()}  load avg {os.getloadavg()[0]:.1f}")
+    print(f"# llama-3.1-8b NF4 (2 and 4 layers compiled, extrapolated to 32), r=16 all-linear, batch 4 = one "
+          f"sequence per chip, fsdp=4, attention {attention}, loss chunk {chunk}; GiB per chip")
+    print(f"{'topology':<10} {'T':>7} {'remat':<8} {'HBM/chip':>9} {'host/chip':>9} {'fits':<5} {'TFLOP/chip':>10} "
+          f"{'step s':>8} {'tok/s/chip':>10}  compile s (2, 4 layers)")
+    tmp = tempfile.mkdtemp(prefix="jlora-goals-")
+    for point in points:
+        gen, grid, seq, remat = point.split(":")
+        topology, seq = f"{gen}:{grid}", int(seq)
+        got = {}
+        for layers in (2, 4):
+            path = os.path.join(tmp, f"l{layers}")
+            os.makedirs(path, exist_ok=True)
+            with open(os.path.join(path, "config.json"), "w") as f:
+                json.dump({**LLAMA_31_8B, "num_hidden_layers": layers}, f)
+            planner = Planner(PlanRequest(model=path, topology=topology, quantize="nf4", r=16, batch_size=4,
+                                          seq_len=seq, remat=remat, attention=attention, loss_chunk_tokens=chunk,
+                                          suggest=False), log=lambda *a: print("#", *a, file=sys.stderr, flush=True))
+            a = planner.attempt(planner.mesh_sizes(), 4, remat)
+            got[layers] = (a, planner)
+        (a2, planner), (a4, _) = got[2], got[4]
+
+        def at32(x2, x4):
+            return x2 + (32 - 2) / 2 * (x4 - x2)
+        hbm = planner.topology.chip.hbm_bytes
+        total, host = at32(a2.bytes_per_chip, a4.bytes_per_chip), at32(a2.host_bytes_per_chip, a4.host_bytes_per_chip)
+        compiled = a2.source == a4.source == "compiled"
+        if compiled:
+            flops = at32(a2.flops_per_chip, a4.flops_per_chip)
+            traffic = at32(a2.bytes_accessed_per_chip, a4.bytes_accessed_per_chip)
+            rf = roofline(flops_per_chip=flops, bytes_per_chip=traffic, chip=planner.topology.chip,
+                          chips=planner.topology.chips, model_flops=0.0)
+            perf = f"{flops / 1e12:>10.1f} {rf.step_seconds:>8.2f} {seq / rf.step_seconds:>10.0f}"
+        else:
+            perf = f"{'':>30}"
+        print(f"{topology:<10} {seq:>7} {remat:<8} {total / 2**30:>9.2f} {host / 2**30:>9.2f} "
+              f"{('yes' if total <= hbm else 'no') if compiled else a4.source:<5} {perf}  "
+              f"{a2.compile_seconds:.0f}, {a4.compile_seconds:.0f}", flush=True)
+
+
+def _row(topology, side, seq, a, rf, chips):
+    tokens = a.batch_size * seq
+    print(f"{topology:<10} {side:<7} {seq:>7} {a.remat:<8} {a.bytes_per_chip / 2**30:>9.2f} "
+          f"{a.host_bytes_per_chip / 2**30:>9.2f} {'yes' if a.fits else 'no':<5} "
+          f"{rf.compute_seconds * rf.peak_flops / 1e12:>10.1f} {rf.step_seconds:>8.2f} "
+          f"{tokens / rf.step_seconds / chips:>10.0f}  estimate", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seqs", default="64,2048,8192", help="comma list of sequence lengths")
@@ -97,7 +220,19 @@ def main() -> None:
     ap.add_argument("--max-reference-seq", type=int, default=2048)
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--loss", action="store_true", help="compare the chunked loss with whole logits instead")
+    ap.add_argument("--goals", action="store_true", help="the issue-11 TPU goals table (estimates, no TPU)")
+    ap.add_argument("--compiled", nargs="*", default=[], help="with --goals: `jlora plan --json` outputs to add")
+    ap.add_argument("--goals-layers", nargs="*", metavar="TOPOLOGY:T:REMAT",
+                    help="compile these goal points at 2 and 4 layers and extrapolate to 32")
     args = ap.parse_args()
+    if args.goals_layers:
+        os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+        os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+        return goals_by_layers(args.goals_layers)
+    if args.goals:
+        os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+        os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+        return goals(args.compiled)
 
     import jax
     print(f"# {datetime.date.today()}  jax {jax.__version__}  {jax.devices()[0].platform}: {cpu_description()}  "

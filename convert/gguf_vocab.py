@@ -1,11 +1,11 @@
 """The tokenizer of a checkpoint directory as GGUF metadata (`tokenizer.ggml.*`), as llama.cpp's
 convert_hf_to_gguf.py writes it.
 
-Three kinds, chosen from the files:
+Three kinds, tried in convert_hf_to_gguf.py's order:
 
+    tokenizer.model (+ sentencepiece pkg)    "llama" (SentencePiece, its scores)  gguf.SentencePieceVocab
     tokenizer.json, BPE with byte_fallback   "llama" (SentencePiece-style BPE)   gguf.LlamaHfVocab
     tokenizer.json, other BPE                "gpt2"  (byte-level BPE + merges)    this module (get_vocab_base)
-    tokenizer.model only                     "llama" (SentencePiece)              gguf.SentencePieceVocab
 
 Every id below the model's ``vocab_size`` gets a token: ids the tokenizer does not use become
 ``[PAD<i>]`` of type UNUSED (llama.cpp requires ``len(tokens) == vocab_size``). Added tokens are
@@ -95,7 +95,20 @@ def add_vocab(writer: gguf.GGUFWriter, model_dir: Path, vocab_size: int) -> str:
     tj_path, sp_path = model_dir / "tokenizer.json", model_dir / "tokenizer.model"
     tj = json.loads(tj_path.read_text(encoding="utf-8")) if tj_path.is_file() else None
     model = (tj or {}).get("model") or {}
-    if tj is not None and model.get("type") == "BPE" and not model.get("byte_fallback"):
+    vocab = None
+    if sp_path.is_file():  # convert_hf_to_gguf's order: SentencePiece first (its scores drive llama.cpp's merges)
+        try:
+            vocab = gguf.SentencePieceVocab(model_dir)
+        except ImportError:
+            if tj is None:
+                raise ValueError(f"{sp_path}: reading a SentencePiece tokenizer needs the sentencepiece package "
+                                 f"(pip install sentencepiece)") from None
+    if vocab is None and tj is not None and model.get("type") == "BPE" and model.get("byte_fallback"):
+        try:
+            vocab = gguf.LlamaHfVocab(model_dir)
+        except (FileNotFoundError, TypeError):
+            vocab = None  # not the SentencePiece-style layout gguf reads: byte-level BPE below, as llama.cpp
+    if vocab is None and tj is not None and model.get("type") == "BPE":
         tokens, types = _byte_level_bpe(model_dir, vocab_size)
         writer.add_tokenizer_model("gpt2")
         writer.add_tokenizer_pre(pre_tokenizer_name(tj))
@@ -103,18 +116,10 @@ def add_vocab(writer: gguf.GGUFWriter, model_dir: Path, vocab_size: int) -> str:
         writer.add_token_types(types)
         gguf.SpecialVocab(model_dir, load_merges=True, n_vocab=vocab_size).add_to_gguf(writer, quiet=True)
         return "gpt2"
-    if tj is not None and model.get("type") == "BPE":
-        vocab = gguf.LlamaHfVocab(model_dir)
-    elif sp_path.is_file():
-        try:
-            vocab = gguf.SentencePieceVocab(model_dir)
-        except ImportError:
-            raise ValueError(f"{sp_path}: reading a SentencePiece tokenizer needs the sentencepiece package "
-                             f"(pip install sentencepiece)") from None
-    elif tj is not None:
+    if vocab is None and tj is not None:
         raise ValueError(f"{tj_path}: a {model.get('type')!r} tokenizer; the GGUF export writes BPE "
                          f"(tokenizer.json) and SentencePiece (tokenizer.model) tokenizers")
-    else:
+    if vocab is None:
         raise ValueError(f"{model_dir}: no tokenizer.json or tokenizer.model; a GGUF file must carry the "
                          f"vocabulary (export from a checkpoint with its tokenizer files)")
     tokens, scores, types = [], [], []

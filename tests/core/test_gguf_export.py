@@ -356,3 +356,35 @@ def test_modelfile_templates_render_like_the_jinja_ones(default_base):
             want = want.removeprefix(tok.bos_token)
         assert _render_go(go, chat) == want, name
     assert "No TEMPLATE" in modelfile_text("m.gguf", "{{ messages }}")
+
+
+def test_sentencepiece_style_bpe_vocab(tmp_path):
+    """A byte-fallback BPE tokenizer.json (Llama 2 / Mistral / Gemma style) goes through gguf's LlamaHfVocab
+    as tokenizer model "llama" with BYTE tokens; the tokenizer transformers rebuilds from it tokenizes alike."""
+    import json
+
+    from tokenizers import Tokenizer, decoders, models, normalizers, trainers
+
+    from jlora.default import dataset_paths
+    texts = [json.loads(line)["prompt"] + json.loads(line)["completion"]
+             for line in open(dataset_paths()[0], encoding="utf-8")]
+    tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    tok.train_from_iterator(texts, trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256)]))
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                                unk_token="<unk>")
+    config = transformers.LlamaConfig(vocab_size=400, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    transformers.LlamaForCausalLM(config).save_pretrained(tmp_path / "hf")
+    fast.save_pretrained(tmp_path / "hf")
+    path = export_gguf(tmp_path / "hf", tmp_path / "m.gguf", "f16")
+    fields = gguf.GGUFReader(path).fields
+    assert fields["tokenizer.ggml.model"].contents() == "llama"
+    types = fields["tokenizer.ggml.token_type"].contents()
+    assert types[3:259] == [gguf.TokenType.BYTE] * 256 and types[1] == gguf.TokenType.CONTROL
+    again = transformers.AutoTokenizer.from_pretrained(tmp_path, gguf_file="m.gguf")
+    text = "Q: what is 12 + 7?\nA: 19 é"
+    assert again(text, add_special_tokens=False)["input_ids"] == fast(text, add_special_tokens=False)["input_ids"]

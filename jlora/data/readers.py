@@ -5,15 +5,16 @@
 Which reader, by path: a directory is a saved dataset (``datasets.load_from_disk``; a DatasetDict
 gives its "train" split), ``.parquet`` / ``.csv`` / ``.tsv`` go through ``datasets.load_dataset(...,
 streaming=True)`` and ``.jsonl`` / ``.json`` through jlora's own JSONL reader (exact line numbers in
-errors). Rows come lazily and in file order: parquet and CSV are streamed, a saved dataset is
-memory-mapped Arrow, so a file larger than memory is never loaded whole; the same rows in any of the
+errors). Rows come lazily and in file order: JSONL is read line by line, parquet and CSV are streamed,
+a saved dataset is memory-mapped Arrow, so a file larger than memory is never loaded whole; the same rows in any of the
 four formats give the same records in the same order, hence the same batches and the same resume
 position (``BatchIterator.state()``).
 
 Column mapping: ``Columns`` names the dataset's columns that hold jlora's fields (text, prompt,
 completion, messages); each row becomes a record with jlora's field names (other columns kept and
 ignored; for the columnar formats a null cell is treated as absent, so one file may mix formats). A column the
-mapping names that the dataset lacks is an error naming it and listing the dataset's columns.
+mapping names that the dataset lacks is an error naming it and listing the dataset's columns (for
+JSONL: the first line's fields).
 
 Records carry ``path`` and ``line``: the file line for JSONL, the line for CSV (row + 1: the header),
 the 1-based row number for parquet and saved datasets.
@@ -26,7 +27,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from jlora.data.errors import DataError
-from jlora.data.jsonl import Record, read_jsonl
+from jlora.data.jsonl import Record, iter_jsonl
 
 STREAMED = {".parquet": "parquet", ".csv": "csv", ".tsv": "csv"}
 JSONL = (".jsonl", ".json")
@@ -131,9 +132,9 @@ def iter_records(path: str | os.PathLike, columns: Columns = Columns()) -> Itera
     where = os.fspath(path)
     renames = columns.renames()
     if kind == "jsonl":
-        records = read_jsonl(path)
-        _check_columns(where, sorted({k for r in records for k in r.data}), columns)
-        for r in records:
+        for i, r in enumerate(iter_jsonl(path)):
+            if i == 0:  # a JSON line's keys are its columns: judged on the first record
+                _check_columns(r.where, sorted(r.data), columns)
             yield Record(_rename(r.data, renames), r.path, r.line)
         return
     ds, names = _open_saved(Path(path)) if kind == "saved" else _open_streamed(Path(path), kind)

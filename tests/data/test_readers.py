@@ -87,11 +87,17 @@ def test_missing_column_is_named_with_the_columns(tmp_path):
 
 
 def test_rows_are_read_lazily(tmp_path):
-    """A streamed parquet file yields its first record before the rest are read (an iterator, not a list)."""
+    """Records come one at a time: a JSONL file whose line 3 is broken yields lines 1-2 before the error, and
+    a streamed parquet file yields its first record from an iterator."""
     paths = _write_all(ROWS, tmp_path)
     it = iter_records(paths["parquet"])
     assert next(it).data["completion"] == " 3"
-    assert not isinstance(it, list)
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"text": "a"}\n{"text": "b"}\n{"text": \n', encoding="utf-8")
+    it = iter_records(broken)
+    assert [next(it).data, next(it).data] == [{"text": "a"}, {"text": "b"}]
+    with pytest.raises(DataError, match=r"broken\.jsonl:3: malformed JSON"):
+        next(it)
 
 
 def test_unknown_format(tmp_path):

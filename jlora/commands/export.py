@@ -36,7 +36,7 @@ def register(sub):
     p.add_argument("--allow-pickle", action="store_true", help="read adapter_model.bin (pickle)")
     p.add_argument("--gguf", default=None, metavar="TYPE",
                    help="write the merged model as one llama.cpp GGUF file at --out (e.g. model.gguf) instead of "
-                        "an adapter: f16, bf16, q8_0, q4_0 or f32 (needs the base; pip install 'jlora[gguf]')")
+                        "an adapter: f16, bf16, q8_0, q4_0, q4_k_m or f32 (needs the base; pip install 'jlora[gguf]')")
     p.add_argument("--ollama", action="store_true", help="with --gguf: also write an Ollama Modelfile beside it")
     p.set_defaults(func=run)
     return p

@@ -74,7 +74,7 @@ def run_gguf(args) -> int:
                 model = jlora.load_adapter(jlora.load_hf(base_dir, dtype=dtype), adapter.path)
                 merged = jlora.save_merged(model, Path(tmp) / "merged", dtype=dtype)
             print(f"writing {kind} GGUF ...", flush=True)
-            export_gguf(merged, out, kind)
+            export_gguf(merged, out, kind, name=out.stem)
             template = read_chat_template(merged)
         lines = [f"GGUF ({kind}): {out}"]
         if args.ollama:

@@ -32,6 +32,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from jlora.attention.blockwise import BlockSizes as JloraBlockSizes
@@ -80,14 +81,64 @@ def padded_length(seq_len: int, blocks) -> int:
     return -(-seq_len // step) * step
 
 
+def _block_state(q0: int, q1: int, k0: int, k1: int, window: int | None):
+    """True when every query in [q0, q1) sees every key in [k0, k1) (k <= q, q - k < window), False when
+    none does, None when the block is partial."""
+    if k0 > q1 - 1 or (window is not None and q0 - (k1 - 1) >= window):
+        return False
+    if k1 - 1 <= q0 and (window is None or (q1 - 1) - k0 < window):
+        return True
+    return None
+
+
+_ALL, _NONE = np.ones((1, 1), np.bool_), np.zeros((1, 1), np.bool_)
+
+
+def _classified(base):
+    """`base` (splash's CausalMask or LocalMask) whose __getitem__ answers a wholly visible or wholly hidden
+    block with a [1, 1] constant instead of evaluating it: splash's mask processing (mask_info) only asks
+    such a block `.any()` and `.all()`, and evaluating every [block_q, block_kv] block of the [T, T] mask in
+    numpy took 212 s at T 131072 with 512 blocks (under load). Partial blocks (the diagonal band) are
+    evaluated as before; tests/long_context/test_splash.py checks the MaskInfo equals splash's own."""
+
+    class Classified(base):
+        window: int | None = None
+
+        def __getitem__(self, idx):
+            q_slice, kv_slice = idx
+            q0, q1, _ = q_slice.indices(self.shape[0])
+            k0, k1, _ = kv_slice.indices(self.shape[1])
+            state = _block_state(q0, q1, k0, k1, self.window)
+            if state is None or q_slice.step not in (None, 1) or kv_slice.step not in (None, 1):
+                return super().__getitem__(idx)
+            return _ALL if state else _NONE
+
+    Classified.__name__ = Classified.__qualname__ = f"Classified{base.__name__}"
+    return Classified
+
+
+@functools.cache
+def _mask_classes():
+    sa = _splash()
+    return _classified(sa.CausalMask), _classified(sa.LocalMask)
+
+
+def _mask(t: int, window: int | None):
+    """The [t, t] causal (window None) or local mask: keys q - window < k <= q."""
+    causal, local = _mask_classes()
+    if window is None:
+        return causal((t, t))
+    mask = local((t, t), (window - 1, 0), 0)
+    mask.window = window
+    return mask
+
+
 def _kernel(heads: int, t: int, window: int | None, cap: float | None, blocks, interpret: bool):
     """Made per trace (its MaskInfo arrays become constants of that trace; caching the kernel across traces
     would leak them); splash caches the numpy mask processing itself (mask_info._process_mask)."""
     sa = _splash()
-    shape = (t, t)
-    one = sa.CausalMask(shape) if window is None else sa.LocalMask(shape, (window - 1, 0), 0)
-    return sa.make_splash_mha(sa.MultiHeadMask([one] * heads), block_sizes=blocks, head_shards=1, q_seq_shards=1,
-                              attn_logits_soft_cap=cap, interpret=interpret)
+    return sa.make_splash_mha(sa.MultiHeadMask([_mask(t, window)] * heads), block_sizes=blocks, head_shards=1,
+                              q_seq_shards=1, attn_logits_soft_cap=cap, interpret=interpret)
 
 
 def splash_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, segment_ids: jnp.ndarray, *,

@@ -95,3 +95,23 @@ def test_lora_grads_equal_reference_path(checkpoint):
         ref = np.asarray(ref, np.float64)
         assert np.abs(ref).max() > 0, k
         assert np.abs(np.asarray(grads["splash"][k], np.float64) - ref).max() <= bound * np.abs(ref).max(), k
+
+
+@pytest.mark.parametrize("window", [None, 129, 255, 300])  # 129, 255: block-edge boundaries
+def test_block_classified_masks_give_splash_own_mask_info(window):
+    """jlora's masks answer wholly visible/hidden blocks without evaluating them (a speedup of splash's
+    numpy mask processing): the forward, dq and dkv MaskInfo must equal those splash builds from its own
+    CausalMask / LocalMask((window - 1, 0)), at 8 x 8 blocks with a window that crosses blocks."""
+    from jax.experimental.pallas.ops.tpu import splash_attention as sa
+    from jlora.attention import splash
+
+    t, heads = 1024, 4
+    blocks = splash.splash_block_sizes(t, BlockSizes(128, 128))
+    one = sa.CausalMask((t, t)) if window is None else sa.LocalMask((t, t), (window - 1, 0), 0)
+    theirs = sa.make_splash_mha(sa.MultiHeadMask([one] * heads), block_sizes=blocks, head_shards=1, q_seq_shards=1)
+    ours = splash._kernel(heads, t, window, None, blocks, False)
+    for phase in ("fwd_mask_info", "dq_mask_info", "dkv_mask_info"):
+        for field, a, b in zip(getattr(theirs, phase)._fields, getattr(theirs, phase), getattr(ours, phase)):
+            assert (a is None) == (b is None), (phase, field)
+            if a is not None:
+                np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=f"{phase}.{field}")

@@ -61,7 +61,7 @@ def layer_activation_bytes(config: LlamaConfig, *, batch: int, seq: int, r: int,
     n = batch * seq
     dense = (4 * c.hidden_size + 2 * c.q_features + 2 * c.kv_features + 4 * c.intermediate_size) * d
     attention = c.num_attention_heads * seq * (d + 4)
-    adapters = len(target_suffixes(targets)) * r * 4
+    adapters = len(target_suffixes(targets, c)) * r * 4
     return n * (dense + attention + adapters)
 
 

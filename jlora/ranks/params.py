@@ -13,6 +13,7 @@ from pathlib import Path
 
 from jlora.llama_config import LlamaConfig
 from jlora.lora_config import TARGET_PRESETS
+from jlora.models.fused import fused_targets
 from jlora.presets import PRESETS, preset_config
 
 # The target presets `jlora ranks` tabulates, smallest first.
@@ -33,16 +34,19 @@ def resolve_model(spec: str) -> tuple[LlamaConfig, str]:
                      f"presets: {sorted(PRESETS)}")
 
 
-def target_suffixes(targets: str | list[str]) -> tuple[str, ...]:
-    """Projection names of a preset (`qv`, `attention`, `all-linear`, `mlp`) or a list of names."""
+def target_suffixes(targets: str | list[str], config: LlamaConfig | None = None) -> tuple[str, ...]:
+    """Projection names of a preset (`qv`, `attention`, `all-linear`, `mlp`) or a list of names; with a
+    `config` whose projections are fused (Phi-3), Llama's names become the fused modules they make up."""
     if isinstance(targets, str):
-        if targets in TARGET_PRESETS:
-            return TARGET_PRESETS[targets]
-        targets = [t.strip() for t in targets.split(",") if t.strip()]
-    known = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+        targets = list(TARGET_PRESETS[targets]) if targets in TARGET_PRESETS else \
+            [t.strip() for t in targets.split(",") if t.strip()]
+    known = tuple(config.linear_shapes()) if config is not None else \
+        ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    if config is not None and config.fused_projections:
+        targets = fused_targets(targets)
     unknown = [t for t in targets if t not in known]
     if unknown:
-        raise ValueError(f"targets {unknown} are not projections of a Llama-family model; expected a preset "
+        raise ValueError(f"targets {unknown} are not projections of this model; expected a preset "
                          f"{sorted(TARGET_PRESETS)} or names from {list(known)}")
     return tuple(targets)
 
@@ -50,7 +54,7 @@ def target_suffixes(targets: str | list[str]) -> tuple[str, ...]:
 def lora_parameter_count(config: LlamaConfig, r: int, targets: str | list[str] = "all-linear") -> int:
     """r * (in + out) summed over the targeted projections of every layer."""
     shapes = config.linear_shapes()
-    return r * config.num_hidden_layers * sum(sum(shapes[t]) for t in target_suffixes(targets))
+    return r * config.num_hidden_layers * sum(sum(shapes[t]) for t in target_suffixes(targets, config))
 
 
 def base_parameter_count(config: LlamaConfig) -> int:

@@ -15,6 +15,8 @@ def rank_rows(config: LlamaConfig, *, targets=TABLE_TARGETS, ranks=TABLE_RANKS, 
     """One dict per (targets, r): trainable, percent, adapter_state_bytes, activation_bytes(_remat), vllm."""
     rows = []
     for t in targets:
+        if targets is TABLE_TARGETS and not _applies(t, config):
+            continue  # "qv" on Phi-3: q and v are parts of one fused qkv_proj
         for r in ranks:
             n = lora_parameter_count(config, r, t)
             kw = dict(batch=batch, seq=seq, r=r, targets=t, dtype=dtype)
@@ -24,6 +26,14 @@ def rank_rows(config: LlamaConfig, *, targets=TABLE_TARGETS, ranks=TABLE_RANKS, 
                          "activation_bytes_remat": activation_bytes(config, remat=True, **kw),
                          "max_lora_rank": max_lora_rank(r)})
     return rows
+
+
+def _applies(targets: str, config: LlamaConfig) -> bool:
+    try:
+        target_suffixes(targets, config)
+    except ValueError:
+        return False
+    return True
 
 
 def format_report(config: LlamaConfig, name: str, rows: list[dict], *, batch: int, seq: int, dtype: str,
@@ -45,7 +55,7 @@ def format_report(config: LlamaConfig, name: str, rows: list[dict], *, batch: in
     for t in dict.fromkeys(row["targets"] for row in rows):
         part = [row for row in rows if row["targets"] == t]
         per_rank = lora_parameter_count(c, 1, t)
-        lines += ["", f"targets {t} ({', '.join(target_suffixes(t))}): {per_rank:,} trainable parameters per unit of r"]
+        lines += ["", f"targets {t} ({', '.join(target_suffixes(t, c))}): {per_rank:,} trainable parameters per unit of r"]
         cells = [header] + [(str(row["r"]), f"{row['trainable']:,}", f"{row['percent']:.4f}%",
                              format_bytes(row["adapter_state_bytes"]), format_bytes(row["activation_bytes"]),
                              format_bytes(row["activation_bytes_remat"]), str(row["max_lora_rank"]))

@@ -178,6 +178,16 @@ def test_peft_all_linear_adapter_loads(phi3, hf_model, close32, tmp_path, logits
     close32(np.asarray(model(_ids())), want, want64, what="all-linear")
 
 
+def test_trainable_parameters_equal_peft(phi3, hf_model):
+    """jlora's counts (the model's and `jlora ranks`' closed form) equal PEFT's on the fused modules."""
+    from jlora.ranks.params import lora_parameter_count
+    path = phi3()
+    ref = peft.get_peft_model(hf_model(path), peft.LoraConfig(r=8, target_modules=FUSED, task_type="CAUSAL_LM"))
+    model = jlora.get_peft_model(jlora.load_hf(path), jlora.LoraConfig(r=8), rngs=nnx.Rngs(0))
+    assert jlora.trainable_parameters(model) == tuple(ref.get_nb_trainable_parameters())
+    assert lora_parameter_count(model.config, 8, "all-linear") == ref.get_nb_trainable_parameters()[0]
+
+
 def test_null_target_modules_is_an_error(phi3, tmp_path):
     """PEFT has no default targets for phi3 (it raises); jlora must not guess Llama's q_proj/v_proj."""
     model = jlora.get_peft_model(jlora.load_hf(phi3()), jlora.LoraConfig(r=2), rngs=nnx.Rngs(0))

@@ -23,6 +23,12 @@ def _closed_form(hf: dict, r: int, targets: list[str]) -> int:
     d = hf.get("head_dim") or h // heads
     io = {"q_proj": (h, heads * d), "k_proj": (h, kv * d), "v_proj": (h, kv * d), "o_proj": (heads * d, h),
           "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+    if hf["model_type"] == "phi3":  # one A per fused module: qkv_proj and gate_up_proj read x once
+        io = {"qkv_proj": (h, (heads + 2 * kv) * d), "o_proj": (heads * d, h), "gate_up_proj": (h, 2 * i),
+              "down_proj": (i, h)}
+        targets = list(dict.fromkeys({"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj",
+                                      "gate_proj": "gate_up_proj", "up_proj": "gate_up_proj"}.get(t, t)
+                                     for t in targets))
     return r * hf["num_hidden_layers"] * sum(sum(io[t]) for t in targets)
 
 
@@ -30,6 +36,10 @@ def _closed_form(hf: dict, r: int, targets: list[str]) -> int:
 def test_presets_match_closed_form(preset):
     config, _ = resolve_model(preset)
     for name, targets in TARGETS.items():
+        if config.fused_projections and name == "qv":  # q and v are parts of Phi-3's one qkv_proj
+            with pytest.raises(ValueError, match="qkv_proj"):
+                lora_parameter_count(config, 1, name)
+            continue
         for r in (1, 16, 256):
             assert lora_parameter_count(config, r, name) == _closed_form(jlora.PRESETS[preset], r, targets)
 

@@ -107,3 +107,81 @@ class BatchIterator:
             self._order = rng.permutation(n) if self.shuffle else np.arange(n)
             self._order_epoch = self._epoch
         return self._order
+
+
+class Prefetch:
+    """``(prepare(batch), state)`` for each batch of a BatchIterator, prepared ``depth`` batches ahead.
+
+    A background thread takes the next batch, runs ``prepare`` on it (the trainer reshapes it and puts
+    it on the devices) and queues the result with ``batches.state()`` as it stood right after that
+    batch: the state to save once the batch's step is done (the iterator itself runs ahead, so its
+    own ``state()`` is not). ``depth=0`` prepares each batch on the caller's thread when asked. Either
+    way the items come in the iterator's order; an error in the thread is raised by ``next``, and
+    the end of the batches is StopIteration. ``close()`` stops the thread (call it when done early).
+
+    Example:
+      >>> batches = Prefetch(it, lambda b: put_batch(b, mesh, 1), depth=2)
+      >>> device_batch, state = next(batches)     # state: what `it.state()` was after this batch
+    """
+
+    def __init__(self, batches: BatchIterator, prepare, *, depth: int = 2):
+        if depth < 0:
+            raise ValueError(f"{depth=} must be >= 0 (0: prepare each batch when it is asked for)")
+        self.batches, self.prepare, self.depth = batches, prepare, depth
+        self._thread = None
+        if depth:
+            import queue
+            import threading
+            self._queue = queue.Queue(maxsize=depth)
+            self._stop = threading.Event()
+            self._thread = threading.Thread(target=self._fill, name="jlora-prefetch", daemon=True)
+            self._thread.start()
+
+    def _produce(self):
+        batch = next(self.batches)
+        return self.prepare(batch), self.batches.state()
+
+    def _fill(self):
+        import queue
+        while not self._stop.is_set():
+            try:
+                item = ("item", self._produce())
+            except StopIteration:
+                item = ("end", None)
+            except BaseException as e:  # noqa: BLE001 - handed to the consumer's thread
+                item = ("error", e)
+            while not self._stop.is_set():
+                try:
+                    self._queue.put(item, timeout=0.1)
+                    break
+                except queue.Full:
+                    continue
+            if item[0] != "item":
+                return
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if not self.depth:
+            return self._produce()
+        kind, value = self._queue.get()
+        if kind == "end":
+            self._queue.put((kind, value))  # every later call ends too
+            raise StopIteration
+        if kind == "error":
+            self._queue.put((kind, value))
+            raise value
+        return value
+
+    def close(self) -> None:
+        if self._thread is None:
+            return
+        self._stop.set()
+        while self._thread.is_alive():
+            try:
+                self._queue.get_nowait()  # unblocks a put
+            except Exception:  # noqa: BLE001 - queue.Empty
+                pass
+            self._thread.join(timeout=0.05)
+        self._thread = None

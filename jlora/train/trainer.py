@@ -16,6 +16,7 @@ from flax import nnx
 
 from jlora.atomic_files import write_json
 from jlora.data import BatchIterator, DataError, read_jsonl, split_holdout, tokenize_records
+from jlora.data.iterator import Prefetch
 from jlora.llama import use_kernels
 from jlora.lora_config import TARGET_PRESETS, LoraConfig
 from jlora.peft_model import get_peft_model, trainable_parameters
@@ -38,9 +39,17 @@ def _targets(spec: str):
     return spec if spec in TARGET_PRESETS else [t.strip() for t in spec.split(",") if t.strip()]
 
 
+# Batches prepared and placed on the devices ahead of the step that takes them.
+PREFETCH_DEPTH = 2
+
+
 class Trainer:
-    def __init__(self, config: TrainConfig, *, log=print):
+    """sync_loop=True reads every step's metrics before the next batch is prepared (no prefetch, no
+    lag): the loop as it was before it overlapped, kept to check that overlapping changes no number."""
+
+    def __init__(self, config: TrainConfig, *, log=print, sync_loop: bool = False):
         self.config = config
+        self.sync_loop = sync_loop
         self.out = Path(config.out)
         hosts.initialize()  # before anything below touches a JAX backend
         self.log = log if hosts.is_main() else (lambda *a, **k: None)
@@ -160,9 +169,9 @@ class Trainer:
         if hosts.is_main():
             write_json(self.out / "run_config.json", c.to_dict())
 
-        def save(step):
+        def save(step, data_state):
             ckpt.save(step, {"params": params, "opt_state": opt_state},
-                      {"step": step, "data": it.state(), "seed": c.seed, "config": c.to_dict()})
+                      {"step": step, "data": data_state, "seed": c.seed, "config": c.to_dict()})
             if c.overwrite and hosts.is_main():
                 run_dir.drop_previous(self.out)  # the new run has a checkpoint: the replaced run goes
 
@@ -180,17 +189,21 @@ class Trainer:
                 total_loss, count = total_loss + float(s), count + float(n)
             return total_loss / max(count, 1.0)
 
-        def next_batch():
-            batch = next(it)
+        def prepare(batch):
             batch = {k: v.reshape(c.grad_accum, -1, v.shape[-1]) for k, v in batch.items()}
             tokens = int((batch["segment_ids"] > 0).sum()) * jax.process_count()
             return put_batch(batch, mesh, 1), tokens
 
+        # The next batches are prepared and put on the devices by a thread while steps run (Prefetch);
+        # each comes with the data state to checkpoint once its step is done.
+        last_data_state = it.state()
+        batches = Prefetch(it, prepare, depth=0 if self.sync_loop else PREFETCH_DEPTH)
         losses, eval_loss = [], None
         last_saved = start if start else None
         guard = Guard()
+        done_at = 0.0  # when the previous step's metrics arrived
         if start < steps:  # compilation is its own phase: the bar's rate and ETA count steps only
-            batch, tokens = next_batch()
+            (batch, tokens), data_state = next(batches)
             evals = bool(c.eval_every and eval_examples)
             self.log(f"compiling the training step{' and the eval step' if evals else ''} ...")
             t0 = time.perf_counter()
@@ -205,51 +218,77 @@ class Trainer:
         bar = tqdm(total=steps, initial=start, disable=not c.progress or not hosts.is_main(),
                    desc="train", unit="step", dynamic_ncols=True,
                    mininterval=0.5 if sys.stderr.isatty() else 5.0)
+
+        def boundary(n):
+            """Steps whose updated params are used (eval, checkpoint, the end): their metrics are read
+            and checked before the next step is dispatched, so a non-finite update is never saved."""
+            return (n == steps or bool(c.save_every and n % c.save_every == 0)
+                    or bool(c.eval_every and n % c.eval_every == 0))
+
+        def finish(step, m, tokens, data_state, dispatched):
+            """The host's side of step `step` (from 0), once its metrics are read: the guard, the metrics
+            line, the bar; at a boundary also eval and the checkpoint (params are then this step's)."""
+            nonlocal eval_loss, last_saved, last_data_state, done_at
+            m = jax.device_get(m)  # waits for this step only; the next one may already be queued behind it
+            now = time.perf_counter()
+            dt = now - max(dispatched, done_at)  # this step's share of the wall time
+            done_at = now
+            loss, params_finite, where = float(m["loss"]), bool(m["params_finite"]), ""
+            if not (math.isfinite(loss) and params_finite):
+                removed = None
+                if not math.isfinite(loss) and last_saved == step and step != start:
+                    # That checkpoint's next step (this one) is not finite: no place to resume from.
+                    ckpt.delete(step)
+                    removed, last_saved = step, ckpt.latest_step()
+                where = (f"the last good checkpoint (its next step's loss was finite) is step {last_saved} "
+                         f"in {ckpt.directory}" if last_saved is not None else "no good checkpoint was saved")
+                if removed is not None:
+                    where += f"; the step-{removed} checkpoint, whose next step was not finite, was removed"
+            guard.check(step + 1, loss, float(m["grad_norm"]), params_finite, last_good=where)
+            losses.append(loss)
+            last_data_state = data_state
+            record = {"step": step + 1, "loss": loss, "lr": float(m["lr"]),
+                      "grad_norm": float(m["grad_norm"]), "tokens_per_sec": tokens / dt,
+                      "target_tokens": int(m["target_tokens"])}
+            if c.eval_every and ((step + 1) % c.eval_every == 0 or step + 1 == steps):
+                ev = evaluate()
+                if ev is not None:
+                    eval_loss = ev
+                    record.update(eval_loss=ev, eval_ppl=math.exp(min(ev, 50)))
+            if (step + 1) % c.log_every == 0 or "eval_loss" in record or step + 1 == steps:
+                if metrics_log is not None:
+                    metrics_log.write(record)
+            postfix = {"loss": f"{loss:.4f}", "tok/s": f"{tokens / dt:,.0f}"}
+            if eval_loss is not None:
+                postfix["eval"] = f"{eval_loss:.4f}"
+            bar.set_postfix(postfix, refresh=False)
+            bar.update(1)
+            if c.save_every and (step + 1) % c.save_every == 0:
+                save(step + 1, data_state)
+                last_saved = step + 1
+
+        # Step k's metrics are read after step k + 1 is dispatched (one step late), so the host never
+        # waits on a step the devices have not been given work beyond; boundary steps are read at once.
+        pending = None
         try:
             for step in range(start, steps):
                 if step > start:
-                    batch, tokens = next_batch()
-                t0 = time.perf_counter()
+                    (batch, tokens), data_state = next(batches)
+                dispatched = time.perf_counter()
                 params, opt_state, m = train_step(params, opt_state, frozen, batch, key,
                                                   jnp.asarray(step, jnp.int32))
-                loss = float(m["loss"])
-                dt = time.perf_counter() - t0
-                params_finite, where = bool(m["params_finite"]), ""
-                if not (math.isfinite(loss) and params_finite):
-                    removed = None
-                    if not math.isfinite(loss) and last_saved == step and step != start:
-                        # That checkpoint's next step (this one) is not finite: no place to resume from.
-                        ckpt.delete(step)
-                        removed, last_saved = step, ckpt.latest_step()
-                    where = (f"the last good checkpoint (its next step's loss was finite) is step {last_saved} "
-                             f"in {ckpt.directory}" if last_saved is not None else "no good checkpoint was saved")
-                    if removed is not None:
-                        where += f"; the step-{removed} checkpoint, whose next step was not finite, was removed"
-                guard.check(step + 1, loss, float(m["grad_norm"]), params_finite, last_good=where)
-                losses.append(loss)
-                record = {"step": step + 1, "loss": loss, "lr": float(m["lr"]),
-                          "grad_norm": float(m["grad_norm"]), "tokens_per_sec": tokens / dt,
-                          "target_tokens": int(m["target_tokens"])}
-                if c.eval_every and ((step + 1) % c.eval_every == 0 or step + 1 == steps):
-                    ev = evaluate()
-                    if ev is not None:
-                        eval_loss = ev
-                        record.update(eval_loss=ev, eval_ppl=math.exp(min(ev, 50)))
-                if (step + 1) % c.log_every == 0 or "eval_loss" in record or step + 1 == steps:
-                    if metrics_log is not None:
-                        metrics_log.write(record)
-                postfix = {"loss": f"{loss:.4f}", "tok/s": f"{tokens / dt:,.0f}"}
-                if eval_loss is not None:
-                    postfix["eval"] = f"{eval_loss:.4f}"
-                bar.set_postfix(postfix, refresh=False)
-                bar.update(1)
-                if c.save_every and (step + 1) % c.save_every == 0:
-                    save(step + 1)
-                    last_saved = step + 1
+                del batch  # its buffers go once the step is done with them
+                if pending is not None:
+                    finish(*pending)
+                pending = (step, m, tokens, data_state, dispatched)
+                if self.sync_loop or boundary(step + 1):
+                    finish(*pending)
+                    pending = None
         finally:
+            batches.close()
             bar.close()
         if last_saved != steps:
-            save(steps)
+            save(steps, last_data_state)
         ckpt.close()
 
         nnx.update(model, unflatten(split.lora_template, hosts.to_host(params)))

@@ -3,6 +3,7 @@
     model = jlora.load_hf("path/to/llama", dtype="bfloat16")      # quantize="nf4" for QLoRA
     model = jlora.get_peft_model(model, jlora.LoraConfig(r=16, lora_alpha=16), rngs=nnx.Rngs(0))
     jlora.save_pretrained(model, "out/adapter")
+    print(jlora.generate(model, tokenizer, ["What is LoRA?"], max_new_tokens=64)[0])
 
 The public names load on first use (PEP 562 `__getattr__`), so `import jlora.kernels` or
 `import jlora.nf4` loads only what that package needs, not the model, converters and trainer;
@@ -44,7 +45,9 @@ _EXPORTS = {
     "CheckpointError": "jlora.convert.safetensors_io",
 }
 
-__all__ = sorted(_EXPORTS) + ["nf4"]
+# jlora.generate is a package whose module object is callable: jlora.generate(model, tokenizer, prompts, ...)
+# (jlora/generate/__init__.py says why it is not an _EXPORTS entry).
+__all__ = sorted(_EXPORTS) + ["generate", "nf4"]
 
 
 def __getattr__(name: str):

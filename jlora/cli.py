@@ -20,6 +20,8 @@ COMMANDS = [
     "jlora.commands.sweep",
     "jlora.commands.inspect",
     "jlora.commands.export",
+    "jlora.commands.generate",
+    "jlora.commands.chat",
 ]
 
 # Exceptions that mean "bad input", not "a bug": CheckpointError, ConfigError, DataError, PlanError and

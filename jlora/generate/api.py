@@ -116,6 +116,12 @@ class _TextStream:
                 self.callback(row, text[len(self.sent[row]):])
             self.sent[row] = text
 
+    def finish(self, texts: list[str]) -> None:
+        """Sends what was held back (a text that really ends in an incomplete sequence)."""
+        for row, text in enumerate(texts):
+            if len(text) > len(self.sent[row]) and text.startswith(self.sent[row]):
+                self.callback(row, text[len(self.sent[row]):])
+
 
 def generate(model, tokenizer, prompts, *, max_new_tokens: int = 128, temperature: float = 0.0,
              top_k: int | None = None, top_p: float = 1.0, repetition_penalty: float = 1.0, seed: int = 0,
@@ -143,5 +149,8 @@ def generate(model, tokenizer, prompts, *, max_new_tokens: int = 128, temperatur
     on_step = None if stream is None else _TextStream(tokenizer, len(ids), stream, eos)
     outputs = generate_tokens(model, ids, max_new_tokens=max_new_tokens, sampling=sampling, eos_token_ids=eos,
                               pad_token_id=pad, max_len=max_len, truncate=truncate, on_step=on_step)
-    return [Completion(tokenizer.decode([t for t in o.token_ids if t not in eos], skip_special_tokens=True),
+    done = [Completion(tokenizer.decode([t for t in o.token_ids if t not in eos], skip_special_tokens=True),
                        o.token_ids, o.finish_reason, o.prompt_ids) for o in outputs]
+    if on_step is not None:
+        on_step.finish(done)
+    return done

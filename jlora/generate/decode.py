@@ -8,9 +8,11 @@ loop, stopping each row at its first end-of-sequence token.
     a row stops after emitting an eos id; later slots of that row hold pad and are not returned
 
 Static shapes: the prefill compiles once per (batch, P, max_len) and the decode loop once per (batch,
-max_len) and sampling settings, with P a power of two >= 16 and max_len (the cache length) P + N - 1
-rounded up to a multiple of 64, so prompt lengths and token budgets reuse a few compilations. The
-sampling settings (jlora.generate.sampler) are static; logits are processed in float32.
+max_len) and sampling settings, with the batch a power of two (filler rows start done and are dropped),
+P a power of two >= 16 and max_len (the cache length) P + N - 1 rounded up to a multiple of 64, so batch
+sizes, prompt lengths and token budgets reuse a few compilations. The
+sampling settings (jlora.generate.sampler) are static, the seed and the step bound are traced (a new seed
+or streaming token by token reuse the compiled loop); logits are processed in float32.
 """
 from __future__ import annotations
 
@@ -53,6 +55,11 @@ def bucket(n: int) -> int:
     return max(MIN_BUCKET, 1 << max(0, (n - 1).bit_length()))
 
 
+def batch_bucket(n: int) -> int:
+    """Rows compiled for a batch of n prompts: the smallest power of two >= n."""
+    return 1 << max(0, (n - 1).bit_length())
+
+
 def cache_length(prompt_bucket: int, max_new_tokens: int) -> int:
     """prompt slots + (N - 1) decode slots, rounded up to CACHE_MULTIPLE (the last token is never fed)."""
     need = prompt_bucket + max(0, max_new_tokens - 1)
@@ -65,7 +72,7 @@ def _mark(seen, tokens, where):
     return seen.at[rows, tokens].max(where)
 
 
-def _prefill(graphdef, state, ids, start, *, max_len: int, sampling: SamplingConfig, eos: tuple, pad: int) -> Carry:
+def _prefill(graphdef, state, ids, start, filler, seed, *, max_len: int, sampling: SamplingConfig, eos: tuple, pad: int) -> Carry:
     model = nnx.merge(graphdef, state)
     b, t = ids.shape
     cache = KVCache.create(model.config, b, max_len, start, dtype=model.dtype)
@@ -74,19 +81,17 @@ def _prefill(graphdef, state, ids, start, *, max_len: int, sampling: SamplingCon
     cache = cache.advanced(t)
     logits = model.logits_from_hidden(h[:, -1:])[:, 0]
     seen = _mark(jnp.zeros((b, logits.shape[-1]), bool), ids, segments.astype(bool))
-    token = next_tokens(logits, seen, jnp.int32(0), sampling)
-    done = jnp.isin(token, jnp.asarray(eos, jnp.int32)) if eos else jnp.zeros((b,), bool)
+    token = next_tokens(logits, seen, jnp.int32(0), sampling, seed=seed)
+    done = filler | jnp.isin(token, jnp.asarray(eos, jnp.int32)) if eos else filler
     seen = _mark(seen, token[:, None], jnp.ones((b, 1), bool))
     out = jnp.full((b, max_len), pad, jnp.int32).at[:, 0].set(token)
     return Carry(cache, token, seen, done, jnp.int32(1), out)
 
 
-def _decode(graphdef, state, carry: Carry, limit, *, sampling: SamplingConfig, eos: tuple, pad: int,
-            chunk: int | None) -> Carry:
-    """Decode steps until `limit` tokens are chosen, every row is done, or `chunk` steps ran (None: no cap)."""
+def _decode(graphdef, state, carry: Carry, stop, seed, *, sampling: SamplingConfig, eos: tuple, pad: int) -> Carry:
+    """Decode steps until `stop` tokens are chosen or every row is done (stop, seed: traced int32)."""
     model = nnx.merge(graphdef, state)
     b = carry.last.shape[0]
-    stop = limit if chunk is None else jnp.minimum(limit, carry.step + chunk)
     eos_ids = jnp.asarray(eos, jnp.int32)
 
     def cond(c: Carry):
@@ -96,7 +101,7 @@ def _decode(graphdef, state, carry: Carry, limit, *, sampling: SamplingConfig, e
         h, cache = model.hidden_states(c.last[:, None], c.cache.positions(1), jnp.ones((b, 1), jnp.int32),
                                        cache=c.cache)
         logits = model.logits_from_hidden(h)[:, 0]
-        token = next_tokens(logits, c.seen, c.step, sampling)
+        token = next_tokens(logits, c.seen, c.step, sampling, seed=seed)
         token = jnp.where(c.done, pad, token)
         seen = _mark(c.seen, token[:, None], ~c.done[:, None])
         done = c.done | jnp.isin(token, eos_ids) if eos else c.done
@@ -119,7 +124,7 @@ def jitted(graphdef) -> tuple[Callable, Callable]:
             _JITTED.append(_JITTED.pop(i))
             return prefill, decode
     prefill = jax.jit(functools.partial(_prefill, graphdef), static_argnames=("max_len", "sampling", "eos", "pad"))
-    decode = jax.jit(functools.partial(_decode, graphdef), static_argnames=("sampling", "eos", "pad", "chunk"),
+    decode = jax.jit(functools.partial(_decode, graphdef), static_argnames=("sampling", "eos", "pad"),
                      donate_argnames=("carry",))
     _JITTED.append((graphdef, prefill, decode))
     del _JITTED[:-_KEEP]
@@ -177,22 +182,28 @@ def generate_tokens(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: 
         raise ValueError(f"sampling must be a SamplingConfig, found {type(sampling).__name__}")
     prompts = _check_prompts(prompts, model.config.vocab_size)
     prompts, p, max_len = fit_prompts(prompts, max_new_tokens, max_len, truncate)
-    ids = np.full((len(prompts), p), pad_token_id, np.int32)
-    for row, prompt in enumerate(prompts):
+    rows = batch_bucket(len(prompts))  # filler rows repeat prompt 0, start done, and are dropped
+    padded = prompts + [prompts[0]] * (rows - len(prompts))
+    ids = np.full((rows, p), pad_token_id, np.int32)
+    for row, prompt in enumerate(padded):
         ids[row, p - len(prompt):] = prompt
-    start = np.asarray([p - len(prompt) for prompt in prompts], np.int32)
+    start = np.asarray([p - len(prompt) for prompt in padded], np.int32)
+    filler = np.arange(rows) >= len(prompts)
     limit = min(max_new_tokens, max_len - p + 1)
     eos = tuple(sorted({int(e) for e in eos_token_ids}))
     graphdef, state = nnx.split(model)
     prefill, decode = jitted(graphdef)
-    statics = dict(sampling=sampling, eos=eos, pad=int(pad_token_id))
-    carry = prefill(state, jnp.asarray(ids), jnp.asarray(start), max_len=max_len, **statics)
+    seed = jnp.int32(sampling.seed)
+    statics = dict(sampling=dataclasses.replace(sampling, seed=0), eos=eos, pad=int(pad_token_id))
+    carry = prefill(state, jnp.asarray(ids), jnp.asarray(start), jnp.asarray(filler), seed, max_len=max_len,
+                    **statics)
     if on_step is not None:
-        on_step(np.asarray(carry.last), np.asarray(carry.done))
+        on_step(np.asarray(carry.last)[:len(prompts)], np.asarray(carry.done)[:len(prompts)])
     while int(carry.step) < limit and not bool(jnp.all(carry.done)):
-        carry = decode(state, carry, jnp.int32(limit), chunk=None if on_step is None else 1, **statics)
+        stop = limit if on_step is None else int(carry.step) + 1  # streaming: one token per call
+        carry = decode(state, carry, jnp.int32(stop), seed, **statics)
         if on_step is not None:
-            on_step(np.asarray(carry.last), np.asarray(carry.done))
+            on_step(np.asarray(carry.last)[:len(prompts)], np.asarray(carry.done)[:len(prompts)])
     return _outputs(np.asarray(carry.out), int(carry.step), eos, prompts, max_new_tokens)
 
 

@@ -61,34 +61,34 @@ def filter_logits(logits: jax.Array, config: SamplingConfig) -> jax.Array:
         k = min(config.top_k, logits.shape[-1])
         kth = jax.lax.top_k(logits, k)[0][..., -1:]
         logits = jnp.where(logits < kth, -jnp.inf, logits)
-    if config.top_p < 1.0:
-        order = jnp.argsort(-logits, axis=-1)
-        sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
+    if config.top_p < 1.0:  # the kept set is every token at or above the last kept logit (sorted values only)
+        sorted_logits = -jnp.sort(-logits, axis=-1)
         probs = jax.nn.softmax(sorted_logits, axis=-1)
         before = jnp.cumsum(probs, axis=-1) - probs
-        keep_sorted = before < jnp.float32(config.top_p)
-        keep_sorted = keep_sorted.at[..., 0].set(True)  # at least one token
-        keep = jnp.zeros_like(keep_sorted).at[jnp.arange(logits.shape[0])[:, None], order].set(keep_sorted)
-        logits = jnp.where(keep, logits, -jnp.inf)
+        n_keep = jnp.maximum(jnp.sum(before < jnp.float32(config.top_p), axis=-1, keepdims=True), 1)
+        cutoff = jnp.take_along_axis(sorted_logits, n_keep - 1, axis=-1)
+        logits = jnp.where(logits < cutoff, -jnp.inf, logits)
     return logits
 
 
-def row_keys(seed: int, rows: jax.Array, step: jax.Array) -> jax.Array:
-    """One key per row: fold_in(fold_in(key(seed), row), step)."""
+def row_keys(seed, rows: jax.Array, step: jax.Array) -> jax.Array:
+    """One key per row: fold_in(fold_in(key(seed), row), step) (seed: an int or a traced int32)."""
     base = jax.random.key(seed)
     return jax.vmap(lambda r: jax.random.fold_in(jax.random.fold_in(base, r), step))(rows)
 
 
-def next_tokens(logits: jax.Array, seen: jax.Array, step, config: SamplingConfig, rows: jax.Array | None = None):
+def next_tokens(logits: jax.Array, seen: jax.Array, step, config: SamplingConfig, rows: jax.Array | None = None,
+                seed=None):
     """The next token of each row (int32 [b]) from logits [b, vocab] (any float dtype; processed in float32).
 
     seen: bool [b, vocab], the tokens already in each row (for the repetition penalty); step: the
-    decode step (a traced int is fine); rows: each row's id for its random stream (default 0..b-1).
+    decode step (a traced int is fine); rows: each row's id for its random stream (default 0..b-1);
+    seed: overrides config.seed (a traced int32, so that a new seed needs no new compilation).
     """
     logits = penalize(logits.astype(jnp.float32), seen, config.repetition_penalty)
     if config.greedy:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
     logits = filter_logits(logits, config)
     rows = jnp.arange(logits.shape[0], dtype=jnp.int32) if rows is None else rows
-    keys = row_keys(config.seed, rows, step)
+    keys = row_keys(config.seed if seed is None else seed, rows, step)
     return jax.vmap(jax.random.categorical)(keys, logits).astype(jnp.int32)

@@ -169,6 +169,34 @@ def test_chunked_loss_applies_the_final_soft_cap(gemma, hf_model, close32, logit
     assert abs(ce(_logits(ref, ids)) - ce(want)) > 1e-2 * ce(want)  # guard: the cap matters for the loss
 
 
+def test_bfloat16_rounds_as_transformers(gemma, hf_model, rel):
+    """bf16: the norm scales by (1 + w) in float32 and casts once at the end (Llama casts before scaling), the
+    embedding scale is rounded float64 -> float32 -> bf16 as transformers' buffer is; logits stay close."""
+    import jax.numpy as jnp
+    from transformers.models.gemma2.modeling_gemma2 import Gemma2RMSNorm
+    from jlora.models.layers import RMSNorm
+    rng = np.random.RandomState(0)
+    x = torch.tensor(rng.standard_normal((8, 64)) * 3, dtype=torch.bfloat16)
+    w = torch.tensor(rng.standard_normal(64), dtype=torch.bfloat16)
+    ref = Gemma2RMSNorm(64, eps=1e-6).to(torch.bfloat16)
+    with torch.no_grad():
+        ref.weight.copy_(w)
+        want = ref(x).float().numpy()
+    norm = RMSNorm(64, eps=1e-6, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, offset=1.0)
+    norm.weight[...] = jnp.asarray(w.float().numpy(), jnp.bfloat16)
+    got = np.asarray(norm(jnp.asarray(x.float().numpy(), jnp.bfloat16)), np.float32)
+    assert np.abs(got - want).max() <= 2.0 ** -7 * np.abs(want).max()  # at most one bf16 rounding apart
+    assert np.mean(got == want) > 0.97
+    for name in PRESET_NAMES:
+        h = jlora.preset_config(name).hidden_size
+        ours = float(jnp.asarray(jlora.preset_config(name).embedding_scale, jnp.bfloat16))
+        assert ours == torch.tensor(h ** 0.5).to(torch.bfloat16).item(), name
+    path = gemma("gemma3")
+    with torch.no_grad():
+        want = hf_model(path)(torch.tensor(_ids())).logits.numpy()
+    assert rel(np.asarray(_forward(jlora.load_hf(path, dtype="bfloat16"), _ids()), np.float32), want) <= 5e-2
+
+
 # -- adapters and exports --------------------------------------------------------------------------------
 
 PEFT_CASES = [
@@ -313,3 +341,84 @@ def test_qlora_export_runs_in_transformers_bitsandbytes_peft(gemma, rel, tmp_pat
     ref = peft.PeftModel.from_pretrained(_load_bnb(tmp_path / "q", quantize=False), tmp_path / "adapter").eval()
     got, want = _forward(qlora, ids), _logits(ref, ids)
     assert rel(got, want) <= 1e-4 and rel(got, base) > 1e-3
+
+
+# -- configs and presets ---------------------------------------------------------------------------------
+
+MINIMAL = dict(vocab_size=300, hidden_size=48, intermediate_size=96, num_hidden_layers=7, num_attention_heads=4)
+
+
+@pytest.mark.parametrize("cls_name,arch", [("Gemma2Config", "Gemma2ForCausalLM"),
+                                           ("Gemma3TextConfig", "Gemma3ForCausalLM")])
+def test_absent_keys_take_transformers_defaults(cls_name, arch):
+    """A config.json holding only the sizes reads as transformers' full config of the same sizes does."""
+    import transformers
+    full = getattr(transformers, cls_name)(**MINIMAL).to_dict()
+    minimal = {"architectures": [arch], "model_type": full["model_type"], **MINIMAL}
+    assert ModelConfig.from_hf_dict(minimal) == ModelConfig.from_hf_dict(full)
+
+
+def test_gemma3_rope_and_layer_pattern_read_like_transformers():
+    """4.x hub form (rope_local_base_freq, rope_scaling, sliding_window_pattern) == transformers' 5.x form."""
+    import transformers
+    legacy = dict(MINIMAL, rope_theta=2e5, rope_local_base_freq=3e3, rope_scaling={"rope_type": "linear", "factor": 2.0},
+                  sliding_window_pattern=3, sliding_window=7)
+    full = transformers.Gemma3TextConfig(**legacy).to_dict()
+    assert full["layer_types"][2] == "full_attention" and full["rope_parameters"]["sliding_attention"]["rope_theta"] == 3e3
+    ours = ModelConfig.from_hf_dict({"architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text", **legacy})
+    assert ours == ModelConfig.from_hf_dict(full)
+    assert [s.sliding_window for s in ours.layer_specs] == [7, 7, None, 7, 7, None, 7]
+    assert [s.rope for s in ours.layer_specs] == ["local", "local", "global", "local", "local", "global", "local"]
+    assert (ours.rope_theta, ours.rope_scaling_dict, ours.rope_local_theta, ours.rope_local_scaling) == \
+        (2e5, {"rope_type": "linear", "factor": 2.0}, 3e3, None)
+
+
+@pytest.mark.parametrize("arch,change,match", [
+    ("Gemma3ForCausalLM", dict(rope_parameters={"full_attention": {"rope_type": "yarn", "factor": 4.0}}),
+     r"rope_parameters.full_attention.rope_type='yarn'"),
+    ("Gemma3ForCausalLM", dict(rope_scaling={"rope_type": "dynamic", "factor": 2.0}), r"rope_type='dynamic'"),
+    # transformers 5.24 keeps rope_type "default" here and drops the scaling: refused rather than guessed
+    ("Gemma3ForCausalLM", dict(rope_scaling={"type": "linear", "factor": 8.0}), r"rope_scaling.type='linear'"),
+    ("Gemma3ForCausalLM", dict(use_bidirectional_attention=True), r"use_bidirectional_attention=True"),
+    ("Gemma2ForCausalLM", dict(hidden_activation="gelu"), r"hidden_activation='gelu'"),
+    ("Gemma2ForCausalLM", dict(final_logit_softcapping=0.0), r"final_logit_softcapping .*found 0.0"),
+    ("Gemma2ForCausalLM", dict(layer_types=["sliding_attention"] * 6 + ["chunked_attention"]),
+     r"layer_types\[6\]='chunked_attention'"),
+    ("Gemma3ForConditionalGeneration", dict(model_type="gemma3"), r"Gemma3ForConditionalGeneration.*gemma3_text"),
+])
+def test_unsupported_config_values_name_field_and_value(arch, change, match):
+    model_type = {"Gemma2ForCausalLM": "gemma2"}.get(arch, "gemma3_text")
+    with pytest.raises(ConfigError, match=match):
+        ModelConfig.from_hf_dict({"architectures": [arch], "model_type": model_type, **MINIMAL, **change},
+                                 where="cfg.json")
+
+
+PRESET_NAMES = ["gemma-2-2b", "gemma-2-9b", "gemma-2-27b", "gemma-3-1b", "gemma-3-4b", "gemma-3-12b", "gemma-3-27b"]
+
+
+def _jlora_count(name):
+    import jax
+    model = jlora.abstract_model(jlora.preset_config(name), dtype="bfloat16")
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+
+def _transformers_count(name):
+    import transformers
+    d = {k: v for k, v in jlora.PRESETS[name].items() if k != "architectures"}
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(**d))
+    return sum(p.numel() for p in model.parameters())  # the tied head counted once
+
+
+# Published sizes (safetensors totals; Gemma 3 4B/12B/27B: the language model of the multimodal release).
+PUBLISHED = {"gemma-2-2b": 2_614_341_888, "gemma-2-9b": 9_241_705_984, "gemma-2-27b": 27_227_128_320,
+             "gemma-3-1b": 999_885_952}
+
+
+@pytest.mark.parametrize("name", [
+    "gemma-2-27b", "gemma-3-1b",  # head_dim 128 with query_pre_attn_scalar 144; one kv head
+    *[pytest.param(n, marks=pytest.mark.slow) for n in PRESET_NAMES if n not in ("gemma-2-27b", "gemma-3-1b")]])
+def test_preset_parameter_count_equals_transformers(name):
+    count = _jlora_count(name)
+    assert count == _transformers_count(name)
+    assert count == PUBLISHED.get(name, count)

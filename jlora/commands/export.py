@@ -59,6 +59,7 @@ def run_gguf(args) -> int:
         if out.is_dir():
             raise ValueError(f"--out {out} is a directory; with --gguf it names the file to write, e.g. {out}/model.gguf")
         source = Path(args.source)
+        out.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix=".jlora-gguf-", dir=out.resolve().parent) as tmp:
             if (source / "config.json").is_file() and not (source / "adapter_config.json").is_file():
                 merged = source  # already a full checkpoint (e.g. export --merge's merged/)

@@ -273,8 +273,7 @@ def test_cli_adapter_to_gguf_and_modelfile(default_base, tmp_path, rel, capsys):
                                  jlora.LoraConfig(r=4, lora_alpha=8, init_lora_weights=False), rngs=nnx.Rngs(2))
     jlora.save_pretrained(model, tmp_path / "adapter", base_model_name_or_path=str(default_base))
     want = np.asarray(model(_ids()))
-    out = tmp_path / "gguf" / "m.gguf"
-    out.parent.mkdir()
+    out = tmp_path / "gguf" / "m.gguf"  # its directory is created
     assert main(["export", str(tmp_path / "adapter"), "--out", str(out), "--gguf", "q8_0", "--ollama"]) == 0
     assert rel(_hf_logits(out), want) <= 0.1
     modelfile = (out.parent / "Modelfile").read_text()

@@ -34,7 +34,7 @@ from jlora.lora_config import ALL_LINEAR
 from jlora.lora_layer import lora_scaling
 from jlora.ranks.adapter import CONFIG_FILE, PREFIX, WEIGHTS_FILE, Adapter
 from jlora.ranks.truncate import pad_rank, truncate
-from jlora.vllm_rules import vllm_violations
+from jlora.vllm_rules import base_model_type, vllm_violations
 
 VLLM_DEFAULT_MAX_LORA_RANK = 16
 REPORT_FILE = "export_report.json"
@@ -166,7 +166,8 @@ def export_violations(export: Export, max_lora_rank: int | None) -> list[str]:
     """vLLM's rules (jlora.vllm_rules) against a server started with `max_lora_rank` (vLLM's default 16)."""
     server = max_lora_rank or VLLM_DEFAULT_MAX_LORA_RANK
     ranks = {m.module: m.rank for m in export.modules}
-    return vllm_violations(export.config, list(export.tensors), server, ranks)
+    return vllm_violations(export.config, list(export.tensors), server, ranks,
+                           model_type=base_model_type(export.config))  # Phi-3 keeps qkv_proj, Llama splits it
 
 
 def write_export(export: Export, out_dir) -> None:

@@ -26,9 +26,11 @@ convert_hf_to_gguf.py does for these families, done here with the same `gguf` pa
       f32, f16, bf16   every matrix in that type
       q8_0             every matrix Q8_0 (blocks of 32: one f16 scale, 32 int8), like convert_hf_to_gguf
       q4_0             Q4_0 matrices (blocks of 32: one f16 scale, 32 4-bit), token_embd/output in Q8_0
-      q4_k_m           llama-quantize's Q4_K_M mix: Q4_K, with output and the attn_v / ffn_down of the
-                       layers llama.cpp's use_more_bits picks (first and last eighth, every third
-                       between) in Q6_K; rows not a multiple of 256 fall back to Q5_0 / Q8_0 as there
+      q4_k_m           llama-quantize's Q4_K_M mix: Q4_K, with the head (output, or a tied token_embd)
+                       and the attn_v / ffn_down of the layers llama.cpp's use_more_bits picks (first
+                       and last eighth, every third between) in Q6_K; rows not a multiple of 256 fall
+                       back to Q5_0 / Q8_0 as there. (llama.cpp's 70B and MoE attn_v upgrades are not
+                       made.)
 
   Any other matrix whose rows are not a multiple of the block size falls back to f16 (as llama.cpp
   does). Q8_0, Q4_0 and Q5_0 are gguf.quants' (the Python port of ggml's reference quantizers); Q4_K
@@ -255,11 +257,14 @@ def use_more_bits(i: int, n: int) -> bool:
     return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
 
 
-def _matrix_type(gguf_type: str, name: str, n_layers: int) -> gguf.GGMLQuantizationType:
+def _matrix_type(gguf_type: str, name: str, n_layers: int, has_output: bool) -> gguf.GGMLQuantizationType:
+    """The type of matrix ``name``; for q4_k_m llama-quant.cpp's rules: the head (``output``, or
+    ``token_embd`` when the head is tied and there is no ``output``) Q6_K, attn_v / ffn_down Q6_K in the
+    use_more_bits layers, the rest Q4_K."""
     _, matrix_type, edge_type = GGUF_TYPES[gguf_type]
     if gguf_type == "q4_k_m":
         parts = name.split(".")
-        if name.startswith("output."):
+        if name.startswith("output.") or (name.startswith("token_embd.") and not has_output):
             return Q.Q6_K
         if parts[0] == "blk" and parts[2] in ("attn_v", "ffn_down") and use_more_bits(int(parts[1]), n_layers):
             return Q.Q6_K
@@ -269,9 +274,12 @@ def _matrix_type(gguf_type: str, name: str, n_layers: int) -> gguf.GGMLQuantizat
 
 def _plan(files: list[Path], hf: dict, arch: str, gguf_type: str) -> list[_Tensor]:
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], hf["num_hidden_layers"])
+    headers = [(path, read_header(path)) for path in files]
+    has_output = any(names.get_name(source, try_suffixes=(".weight",)) == "output.weight"
+                     for _, header in headers for source in header)
     plan = []
-    for path in files:
-        for source, entry in read_header(path).items():
+    for path, header in headers:
+        for source, entry in header.items():
             if source.endswith("rotary_emb.inv_freq"):
                 continue
             name = names.get_name(source, try_suffixes=(".weight", ".bias"))
@@ -283,7 +291,7 @@ def _plan(files: list[Path], hf: dict, arch: str, gguf_type: str) -> list[_Tenso
             if len(shape) == 1:
                 qtype = Q.F32
             else:
-                qtype = _matrix_type(gguf_type, name, hf["num_hidden_layers"])
+                qtype = _matrix_type(gguf_type, name, hf["num_hidden_layers"], has_output)
                 if shape[-1] % gguf.GGML_QUANT_SIZES[qtype][0]:
                     qtype = K_FALLBACK.get(qtype, Q.F16)
                 if shape[-1] % gguf.GGML_QUANT_SIZES[qtype][0]:

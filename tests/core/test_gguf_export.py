@@ -124,6 +124,8 @@ def test_q4_k_m_mix_and_kquant_bytes(wide_checkpoint, tmp_path, rel):
     assert types["blk.1.attn_v.weight"] == types["blk.1.ffn_down.weight"] == "Q6_K"
     assert types["output.weight"] == "Q6_K" and types["token_embd.weight"] == "Q4_K"
     assert types["blk.1.attn_q.weight"] == "Q4_K" and types["blk.1.attn_norm.weight"] == "F32"
+    tied = dict(_plan_types(wide_checkpoint, tmp_path))
+    assert "output.weight" not in tied and tied["token_embd.weight"] == "Q6_K", "a tied head: token_embd is the head"
     assert gguf.GGUFReader(path).fields["general.file_type"].contents() == gguf.LlamaFileType.MOSTLY_Q4_K_M
     for t in gguf.GGUFReader(path).tensors:
         if t.name not in ("blk.0.ffn_down.weight", "blk.1.ffn_down.weight"):
@@ -187,6 +189,21 @@ def test_other_families_load_in_transformers(family, default_base, tmp_path, rel
     with torch.no_grad():
         want = ref(torch.tensor(_ids())).logits.numpy()
     assert rel(_hf_logits(path), want) <= 1e-5, family
+
+
+def _plan_types(src, tmp_path):
+    """(name, type) of the q4_k_m export of ``src`` with its head tied (lm_head dropped, tie_word_embeddings)."""
+    import json
+    import shutil
+    tied = tmp_path / "tied"
+    shutil.copytree(src, tied)
+    hf = json.loads((tied / "config.json").read_text())
+    (tied / "config.json").write_text(json.dumps({**hf, "tie_word_embeddings": True}))
+    tensors = {k: v for k, v in iter_tensors(tied / "model.safetensors") if k != "lm_head.weight"}
+    from safetensors.numpy import save_file
+    save_file(tensors, str(tied / "model.safetensors"))
+    path = export_gguf(tied, tmp_path / "tied.gguf", "q4_k_m")
+    return [(t.name, t.tensor_type.name) for t in gguf.GGUFReader(path).tensors]
 
 
 def test_metadata_read_back(merged, tmp_path):

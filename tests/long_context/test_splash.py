@@ -115,3 +115,33 @@ def test_block_classified_masks_give_splash_own_mask_info(window):
             assert (a is None) == (b is None), (phase, field)
             if a is not None:
                 np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=f"{phase}.{field}")
+
+
+@pytest.mark.slow  # ~30 s: three interpret-mode layers
+def test_gemma2_packed_logits_equal_transformers(tmp_path, hf_model, close32, logits32_and_64, packed_row):
+    """Gemma 2 with backend "splash": attention soft cap 2 (bends these scores), sliding window 6 on layers 0
+    and 2 and full attention on layer 1 (per-layer windows), packed rows: each example equals transformers
+    on it alone."""
+    import torch
+    import transformers
+
+    config = transformers.Gemma2Config(vocab_size=128, hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                                       num_key_value_heads=2, head_dim=16, num_hidden_layers=3, sliding_window=6,
+                                       query_pre_attn_scalar=24, attn_logit_softcapping=2.0,
+                                       final_logit_softcapping=3.0, max_position_embeddings=256)
+    torch.manual_seed(0)
+    ref = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            p.copy_(torch.randn_like(p) * (0.5 if name.endswith("norm.weight") else 0.25))
+    ref.save_pretrained(tmp_path, safe_serialization=True)
+    examples, row, seg, pos = packed_row(pad=4)
+    model = use_attention(jlora.load_hf(tmp_path), "splash")
+    from flax import nnx
+    graph, state = nnx.split(model)
+    packed = np.asarray(jax.jit(lambda s, *a: nnx.merge(graph, s)(*a))(state, row, pos, seg))
+    ref, start = hf_model(tmp_path), 0
+    for ex in examples:
+        want, want64 = logits32_and_64(ref, ex[None])
+        close32(packed[0, start:start + len(ex)], want[0], want64[0], what=f"gemma2 splash example at {start}")
+        start += len(ex)

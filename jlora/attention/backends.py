@@ -95,7 +95,10 @@ def attend(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, segment_ids: jnp.ndar
     if name == "reference":
         return reference_attention(q, k, v, segment_ids, **kw)
     if name == "splash":
-        from jlora.attention.splash import splash_attention  # pylint: disable=import-outside-toplevel
+        from jlora.attention.splash import LANES, splash_attention  # pylint: disable=import-outside-toplevel
+        blockwise_only = isinstance(block_sizes, BlockSizes) and (block_sizes.q % LANES or block_sizes.k % LANES)
+        if backend == "auto" and blockwise_only:
+            block_sizes = None  # blockwise's blocks, which splash cannot take: auto uses splash's own
         return splash_attention(q, k, v, segment_ids, block_sizes=block_sizes, **kw)
     blockwise_blocks = block_sizes if isinstance(block_sizes, BlockSizes) else None
     if name == "cudnn":

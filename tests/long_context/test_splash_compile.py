@@ -64,5 +64,6 @@ def test_splash_compiles_for_v5e_and_v5p():
         b, t, kv, g, d = r["shape"]
         data, fsdp, tensor = r["mesh"]
         # q and dout [b, t, kv, g, d], k and v [b, t, kv, d] in bf16 (rows and heads split), int32 segment ids (rows)
-        per_device = (2 * b * t * kv * g * d + 2 * b * t * kv * d) * 2 // (data * fsdp * tensor) + 4 * b * t // (data * fsdp)
+        rows = data * fsdp
+        per_device = (2 * b * t * kv * g * d + 2 * b * t * kv * d) * 2 // (rows * tensor) + 4 * b * t // rows
         assert r["argument_bytes"] <= per_device + 4096, r

@@ -404,3 +404,15 @@ def test_sentencepiece_style_bpe_vocab(tmp_path):
     again = transformers.AutoTokenizer.from_pretrained(tmp_path, gguf_file="m.gguf")
     text = "Q: what is 12 + 7?\nA: 19 é"
     assert again(text, add_special_tokens=False)["input_ids"] == fast(text, add_special_tokens=False)["input_ids"]
+
+
+@pytest.mark.slow
+def test_qlora_nf4_merged_to_gguf(default_base, tmp_path, rel):
+    """A QLoRA model (NF4 base + LoRA): merged (NF4 dequantized as bitsandbytes does) and written as f32 GGUF,
+    transformers gives jlora's NF4 logits (measured 3.4e-6)."""
+    model = jlora.get_peft_model(jlora.load_hf(default_base, quantize="nf4"),
+                                 jlora.LoraConfig(r=4, lora_alpha=8, init_lora_weights=False), rngs=nnx.Rngs(1))
+    want = np.asarray(model(_ids()))
+    jlora.save_merged(model, tmp_path / "merged", dtype="float32")
+    path = export_gguf(tmp_path / "merged", tmp_path / "m.gguf", "f32")
+    assert rel(_hf_logits(path), want) <= 1e-5

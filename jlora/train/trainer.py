@@ -194,16 +194,13 @@ class Trainer:
             tokens = int((batch["segment_ids"] > 0).sum()) * jax.process_count()
             return put_batch(batch, mesh, 1), tokens
 
-        # The next batches are prepared and put on the devices by a thread while steps run (Prefetch);
-        # each comes with the data state to checkpoint once its step is done.
         last_data_state = it.state()
-        batches = Prefetch(it, prepare, depth=0 if self.sync_loop else PREFETCH_DEPTH)
         losses, eval_loss = [], None
         last_saved = start if start else None
         guard = Guard()
         done_at = 0.0  # when the previous step's metrics arrived
         if start < steps:  # compilation is its own phase: the bar's rate and ETA count steps only
-            (batch, tokens), data_state = next(batches)
+            (batch, tokens), data_state = prepare(next(it)), it.state()
             evals = bool(c.eval_every and eval_examples)
             self.log(f"compiling the training step{' and the eval step' if evals else ''} ...")
             t0 = time.perf_counter()
@@ -214,6 +211,9 @@ class Trainer:
             jax.block_until_ready((params, opt_state, frozen, batch))  # the steps' times count steps only
             self.log(f"compiled in {time.perf_counter() - t0:.1f} s")
 
+        # The next batches are prepared and put on the devices by a thread while steps run (Prefetch);
+        # each comes with the data state to checkpoint once its step is done.
+        batches = Prefetch(it, prepare, depth=0 if self.sync_loop else PREFETCH_DEPTH)
         from tqdm.auto import tqdm
         bar = tqdm(total=steps, initial=start, disable=not c.progress or not hosts.is_main(),
                    desc="train", unit="step", dynamic_ncols=True,

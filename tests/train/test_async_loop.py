@@ -65,6 +65,7 @@ def test_async_metrics_equal_the_synchronous_loop(tmp_path, default_base, small_
     assert losses == sync_losses and adapter == sync_adapter
 
 
+@pytest.mark.slow  # ~10 s of CPU (its own compile); the synchronous case is test_train_errors'
 def test_non_finite_update_read_late_is_never_saved(tmp_path, default_base, small_data):
     # Warmup from lr 0: step 1 changes nothing, step 2's update (lr 2e29) explodes the adapters. With
     # checkpoints every 2 steps, step 2 ends at a boundary: it is checked before checkpoint 2 would be written.

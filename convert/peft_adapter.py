@@ -24,11 +24,6 @@ from jlora.peft_model import adapted_modules, get_peft_model, linear_modules
 PREFIX = "base_model.model."
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
-# What PEFT uses when target_modules is null, by model_type (peft.utils.constants.
-# TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING, peft 0.21). A model_type it has no entry for (phi3,
-# smollm3) makes PEFT raise "Please specify `target_modules`", and jlora raises too rather than guess.
-PEFT_DEFAULT_TARGETS = {t: ["q_proj", "v_proj"] for t in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2",
-                                                          "gemma3_text")}
 
 
 def explicit_targets(model: LlamaForCausalLM) -> list[str]:
@@ -116,19 +111,20 @@ def _read_adapter_config(adapter_dir: Path) -> dict:
 
 def config_from_peft(d: dict, model_type: str = "llama") -> LoraConfig:
     """The LoraConfig of a PEFT adapter_config.json dict for a base of `model_type`: a null
-    `target_modules` means PEFT's default for that model_type, "all-linear" the family's projections."""
+    `target_modules` means PEFT's default for that model_type (`Family.peft_default_targets`; where PEFT
+    has none, phi3 and smollm3, it raises "Please specify `target_modules`" and so does jlora rather than
+    guess), "all-linear" the family's projections."""
     from jlora.models.registry import FAMILIES
 
+    family = FAMILIES[model_type]
     targets = d.get("target_modules")
     if targets is None:
-        if model_type not in PEFT_DEFAULT_TARGETS:
+        if family.peft_default_targets is None:
             raise PatternError(f"target_modules is null, and PEFT has no default targets for model_type "
-                               f"{model_type!r} (it raises too); list the modules, e.g. "
-                               f"{list(FAMILIES[model_type].target_modules) if model_type in FAMILIES else ''}")
-        targets = PEFT_DEFAULT_TARGETS[model_type]
+                               f"{model_type!r} (it raises too); list the modules, e.g. {list(family.target_modules)}")
+        targets = list(family.peft_default_targets)
     elif targets == "all-linear":
-        family = FAMILIES.get(model_type)
-        targets = list(family.target_modules if family else LoraConfig().target_modules)
+        targets = list(family.target_modules)
     return LoraConfig(r=int(d.get("r", 8)), lora_alpha=d.get("lora_alpha", 8), lora_dropout=0.0,
                       target_modules=targets, use_rslora=bool(d.get("use_rslora", False)),
                       rank_pattern=dict(d.get("rank_pattern") or {}), alpha_pattern=dict(d.get("alpha_pattern") or {}))

@@ -124,5 +124,5 @@ PRESETS = {
 }
 
 FAMILIES = (
-    Family("phi3", ("Phi3ForCausalLM",), read_phi3, PRESETS, target_modules=TARGETS),
+    Family("phi3", ("Phi3ForCausalLM",), read_phi3, PRESETS, target_modules=TARGETS, peft_default_targets=None),
 )

@@ -61,5 +61,5 @@ PRESETS = {
 }
 
 FAMILIES = (
-    Family("smollm3", ("SmolLM3ForCausalLM",), read_smollm3, PRESETS),
+    Family("smollm3", ("SmolLM3ForCausalLM",), read_smollm3, PRESETS, peft_default_targets=None),
 )

@@ -63,6 +63,7 @@ def base_parameter_count(config: LlamaConfig) -> int:
     h = c.hidden_size
     shapes = c.linear_shapes()
     per_layer = sum(i * o for i, o in shapes.values()) + 2 * h  # projections + two RMSNorms
+    per_layer += (2 * c.head_dim if c.qk_norm else 0) + (2 * h if c.sandwich_norms else 0)  # Qwen3 / Gemma norms
     if c.qkv_bias:
         per_layer += c.q_features + 2 * c.kv_features
     if c.o_bias:

@@ -198,6 +198,18 @@ def test_null_target_modules_is_an_error(phi3, tmp_path):
         jlora.load_adapter(jlora.load_hf(phi3()), tmp_path / "a")
 
 
+def test_config_from_peft_defaults_follow_peft_per_model_type():
+    """target_modules null: PEFT's table (llama: q_proj, v_proj; phi3/smollm3: none, PEFT raises); "all-linear":
+    the family's projections (phi3: the fused ones)."""
+    from jlora.convert.peft_adapter import config_from_peft
+    from jlora.module_patterns import PatternError
+    assert list(config_from_peft({"target_modules": None}, "llama").target_modules) == ["q_proj", "v_proj"]
+    assert list(config_from_peft({"target_modules": "all-linear"}, "phi3").target_modules) == FUSED
+    for model_type in ("phi3", "smollm3"):
+        with pytest.raises(PatternError, match="target_modules"):
+            config_from_peft({"target_modules": None}, model_type)
+
+
 def test_vllm_rules_follow_the_phi3_packed_mapping():
     """vLLM's Phi3ForCausalLM: packed_modules_mapping = {qkv_proj: [qkv_proj], gate_up_proj: [gate_up_proj]},
     so its expected LoRA modules are the fused names, and q_proj / gate_proj are rejected (Llama: the reverse)."""

@@ -50,7 +50,7 @@ def test_llama_31_8b_r16_all_linear():
     assert base_parameter_count(config) == 8_030_261_248
 
 
-@pytest.mark.parametrize("spec", ["llama-3.2-1b", "llama", "llama-tied", "mistral", "qwen2"])
+@pytest.mark.parametrize("spec", sorted(jlora.PRESETS) + ["llama", "llama-tied", "mistral", "qwen2"])
 def test_base_count_equals_abstract_model(spec, checkpoint):
     config, _ = resolve_model(spec if spec in jlora.PRESETS else str(checkpoint(spec)))
     model = jlora.abstract_model(config, dtype="bfloat16")

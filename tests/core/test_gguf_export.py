@@ -353,24 +353,41 @@ CHATML_JINJA = ("{% for message in messages %}{{'<|im_start|>' + message['role']
 
 
 def test_modelfile_templates_render_like_the_jinja_ones(default_base):
-    """The Go template of each known family renders a conversation as its Jinja template does (bos aside:
-    llama.cpp adds BOS itself)."""
+    """The Go template of each known family renders a conversation as its Jinja template does (the published
+    templates in tests/data/templates; bos aside: llama.cpp adds BOS itself)."""
+    import pathlib
+
     import jinja2
 
     from jlora.convert.ollama import go_template, modelfile_text
     tok = transformers.AutoTokenizer.from_pretrained(default_base)
-    chat = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"},
-            {"role": "assistant", "content": "hello"}, {"role": "user", "content": "2+2?"}]
-    cases = [(tok.chat_template, lambda m: tok.apply_chat_template(m, tokenize=False, add_generation_prompt=True)),
-             (LLAMA3_JINJA, lambda m: jinja2.Template(LLAMA3_JINJA).render(messages=m, bos_token="",
-                                                                           add_generation_prompt=True)),
-             (CHATML_JINJA, lambda m: jinja2.Template(CHATML_JINJA).render(messages=m, add_generation_prompt=True))]
-    for jinja, render in cases:
-        name, go, stops = go_template(jinja)
-        want = render(chat)
-        if name == "jlora-demo":
-            want = want.removeprefix(tok.bos_token)
-        assert _render_go(go, chat) == want, name
+    chat = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
+            {"role": "user", "content": "2+2?"}]
+    system = [{"role": "system", "content": "be brief"}] + chat
+    published = pathlib.Path(__file__).parents[1] / "data" / "templates"
+
+    def jinja(source, **kw):
+        env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+        env.globals["raise_exception"] = lambda msg: (_ for _ in ()).throw(ValueError(msg))
+        return lambda m: env.from_string(source).render(messages=m, add_generation_prompt=True, bos_token="<bos>",
+                                                        eos_token="<eos>", **kw).removeprefix("<bos>")
+
+    cases = [("jlora-demo", tok.chat_template, system,
+              lambda m: tok.apply_chat_template(m, tokenize=False, add_generation_prompt=True)
+              .removeprefix(tok.bos_token)),
+             ("llama3", LLAMA3_JINJA, system, jinja(LLAMA3_JINJA)),
+             ("chatml", CHATML_JINJA, system, jinja(CHATML_JINJA))]
+    for name, conversation in (("qwen2_5", system), ("qwen3", system), ("phi3", system), ("phi4", system),
+                               ("gemma2", chat), ("gemma3", chat)):
+        source = (published / f"{name}.jinja").read_text()
+        cases.append((name, source, conversation, jinja(source, enable_thinking=True)))
+    families = set()
+    for what, source, conversation, render in cases:
+        family, go, stops = go_template(source)
+        assert family is not None, what
+        families.add(family)
+        assert _render_go(go, conversation) == render(conversation), what
+    assert families == {"jlora-demo", "llama3", "chatml", "phi4", "phi3", "gemma"}
     assert "No TEMPLATE" in modelfile_text("m.gguf", "{{ messages }}")
 
 

@@ -396,6 +396,16 @@ def test_unsupported_config_values_name_field_and_value(arch, change, match):
 PRESET_NAMES = ["gemma-2-2b", "gemma-2-9b", "gemma-2-27b", "gemma-3-1b", "gemma-3-4b", "gemma-3-12b", "gemma-3-27b"]
 
 
+@pytest.mark.parametrize("name", PRESET_NAMES)
+def test_preset_reads_as_transformers_normalises_it(name):
+    """A preset (the hub's 4.x config form) reads the same as transformers 5's normalised config of it
+    (layer_types, rope_parameters per layer type): same windows, rope tables, caps and scales."""
+    import transformers
+    d = jlora.PRESETS[name]
+    full = transformers.AutoConfig.for_model(**{k: v for k, v in d.items() if k != "architectures"}).to_dict()
+    assert ModelConfig.from_hf_dict(d) == ModelConfig.from_hf_dict({**full, "architectures": d["architectures"]})
+
+
 def _jlora_count(name):
     import jax
     model = jlora.abstract_model(jlora.preset_config(name), dtype="bfloat16")

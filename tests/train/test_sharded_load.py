@@ -73,6 +73,15 @@ def test_weights_are_bit_identical_to_the_unsharded_load(report):
     assert fallback["whole_reads"] == sorted(fallback["warned"])
 
 
+def test_a_mesh_with_replicas_reads_each_shard_once(report):
+    _, r = report
+    for case in ("llama data=2,fsdp=2,tensor=2", "llama nf4 data=2,fsdp=2,tensor=2"):
+        assert r[case]["nf4_bit_equal"], case
+    # 4 distinct shards per split tensor (fsdp x tensor), not 8 reads: the data replicas share one
+    dense = r["llama data=2,fsdp=2,tensor=2"]
+    assert dense["reads"] == 16 * 4 + 5, dense  # 14 projections, embedding, head; 5 norms read whole
+
+
 def test_an_axis_that_does_not_divide_a_dimension_is_an_error_naming_it(report):
     _, r = report
     assert r["mesh error"] == ("model.embed_tokens.weight: shape (96, 32) cannot be split over mesh axis 'fsdp' "
@@ -202,6 +211,12 @@ def _main(out: Path, checkpoints: list[str]):
         bnb = save_quantized(q, out / f"bnb-{double}")
         load("llama bnb checkpoint" + ("" if double else " no double quant"), bnb)
     load("llama nf4 blocksize 256", path, quantize=jlora.NF4Config(blocksize=256))
+    # data=2: each distinct shard read once and given to both replicas; the NF4 runs split over fsdp x tensor
+    for case, kw in (("llama data=2,fsdp=2,tensor=2", {}), ("llama nf4 data=2,fsdp=2,tensor=2", {"quantize": "nf4"})):
+        reads.clear()
+        model = jlora.load_hf(path, mesh=make_mesh("data=2,fsdp=2,tensor=2"), **kw)
+        report[case] = dict(nf4_bit_equal=_bit_equal(model, jlora.load_hf(path, **kw)),
+                            reads=len(reads))
     try:
         jlora.load_hf(path, mesh=make_mesh("fsdp=3", devices=jax.devices()[:3]))
     except ValueError as e:

@@ -89,6 +89,40 @@ def test_an_axis_that_does_not_divide_a_dimension_is_an_error_naming_it(report):
                                "'tensor': 1}; pick a mesh whose fsdp size divides 32")
 
 
+@pytest.mark.slow  # two processes joined by jax.distributed (~1 min)
+def test_two_hosts_each_read_only_their_own_slices(checkpoint, tmp_path):
+    import socket
+    with socket.socket() as sock:
+        sock.bind(("localhost", 0))
+        address = f"localhost:{sock.getsockname()[1]}"
+    procs = [subprocess.Popen([sys.executable, __file__, "--host", str(tmp_path / f"host{i}.json"),
+                               str(checkpoint("llama"))], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env={**os.environ, "JAX_PLATFORMS": "cpu",
+                                   "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+                                   "JAX_COORDINATOR_ADDRESS": address, "JAX_NUM_PROCESSES": "2",
+                                   "JAX_PROCESS_ID": str(i)}) for i in range(2)]
+    try:
+        results = [(p.wait(timeout=600), *p.communicate()) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    for rc, _, err in results:
+        assert rc == 0, err[-3000:]
+    hosts = [json.loads((tmp_path / f"host{i}.json").read_text()) for i in range(2)]
+    for case in ("dense", "nf4"):
+        first, second = (h[case] for h in hosts)
+        assert first["bit_equal"] and second["bit_equal"], case  # the gathered arrays equal a one-device load
+        assert set(first["reads"]) == set(second["reads"]), case  # the same tensors
+        for name, mine in first["reads"].items():
+            theirs = second["reads"][name]
+            if mine["whole_bytes"] <= 1024:
+                continue  # norms: replicated, read whole by both
+            # each host read its 4 devices' eighths and nothing of the other host's
+            assert len(mine["slices"]) == len(theirs["slices"]) == 4, (case, name, mine, theirs)
+            assert not set(map(str, mine["slices"])) & set(map(str, theirs["slices"])), (case, name)
+            assert mine["bytes"] * 2 == theirs["bytes"] * 2 == mine["whole_bytes"], (case, name)
+
+
 # -- the subprocess ----------------------------------------------------------------------------------------------
 
 def _held(model, mesh):
@@ -224,5 +258,47 @@ def _main(out: Path, checkpoints: list[str]):
     (out / "report.json").write_text(json.dumps(report, indent=1))
 
 
+def _host_main(out: Path, path: str):
+    """One of two processes (4 devices each) loading on the global mesh fsdp=8: what it read, and whether the
+    gathered arrays equal a load on this process's first device alone."""
+    import jax
+    from flax import nnx
+    from jax.experimental import multihost_utils
+
+    import jlora
+    from jlora.convert import sharded_load
+    from jlora.train import hosts
+    from jlora.train.sharding import make_mesh
+    hosts.initialize()
+    assert (jax.process_count(), jax.device_count(), jax.local_device_count()) == (2, 8, 4)
+    mesh = make_mesh("fsdp=8")
+    reads = {}
+    read = sharded_load.TensorReader.__getitem__
+
+    def spy(self, index):
+        part = read(self, index)
+        entry = reads.setdefault(self.name, {"slices": [], "bytes": 0,
+                                             "whole_bytes": int(np.prod(self.shape)) * part.itemsize})
+        index = index if isinstance(index, tuple) else (index,)
+        entry["slices"].append([[s.start, s.stop] for s in index])
+        entry["bytes"] += part.nbytes
+        return part
+
+    sharded_load.TensorReader.__getitem__ = spy
+    report = {}
+    for case, kw in (("dense", {}), ("nf4", {"quantize": "nf4"})):
+        reads.clear()
+        sharded = jlora.load_hf(path, mesh=mesh, **kw)
+        leaves = [multihost_utils.process_allgather(a, tiled=True) for a in jax.tree.leaves(nnx.state(sharded))]
+        single = jax.tree.leaves(nnx.state(jlora.load_hf(path, **kw)))
+        equal = all(np.asarray(a).dtype == np.asarray(b).dtype and np.asarray(a).tobytes() == np.asarray(b).tobytes()
+                    for a, b in zip(leaves, single, strict=True))
+        report[case] = {"bit_equal": equal, "reads": dict(reads)}
+    out.write_text(json.dumps(report))
+
+
 if __name__ == "__main__":
-    _main(Path(sys.argv[1]), sys.argv[2:])
+    if sys.argv[1] == "--host":
+        _host_main(Path(sys.argv[2]), sys.argv[3])
+    else:
+        _main(Path(sys.argv[1]), sys.argv[2:])

@@ -23,6 +23,7 @@ from jlora.models.config import ModelConfig
 from jlora.models.family import LayerSpec
 from jlora.models.layers import MLP, Embedding, Linear, RMSNorm
 from jlora.models.rope import rope_tables
+from jlora.models.stacked import is_stacked
 from jlora.remat import call_layer
 
 Dtype = jnp.dtype
@@ -106,6 +107,11 @@ class CausalLM(nnx.Module):
         h = self.model.embed_tokens(input_ids)
         if self.config.embedding_scale is not None:
             h = h * jnp.asarray(self.config.embedding_scale, h.dtype)  # rounded to the dtype, as transformers
+        if is_stacked(self):  # scanned layers (jlora.models.stacked): one compiled body for every layer
+            if cache is not None:
+                raise ValueError("generation with a KV cache walks the layers one by one: call "
+                                 "jlora.models.stacked.unstack_layers(model) on this scanned model first")
+            return self.model.norm(self.model.layers(h, tables, mask, self.remat))
         for i, layer in enumerate(self.model.layers):
             cos, sin = tables.get(layer.rope, tables["global"])
             if cache is None:

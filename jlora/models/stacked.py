@@ -1,0 +1,133 @@
+"""Scanned decoder layers: parameters stacked on a leading layer axis, one period of layers scanned.
+
+    loop model:     model.layers = [L_0, L_1, ..., L_{N-1}]                  (nnx.List, one module per layer)
+    scanned model:  model.layers = ScannedLayers(group=[S_0, ..., S_{p-1}], tail=[L_{G p}, ..., L_{N-1}])
+                    S_j's every array is stack(L_j, L_{j+p}, ..., L_{j+(G-1)p}) on a new axis 0, G = N // p
+
+    h = scan(body, h, (S_0, ..., S_{p-1}))   body(h, (s_0, ..., s_{p-1})): for j < p: h = layer_j[s_j](h)
+    then the tail layers (N mod p of them) run as a Python loop.
+
+p is the shortest period of the layers' *structure*: layer i and layer i + p must have the same nnx graph
+(the same modules and static attributes, so the same LayerSpec: window, rope table; the same LoRA rank and
+scaling) and the same array shapes and dtypes. Llama/Qwen: p = 1; Gemma2 (sliding, global, ...): p = 2;
+Gemma3 (five local + one global): p = 6, and a depth that is not a multiple of 6 (gemma-3-1b: 26 layers)
+scans 4 periods and loops the 2 layers left. Where no period repeats (per-layer LoRA ranks from
+rank_pattern that differ layer by layer, e.g. `{"layers.3.": 64}`), p = N and G = 1: the model is then
+scanned over one step, i.e. compiled as the loop model is; ranks that repeat with the pattern still scan.
+
+XLA compiles the body once, so the compiled program no longer grows with depth. The per-layer remat
+policy (jlora.remat.call_layer, `model.remat`) is applied to each layer inside the body, as in the loop.
+
+This is opt-in (`stack_layers(model)`, `load_hf(..., scan_layers=True)`): HF names stay the public
+contract, and the code that walks `model.model.layers` by index (get_peft_model, the converters and
+exporters, the KV-cache generation path) sees a loop model: `unstack_layers(model)` restores it (exact:
+stacking and unstacking only move arrays), and `as_loop(model)` is what exporters call. Anything held in a
+layer's state stacks: dense kernels, NF4Weight (its NF4Tensor arrays stack; shape/blocksize are static),
+LoRA A/B. Mutable per-layer state (LoRA dropout's RNG counters) is not carried out of the scan: with
+active LoRA dropout, train the loop model.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jlora.remat import call_layer
+
+
+class ScannedLayers(nnx.Module):
+    """A stack of N decoder layers as `period` stacked modules (leading axis `groups`) plus a looped tail."""
+
+    def __init__(self, group: list[nnx.Module], tail: list[nnx.Module], *, groups: int):
+        self.group = nnx.List(group)
+        self.tail = nnx.List(tail)
+        self.groups = groups
+        self.period = len(group)
+
+    def __len__(self) -> int:
+        return self.groups * self.period + len(self.tail)
+
+    def __call__(self, h, tables, mask, remat):
+        """h -> h through every layer in order; `tables` maps a LayerSpec.rope name to its (cos, sin)."""
+        graphdefs, states = zip(*(nnx.split(layer) for layer in self.group))
+
+        def run(layer, h):
+            cos, sin = tables.get(layer.rope, tables["global"])
+            return call_layer(layer, remat, h, cos, sin, mask)
+
+        def body(h, states):
+            for graphdef, state in zip(graphdefs, states):
+                h = run(nnx.merge(graphdef, state), h)
+            return h, None
+
+        h, _ = jax.lax.scan(body, h, states)
+        for layer in self.tail:
+            h = run(layer, h)
+        return h
+
+
+def _signature(layer: nnx.Module):
+    """What must agree for two layers to share a scanned body: the graph and every array's shape/dtype."""
+    graphdef, state = nnx.split(layer)
+    leaves, treedef = jax.tree.flatten(state)  # flat: NF4Tensor compares by identity (eq=False)
+    return graphdef, treedef, [(tuple(x.shape), str(x.dtype)) for x in leaves]
+
+
+def structural_period(layers) -> int:
+    """The shortest p with layer i and layer i + p alike (same graph, shapes, dtypes) for all i + p < N."""
+    sigs = [_signature(layer) for layer in layers]
+    n = len(sigs)
+    for p in range(1, n + 1):
+        if all(sigs[i] == sigs[i + p] for i in range(n - p)):
+            return p
+    return n
+
+
+def _stack(modules: list[nnx.Module]) -> nnx.Module:
+    """One module whose arrays are the modules' arrays stacked on axis 0 (the modules must be alike)."""
+    graphdef, _ = nnx.split(modules[0])
+    states = [nnx.split(m)[1] for m in modules]
+    return nnx.merge(graphdef, jax.tree.map(lambda *xs: jnp.stack(xs), *states))
+
+
+def _unstack(module: nnx.Module, groups: int) -> list[nnx.Module]:
+    graphdef, state = nnx.split(module)
+    return [nnx.merge(graphdef, jax.tree.map(lambda x: x[g], state)) for g in range(groups)]
+
+
+def is_stacked(model) -> bool:
+    """Whether `model` (a CausalLM) holds its decoder layers as a ScannedLayers."""
+    return isinstance(getattr(getattr(model, "model", None), "layers", None), ScannedLayers)
+
+
+def stack_layers(model):
+    """Turns a loop model into a scanned one, in place, and returns it (a scanned model is returned as is).
+
+    The arrays are copied into stacked ones (peak memory: the layers twice, briefly); logits and
+    gradients are the loop model's (same operations, in the same order, per layer).
+    """
+    if is_stacked(model):
+        return model
+    layers = list(model.model.layers)
+    p = structural_period(layers)
+    groups = len(layers) // p
+    group = [_stack(layers[j:groups * p:p]) for j in range(p)]
+    model.model.layers = ScannedLayers(group, layers[groups * p:], groups=groups)
+    return model
+
+
+def unstack_layers(model):
+    """Turns a scanned model back into the loop model (nnx.List of layers), in place, and returns it."""
+    if not is_stacked(model):
+        return model
+    stack = model.model.layers
+    per_position = [_unstack(m, stack.groups) for m in stack.group]
+    layers = [per_position[i % stack.period][i // stack.period] for i in range(stack.groups * stack.period)]
+    model.model.layers = nnx.List(layers + list(stack.tail))
+    return model
+
+
+def as_loop(model):
+    """`model` with its layers as a loop (unstacked in place when scanned): what exporters and the
+    converters, which address layers by index under their HF names, call first."""
+    return unstack_layers(model)

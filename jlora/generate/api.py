@@ -91,6 +91,18 @@ def encode(tokenizer, prompts, *, chat: bool = False, where: str = "the model",
     return out
 
 
+def _multi_adapter_model(base, adapters, adapter_ids, rows: int):
+    from jlora.generate import multi_lora
+
+    if adapters is None or adapter_ids is None:
+        raise ValueError("adapters= and adapter_ids= go together: adapters names the dirs, adapter_ids picks one "
+                         "(or None) per prompt")
+    indices = multi_lora.row_indices(list(adapters), adapter_ids, rows)  # bad ids fail before any loading
+    model, _ = multi_lora.build(base, adapters)
+    multi_lora.set_rows(model, indices)
+    return model
+
+
 class _TextStream:
     """Turns per-step token ids into text pieces per row: decode the row so far, emit the new suffix
     (held back while it ends in an incomplete UTF-8 sequence)."""
@@ -127,7 +139,8 @@ def generate(model, tokenizer, prompts, *, max_new_tokens: int = 128, temperatur
              top_k: int | None = None, top_p: float = 1.0, repetition_penalty: float = 1.0, seed: int = 0,
              chat: bool = False, chat_template_kwargs: dict[str, Any] | None = None,
              eos_token_id: int | Sequence[int] | None = None, max_len: int | None = None, truncate: bool = False,
-             stream: Callable[[int, str], None] | None = None) -> list[Completion]:
+             stream: Callable[[int, str], None] | None = None, adapters: dict[str, Any] | None = None,
+             adapter_ids: Sequence[str | None] | None = None) -> list[Completion]:
     """Completions of `prompts` by `model` (a jlora CausalLM: with or without LoRA, NF4 or dense).
 
         out = jlora.generate(model, tok, ["What is LoRA?"], max_new_tokens=64, temperature=0.7, top_p=0.9)
@@ -137,10 +150,16 @@ def generate(model, tokenizer, prompts, *, max_new_tokens: int = 128, temperatur
     transformers' processors (jlora.generate.sampler); seed fixes the draws. max_len: the KV cache length
     (default: the longest prompt plus max_new_tokens); a prompt longer than it is an error unless
     truncate=True (then its last tokens are kept). stream(row, text): called with each new piece of text.
+
+    adapters={"a": dir_a, "b": dir_b} with adapter_ids=["a", None, "b", ...] (one per prompt, None = the
+    base): each row runs its own adapter in the same batch (jlora.generate.multi_lora; `model` is the base,
+    without LoRA, and stays unchanged).
     """
     sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p,
                               repetition_penalty=repetition_penalty, seed=seed)
     where = _where(model, tokenizer)
+    if adapters is not None or adapter_ids is not None:
+        model = _multi_adapter_model(model, adapters, adapter_ids, len(prompts))
     ids = encode(tokenizer, prompts, chat=chat, where=where, chat_template_kwargs=chat_template_kwargs)
     eos, pad = stop_ids(model, tokenizer)
     if eos_token_id is not None:

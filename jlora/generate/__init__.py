@@ -4,6 +4,7 @@
     sampler.py   greedy / temperature / top-k / top-p / repetition penalty, seeded, in float32
     decode.py    token ids in, token ids out: left padding, prompt buckets, per-row eos stop
     api.py       `generate(model, tokenizer, prompts, ...)`: tokenize (chat templates), decode, detokenize
+    multi_lora.py  several adapters in one batch: per-row gathered A/B (`adapters=`, `adapter_ids=`)
 
     out = jlora.generate(model, tokenizer, ["What is LoRA?"], max_new_tokens=64)   # this package, called
 

@@ -28,6 +28,7 @@ from jlora.convert.hub import resolve_model
 from jlora.convert.hf_names import IGNORED, bnb_weight_name, tensor_map, variable_at
 from jlora.convert.safetensors_io import CheckpointError, iter_tensors, read_header
 from jlora.llama import LlamaForCausalLM, abstract_model
+from jlora.models.stacked import scan_option
 from jlora.llama_config import LlamaConfig
 from jlora.qlora import NF4Config, NF4Weight, nf4_config
 
@@ -185,6 +186,7 @@ def load_quantized(model_dir, hf: dict, *, dtype="float32", quantize=None,
     return model
 
 
+@scan_option  # load_hf(..., scan_layers=True): layers stacked and scanned (jlora/models/stacked.py)
 def load_hf(model_dir, dtype="float32", *, allow_pickle: bool = False, quantize: str | None = None,
             mesh=None) -> LlamaForCausalLM:
     """Reads a transformers Llama/Mistral/Qwen2 checkpoint into a `LlamaForCausalLM` in `dtype`.

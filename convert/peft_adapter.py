@@ -18,6 +18,7 @@ from jlora.atomic_files import write_text
 from jlora.convert.safetensors_io import CheckpointError, iter_tensors, write_atomic
 from jlora.llama import LlamaForCausalLM
 from jlora.lora_config import LoraConfig
+from jlora.models.stacked import on_loop_model
 from jlora.module_patterns import PatternError
 from jlora.peft_model import adapted_modules, get_peft_model, linear_modules
 
@@ -152,6 +153,7 @@ def normalise_key(key: str) -> str:
     return re.sub(r"\.(lora_A|lora_B|lora_embedding_A|lora_embedding_B)\.default\b", r".\1", key)
 
 
+@on_loop_model  # a scanned model: unstacked for the writes, stacked again (jlora.models.stacked)
 def load_adapter(model: LlamaForCausalLM, adapter_dir, *, allow_pickle: bool = False,
                  rngs: nnx.Rngs | None = None) -> LlamaForCausalLM:
     """Adds the adapter PEFT, Unsloth or jlora saved in `adapter_dir` to `model` (in place) and returns it."""

@@ -13,6 +13,7 @@ from jlora.lora_config import LoraConfig
 from jlora.lora_layer import LoRA, LoRAParam
 from jlora.memory import memory_report
 from jlora.models.fused import fused_targets
+from jlora.models.stacked import on_loop_model
 from jlora.module_patterns import list_entry_matches
 from jlora.nf4_weight import NF4Weight
 
@@ -43,6 +44,7 @@ def _successive_keys(rngs: nnx.Rngs, n: int) -> list[jax.Array]:
     return keys
 
 
+@on_loop_model  # a scanned model: unstacked for the writes, stacked again (jlora.models.stacked)
 def get_peft_model(model: LlamaForCausalLM, config: LoraConfig, *, rngs: nnx.Rngs) -> LlamaForCausalLM:
     """Adds a LoRA adapter to every projection `config` targets (in place) and returns the model.
 

@@ -18,6 +18,7 @@ import jax
 from jlora import nf4
 from jlora.nf4_weight import NF4Weight
 from jlora.nf4_weight import nf4_matmul  # noqa: F401  (re-exported: jlora.qlora.nf4_matmul)
+from jlora.models.stacked import on_loop_model
 from jlora.peft_model import linear_modules
 
 QUANTIZE_METHODS = ("nf4",)
@@ -74,6 +75,7 @@ def quantize_linear(linear, *, blocksize: int = 64, double_quant: bool = True) -
     linear.kernel = NF4Weight(q)
 
 
+@on_loop_model  # a scanned model: unstacked for the writes, stacked again (jlora.models.stacked)
 def quantize_model(model, *, blocksize: int = 64, double_quant: bool = True):
     """Quantizes the 7 projections of every decoder layer to NF4, in place, and returns the model.
 

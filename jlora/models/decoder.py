@@ -23,7 +23,7 @@ from jlora.models.config import ModelConfig
 from jlora.models.family import LayerSpec
 from jlora.models.layers import MLP, Embedding, Linear, RMSNorm
 from jlora.models.rope import rope_tables
-from jlora.models.stacked import is_stacked
+from jlora.models.stacked import is_stacked, scan_option
 from jlora.remat import call_layer
 
 Dtype = jnp.dtype
@@ -156,6 +156,7 @@ class _ShapeOnlyKeys:
         return jax.random.fold_in(jax.random.key(0), self.count)
 
 
+@scan_option  # abstract_model(config, scan_layers=True): layers stacked (jlora/models/stacked.py)
 def abstract_model(config: ModelConfig, *, dtype="float32") -> CausalLM:
     """The model with ShapeDtypeStruct leaves: no memory, for loading and for real-size shape checks."""
     return nnx.eval_shape(lambda: CausalLM(config, dtype=dtype, rngs=_ShapeOnlyKeys()))

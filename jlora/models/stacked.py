@@ -28,6 +28,8 @@ active LoRA dropout, train the loop model.
 """
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -46,6 +48,22 @@ class ScannedLayers(nnx.Module):
 
     def __len__(self) -> int:
         return self.groups * self.period + len(self.tail)
+
+    def __getitem__(self, i: int) -> nnx.Module:
+        """Layer i as a module of its own: a READ-ONLY copy (its arrays sliced out of the stack; assigning
+        to it does not reach the stack). Readers that address layers by index (the PEFT, merged and 4-bit
+        exporters, adapted_modules) work on a scanned model through it; writers unstack first."""
+        n = len(self)
+        if not -n <= i < n:
+            raise IndexError(f"layer {i} of a scanned stack of {n} layers")
+        i %= n
+        if i >= self.groups * self.period:
+            return self.tail[i - self.groups * self.period]
+        graphdef, state = nnx.split(self.group[i % self.period])
+        return nnx.merge(graphdef, jax.tree.map(lambda x: _slice(x, i // self.period), state))
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
 
     def __call__(self, h, tables, mask, remat):
         """h -> h through every layer in order; `tables` maps a LayerSpec.rope name to its (cos, sin)."""
@@ -87,12 +105,24 @@ def _stack(modules: list[nnx.Module]) -> nnx.Module:
     """One module whose arrays are the modules' arrays stacked on axis 0 (the modules must be alike)."""
     graphdef, _ = nnx.split(modules[0])
     states = [nnx.split(m)[1] for m in modules]
-    return nnx.merge(graphdef, jax.tree.map(lambda *xs: jnp.stack(xs), *states))
+    return nnx.merge(graphdef, jax.tree.map(_stack_leaves, *states))
+
+
+def _stack_leaves(*xs):
+    if isinstance(xs[0], jax.ShapeDtypeStruct):  # an abstract model (abstract_model, load_hf's target)
+        return jax.ShapeDtypeStruct((len(xs),) + tuple(xs[0].shape), xs[0].dtype)
+    return jnp.stack(xs)
+
+
+def _slice(x, g: int):
+    if isinstance(x, jax.ShapeDtypeStruct):
+        return jax.ShapeDtypeStruct(tuple(x.shape[1:]), x.dtype)
+    return x[g]
 
 
 def _unstack(module: nnx.Module, groups: int) -> list[nnx.Module]:
     graphdef, state = nnx.split(module)
-    return [nnx.merge(graphdef, jax.tree.map(lambda x: x[g], state)) for g in range(groups)]
+    return [nnx.merge(graphdef, jax.tree.map(lambda x: _slice(x, g), state)) for g in range(groups)]
 
 
 def is_stacked(model) -> bool:
@@ -131,3 +161,28 @@ def as_loop(model):
     """`model` with its layers as a loop (unstacked in place when scanned): what exporters and the
     converters, which address layers by index under their HF names, call first."""
     return unstack_layers(model)
+
+
+def on_loop_model(fn):
+    """Decorates `fn(model, ...)` that writes into layers by index (get_peft_model, quantize_model,
+    load_adapter): a scanned model is unstacked for the call and stacked again after (with whatever the
+    call attached: LoRA adapters stack as the layers do, per pattern position; ranks that differ within
+    a position make the period longer, see the module docstring)."""
+    @functools.wraps(fn)
+    def wrapper(model, *args, **kwargs):
+        if not is_stacked(model):
+            return fn(model, *args, **kwargs)
+        return stack_layers(fn(unstack_layers(model), *args, **kwargs))
+
+    return wrapper
+
+
+def scan_option(fn):
+    """Adds `scan_layers=False` to a model constructor or loader (`load_hf`, `abstract_model`): True
+    returns the model with its layers stacked and scanned (`stack_layers`)."""
+    @functools.wraps(fn)
+    def wrapper(*args, scan_layers: bool = False, **kwargs):
+        model = fn(*args, **kwargs)
+        return stack_layers(model) if scan_layers else model
+
+    return wrapper

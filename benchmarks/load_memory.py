@@ -140,7 +140,8 @@ def child(mode: str, ckpt: str) -> dict:
     sampler.join()
     end = _status()
     leaves = jax.tree.leaves(state)
-    return dict(mode=mode, seconds=seconds, rss_after_imports=base["VmRSS"], peak_rss=end["VmHWM"],
+    return dict(mode=mode, seconds=seconds, rss_after_imports=base["VmRSS"], anon_after_imports=base["RssAnon"],
+                peak_rss=end["VmHWM"],
                 rss_end=end["VmRSS"], peak_anon=peak["anon"], peak_device0=peak["device0"],
                 model_bytes=sum(a.nbytes for a in leaves),
                 device0_end=sum(s.data.nbytes for a in leaves for s in a.addressable_shards if s.device == device0))
@@ -193,8 +194,9 @@ def main():
     for label, key in rows:
         print(f"{label:40s} {whole[key] / GiB:11.2f}G {sharded[key] / GiB:11.2f}G "
               f"{sharded[key] / max(whole[key], 1):13.2f}x")
-    for label, key in (("peak RSS above imports", "peak_rss"), ("peak anonymous above imports", "peak_anon")):
-        w, s = whole[key] - whole["rss_after_imports"], sharded[key] - sharded["rss_after_imports"]
+    for label, key, base in (("peak RSS above imports", "peak_rss", "rss_after_imports"),
+                             ("peak anonymous above imports", "peak_anon", "anon_after_imports")):
+        w, s = whole[key] - whole[base], sharded[key] - sharded[base]
         print(f"{label:40s} {w / GiB:11.2f}G {s / GiB:11.2f}G {s / max(w, 1):13.2f}x   "
               f"(model {model / GiB:.2f}G; transient over it: whole {(w - model) / GiB:.2f}G, "
               f"sharded {(s - model) / GiB:.2f}G)")

@@ -156,8 +156,8 @@ LLAMA_31_8B = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hi
                                 "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}}
 
 
-def goals_by_layers(points, *, attention="splash", chunk=2048) -> None:
-    """Compiles each TOPOLOGY:T:REMAT point at 2 and 4 layers and prints the 32-layer extrapolation."""
+def goals_by_layers(points, *, attention="splash", chunk=2048, layer_counts=(2, 4)) -> None:
+    """Compiles each TOPOLOGY:T:REMAT point at two layer counts and prints the 32-layer extrapolation."""
     import json
     import tempfile
 
@@ -165,16 +165,17 @@ def goals_by_layers(points, *, attention="splash", chunk=2048) -> None:
     from jlora.plan.roofline import roofline
 
     print(f"# {datetime.date.today()}  {cpu_description()}  load avg {os.getloadavg()[0]:.1f}")
-    print(f"# llama-3.1-8b NF4 (2 and 4 layers compiled, extrapolated to 32), r=16 all-linear, batch 4 = one "
+    lo, hi = layer_counts
+    print(f"# llama-3.1-8b NF4 ({lo} and {hi} layers compiled, extrapolated to 32), r=16 all-linear, batch 4 = one "
           f"sequence per chip, fsdp=4, attention {attention}, loss chunk {chunk}; GiB per chip")
     print(f"{'topology':<10} {'T':>7} {'remat':<8} {'HBM/chip':>9} {'host/chip':>9} {'fits':<5} {'TFLOP/chip':>10} "
-          f"{'step s':>8} {'tok/s/chip':>10}  compile s (2, 4 layers)")
+          f"{'step s':>8} {'tok/s/chip':>10}  compile s ({lo}, {hi} layers)")
     tmp = tempfile.mkdtemp(prefix="jlora-goals-")
     for point in points:
         gen, grid, seq, remat = point.split(":")
         topology, seq = f"{gen}:{grid}", int(seq)
         got = {}
-        for layers in (2, 4):
+        for layers in layer_counts:
             path = os.path.join(tmp, f"l{layers}")
             os.makedirs(path, exist_ok=True)
             with open(os.path.join(path, "config.json"), "w") as f:
@@ -184,10 +185,13 @@ def goals_by_layers(points, *, attention="splash", chunk=2048) -> None:
                                           suggest=False), log=lambda *a: print("#", *a, file=sys.stderr, flush=True))
             a = planner.attempt(planner.mesh_sizes(), 4, remat)
             got[layers] = (a, planner)
-        (a2, planner), (a4, _) = got[2], got[4]
+            print(f"#   {layers} layers: {a.source}, HBM/chip {a.bytes_per_chip / 2**30:.3f} GiB (temporaries "
+                  f"{a.memory.get('temporaries', 0) / 2**30:.3f}), host {a.host_bytes_per_chip / 2**30:.3f} GiB, "
+                  f"{(a.flops_per_chip or 0) / 1e12:.1f} TFLOP", flush=True)
+        (a2, planner), (a4, _) = got[lo], got[hi]
 
         def at32(x2, x4):
-            return x2 + (32 - 2) / 2 * (x4 - x2)
+            return x2 + (32 - lo) / (hi - lo) * (x4 - x2)
         hbm = planner.topology.chip.hbm_bytes
         total, host = at32(a2.bytes_per_chip, a4.bytes_per_chip), at32(a2.host_bytes_per_chip, a4.host_bytes_per_chip)
         compiled = a2.source == a4.source == "compiled"
@@ -223,12 +227,13 @@ def main() -> None:
     ap.add_argument("--goals", action="store_true", help="the issue-11 TPU goals table (estimates, no TPU)")
     ap.add_argument("--compiled", nargs="*", default=[], help="with --goals: `jlora plan --json` outputs to add")
     ap.add_argument("--goals-layers", nargs="*", metavar="TOPOLOGY:T:REMAT",
-                    help="compile these goal points at 2 and 4 layers and extrapolate to 32")
+                    help="compile these goal points at two layer counts and extrapolate to 32")
+    ap.add_argument("--layers", default="2,4", help="with --goals-layers: the two layer counts compiled")
     args = ap.parse_args()
     if args.goals_layers:
         os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
         os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
-        return goals_by_layers(args.goals_layers)
+        return goals_by_layers(args.goals_layers, layer_counts=tuple(int(n) for n in args.layers.split(",")))
     if args.goals:
         os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
         os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")

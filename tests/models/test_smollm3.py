@@ -114,6 +114,7 @@ def test_peft_saved_adapter_loads_in_jlora(smol, hf_model, close32, tmp_path, lo
     close32(np.asarray(model(_ids())), want, want64, what="peft -> jlora")
 
 
+@pytest.mark.slow  # the merged path names nothing SmolLM3-specific; test_phi3 and tests/core run it by default
 def test_merged_export_loads_in_transformers(smol, hf_model, rel, close32, tmp_path, logits32_and_64):
     path = smol("nope")
     model = jlora.get_peft_model(jlora.load_hf(path), jlora.LoraConfig(r=4, init_lora_weights=False),

@@ -30,6 +30,8 @@ NF4_AXES = ("fsdp", "tensor")
 
 def wanted_spec(name: str) -> tuple:
     """The axes a model array of this flat name shards over, one entry per dimension (before fitting)."""
+    if ".layers.group." in name:  # a scanned stack (jlora.models.stacked): leading layer axis replicated
+        return (None,) + wanted_spec(name.replace(".layers.group.", ".layers.", 1))
     row = ROW_PARALLEL.search("." + name) is not None
     in_axis, out_axis = ("tensor", "fsdp") if row else ("fsdp", "tensor")
     if name.endswith(".lora.a"):
@@ -89,4 +91,6 @@ def nf4_specs(q, mesh: Mesh):
     """The PartitionSpecs of an NF4Tensor's arrays (an NF4Tensor of specs): codes and absmax split along
     their one axis over (fsdp, tensor) where each device gets whole blocks, the rest replicated."""
     flat = P(NF4_AXES) if nf4_splits(q, mesh) else P()
+    if q.codes.ndim == 2:  # stacked layers (jlora.models.stacked): the leading layer axis stays whole
+        flat = P(None, *flat)
     return dataclasses.replace(q, codes=flat, absmax=flat, nested_absmax=P(), offset=P(), nested_code=P())

@@ -28,8 +28,13 @@ LOSS_CHUNK_TOKENS = 2048  # jlora.train.chunked_loss.DEFAULT_CHUNK_TOKENS (not i
 HELP = {
     "out": "run directory: metrics.jsonl, checkpoints/, adapter/, loss.png",
     "model": "HF checkpoint dir or Hub id; unset: the embedded default (tiny Llama + bundled data, demo settings)",
-    "data": "training JSONL: text | prompt+completion | messages per line",
-    "eval": "eval JSONL; unset: hold out --eval-fraction of --data",
+    "data": "training data: JSONL (text | prompt+completion | messages per line), .parquet, .csv or a datasets "
+            "save_to_disk dir",
+    "eval": "eval data (same formats); unset: hold out --eval-fraction of --data",
+    "text_field": "column of --data/--eval holding the text field",
+    "prompt_field": "column holding the prompt field",
+    "completion_field": "column holding the completion field",
+    "messages_field": "column holding the messages field (a list of {role, content})",
     "eval_fraction": "share of --data held out for eval when --eval is not given (needs >= 20 examples)",
     "r": "LoRA rank",
     "lora_alpha": "LoRA alpha: scaling = alpha / r (alpha / sqrt(r) with --use-rslora)",
@@ -82,6 +87,10 @@ class TrainConfig:
     data: str | None = None           # JSONL with text | prompt+completion | messages
     eval: str | None = None           # JSONL; None: hold out eval_fraction of the data
     eval_fraction: float = 0.05
+    text_field: str = "text"          # dataset columns holding jlora's fields (jlora.data.readers.Columns)
+    prompt_field: str = "prompt"
+    completion_field: str = "completion"
+    messages_field: str = "messages"
     # LoRA
     r: int = 16
     lora_alpha: float = 16

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jlora.atomic_files import write_json
-from jlora.data import BatchIterator, DataError, read_jsonl, split_holdout, tokenize_records
+from jlora.data import BatchIterator, Columns, DataError, read_records, split_holdout, tokenize_records
 from jlora.data.iterator import Prefetch
 from jlora.llama import use_kernels
 from jlora.lora_config import TARGET_PRESETS, LoraConfig
@@ -71,11 +71,13 @@ class Trainer:
             raise DataError("--data is required with --model (a JSONL file of text, prompt+completion or messages)")
         else:
             train_path, eval_path = Path(c.data), (Path(c.eval) if c.eval else None)
-        records = read_jsonl(train_path)
+        columns = Columns(text=c.text_field, prompt=c.prompt_field, completion=c.completion_field,
+                          messages=c.messages_field)
+        records = read_records(train_path, columns)  # JSONL, parquet, CSV or a saved dataset
         if eval_path is None and c.eval_fraction > 0 and len(records) >= 20:
             records, eval_records = split_holdout(records, fraction=c.eval_fraction, seed=c.seed)
         else:
-            eval_records = read_jsonl(eval_path) if eval_path else []
+            eval_records = read_records(eval_path, columns) if eval_path else []
         train, stats = tokenize_records(records, tokenizer, seq_len=c.seq_len)
         evals = tokenize_records(eval_records, tokenizer, seq_len=c.seq_len)[0] if eval_records else []
         return train, evals, stats

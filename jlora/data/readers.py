@@ -61,6 +61,8 @@ def data_kind(path: str | os.PathLike) -> str:
         return STREAMED[suffix]
     if suffix in JSONL:
         return "jsonl"
+    if not p.exists():
+        raise DataError(f"{p}: cannot read data file (no such file or directory)")
     raise DataError(f"{p}: cannot tell the data format from the name; expected a .jsonl, .parquet or .csv file "
                     f"or a directory written by datasets' save_to_disk")
 

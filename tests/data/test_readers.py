@@ -104,3 +104,5 @@ def test_unknown_format(tmp_path):
     (tmp_path / "data.xlsx").write_text("x")
     with pytest.raises(DataError, match=r"data\.xlsx: cannot tell the data format.*\.jsonl, \.parquet or \.csv"):
         read_records(tmp_path / "data.xlsx")
+    with pytest.raises(DataError, match=r"saved_typo: cannot read data file \(no such file or directory\)"):
+        read_records(tmp_path / "saved_typo")

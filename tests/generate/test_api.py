@@ -74,3 +74,4 @@ def test_bad_input_is_named(base):
 def test_truncation_keeps_the_last_tokens():
     prompts, bucket, max_len = fit_prompts([list(range(30)), [7, 8]], 8, 32, truncate=True)
     assert prompts == [list(range(5, 30)), [7, 8]] and (bucket, max_len) == (32, 32)  # 25 + 8 - 1 = 32 slots
+    assert fit_prompts([[1] * 70], 8, None, truncate=False)[1:] == (128, 192)  # bucket 128, 128 + 7 -> 192

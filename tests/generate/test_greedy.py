@@ -54,7 +54,7 @@ def _eos_for(tokens):
     return next(t for t in tokens[0][4:] if t not in tokens[1])
 
 
-@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
+@pytest.mark.parametrize("family", ["llama", "mistral", pytest.param("qwen2", marks=pytest.mark.slow)])
 def test_greedy_equals_transformers(family, checkpoint, hf_model):
     path = checkpoint(family)
     ref, prompts = hf_model(path), _prompts()

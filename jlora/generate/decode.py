@@ -72,7 +72,9 @@ def _mark(seen, tokens, where):
     return seen.at[rows, tokens].max(where)
 
 
-def _prefill(graphdef, state, ids, start, filler, seed, *, max_len: int, sampling: SamplingConfig, eos: tuple, pad: int) -> Carry:
+def _prefill(graphdef, state, ids, start, filler, seed, *, max_len: int, sampling: SamplingConfig, eos: tuple,
+             pad: int) -> Carry:
+    """Fills slots [0, P) from the left-padded prompts and picks token 0 (filler rows start done)."""
     model = nnx.merge(graphdef, state)
     b, t = ids.shape
     cache = KVCache.create(model.config, b, max_len, start, dtype=model.dtype)

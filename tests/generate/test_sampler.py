@@ -46,7 +46,8 @@ def test_top_k_1_is_greedy_and_seeds_reproduce():
     seen = jnp.zeros(logits.shape, bool)
     greedy = next_tokens(logits, seen, 0, SamplingConfig())
     np.testing.assert_array_equal(greedy, np.argmax(np.asarray(logits), -1))
-    np.testing.assert_array_equal(next_tokens(logits, seen, 3, SamplingConfig(temperature=1.5, top_k=1, seed=5)), greedy)
+    top1 = SamplingConfig(temperature=1.5, top_k=1, seed=5)
+    np.testing.assert_array_equal(next_tokens(logits, seen, 3, top1), greedy)
     hot = SamplingConfig(temperature=5.0, seed=1)
     a = [np.asarray(next_tokens(logits, seen, s, hot)) for s in range(4)]
     b = [np.asarray(next_tokens(logits, seen, s, hot)) for s in range(4)]

@@ -23,8 +23,8 @@ contract, and the code that walks `model.model.layers` by index (get_peft_model,
 exporters, the KV-cache generation path) sees a loop model: `unstack_layers(model)` restores it (exact:
 stacking and unstacking only move arrays), and `as_loop(model)` is what exporters call. Anything held in a
 layer's state stacks: dense kernels, NF4Weight (its NF4Tensor arrays stack; shape/blocksize are static),
-LoRA A/B. Mutable per-layer state (LoRA dropout's RNG counters) is not carried out of the scan: with
-active LoRA dropout, train the loop model.
+LoRA A/B. Mutable per-layer state (LoRA dropout's RNG counters) would not be carried out of the scan:
+layers with RNG state (lora_dropout > 0) are refused (ValueError); train those with the loop model.
 """
 from __future__ import annotations
 
@@ -139,6 +139,9 @@ def stack_layers(model):
     if is_stacked(model):
         return model
     layers = list(model.model.layers)
+    if any(jax.tree.leaves(nnx.state(layer, nnx.RngState)) for layer in layers):
+        raise ValueError("scan_layers: the decoder layers hold RNG state (LoRA dropout > 0), whose per-step "
+                         "updates a scan would not carry; train with lora_dropout=0 or with the loop model")
     p = structural_period(layers)
     groups = len(layers) // p
     group = [_stack(layers[j:groups * p:p]) for j in range(p)]

@@ -168,3 +168,14 @@ def test_kv_cache_on_a_scanned_model_names_the_fix(checkpoint):
     assert isinstance(model.model.layers, ScannedLayers)
     with pytest.raises(ValueError, match="unstack_layers"):
         model.hidden_states(_ids(96, shape=(1, 4)), cache=object())
+
+
+def test_lora_dropout_is_refused_not_silently_frozen():
+    """Dropout's RNG counters would not advance through the scan: stacking such layers is an error."""
+    from jlora.models import ModelConfig
+    config = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=8)
+    model = nnx.eval_shape(lambda: jlora.get_peft_model(jlora.init_random(config), jlora.LoraConfig(r=2, lora_dropout=0.1),
+                                                        rngs=nnx.Rngs(0)))
+    with pytest.raises(ValueError, match="lora_dropout"):
+        stack_layers(model)

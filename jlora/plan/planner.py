@@ -45,6 +45,9 @@ from jlora.train.sharding import AXES, parse_mesh
 
 REMAT = {"auto": AUTO_ORDER, **{p: (p,) for p in POLICIES}}
 SKIP_FACTOR = 2.0  # estimate over this many HBMs: not worth a compile
+OFFLOAD_FAST_NOTE = ("remat offload under --compile-effort fast: libtpu's quick schedule moved only one layer input "
+                     "to host memory (measured; the default effort moves every layer's), so host bytes read low and "
+                     "HBM high; --compile-effort default shows the offload as jlora train compiles it")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -347,6 +350,8 @@ class Planner:
         if self.request.attention == "cudnn" or (self.request.attention == "auto" and not self.topology.is_tpu):
             plan.notes.append("attention cudnn: estimated with blockwise attention, which saves the same "
                               "(output and log-sum-exp per query)")
+        if chosen.remat == "offload" and chosen.source == "compiled" and r.effort == "fast":
+            plan.notes.append(OFFLOAD_FAST_NOTE)
         if chosen.remat == "none" and chosen.mesh["fsdp"] > 1 and chosen.source == "compiled":
             plan.notes.append("without remat XLA keeps each layer's all-gathered weights from the forward to the "
                               "backward pass (it reuses the gather), so fsdp shrinks the arguments but not the "

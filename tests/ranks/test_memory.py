@@ -64,8 +64,9 @@ def test_ranks_and_plan_count_the_same_step_gradients():
     from jlora.plan.estimate import ActivationModel, estimate_bytes_per_device
     from jlora.ranks.memory import GRADIENT_BYTES_PER_PARAM
     trainable = 1_000_000
-    nothing = ActivationModel((0.0, 0.0), (0.0, 0.0), (0.0, 0.0), (0.0, 0.0), layers=1)
-    plan_grads = estimate_bytes_per_device(0, 4 * trainable, nothing, rows_per_device=1, remat=False)
+    zero = {policy: (0.0, 0.0) for policy in ("none", "dots", "full", "offload")}
+    nothing = ActivationModel(per_row=zero, const=zero, host_per_row={p: 0.0 for p in zero}, layers=1)
+    plan_grads = estimate_bytes_per_device(0, 4 * trainable, nothing, rows_per_device=1, remat="none")
     assert plan_grads == GRADIENT_BYTES_PER_PARAM * trainable == 8 * trainable
 
 

@@ -3,6 +3,7 @@ model's `max_position_embeddings`.
 
     check_platform(config)                  # up front: the attention backend runs on this platform
     configure_model(model, config, log=log) # sets the backend and the remat policy; warns past the trained length
+    with tracing_context(config, mesh): ... # trace the step here: splash then runs per device (shard_map)
 
 `--remat auto` is resolved by `jlora train` (jlora.commands.train, which asks jlora plan's estimate for the
 lightest policy that fits a chip). A config that reaches the trainer still saying "auto" (a library call)
@@ -13,6 +14,8 @@ without host memory; the run's log says which.
 from __future__ import annotations
 
 import jax
+
+import contextlib
 
 from jlora.attention import check_backend, use_attention
 from jlora.remat import POLICIES
@@ -74,3 +77,15 @@ def configure_model(model, config: TrainConfig, *, log=print) -> str:
     if warning:
         log(warning)
     return policy
+
+
+def tracing_context(config: TrainConfig, mesh):
+    """`jax.set_mesh(mesh)` when the step's attention is splash on a mesh of several devices, else nothing.
+
+    Splash is a Mosaic call XLA cannot partition: under the mesh context it runs per device under
+    shard_map (jlora.attention.splash); traced without it, XLA would replicate the call (every chip
+    computing the whole batch's attention). jlora plan traces its steps the same way."""
+    splash = config.attention == "splash" or (config.attention == "auto" and jax.default_backend() == "tpu")
+    if mesh is None or mesh.size <= 1 or not splash:
+        return contextlib.nullcontext()
+    return jax.set_mesh(mesh)

@@ -206,10 +206,11 @@ class Trainer:
             evals = bool(c.eval_every and eval_examples)
             self.log(f"compiling the training step{' and the eval step' if evals else ''} ...")
             t0 = time.perf_counter()
-            train_step = train_step.lower(params, opt_state, frozen, batch, key,
-                                          jnp.asarray(start, jnp.int32)).compile()
-            if evals:  # fills jit's cache for the eval batches' shape
-                eval_step.lower(params, frozen, put_batch(next(iter(eval_batches())), mesh, 0)).compile()
+            with long_context.tracing_context(c, mesh):  # splash on a mesh: per device
+                train_step = train_step.lower(params, opt_state, frozen, batch, key,
+                                              jnp.asarray(start, jnp.int32)).compile()
+                if evals:  # fills jit's cache for the eval batches' shape
+                    eval_step.lower(params, frozen, put_batch(next(iter(eval_batches())), mesh, 0)).compile()
             jax.block_until_ready((params, opt_state, frozen, batch))  # the steps' times count steps only
             self.log(f"compiled in {time.perf_counter() - t0:.1f} s")
 

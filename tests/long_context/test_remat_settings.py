@@ -108,3 +108,22 @@ def test_auto_remat_on_an_accelerator_takes_the_first_policy_the_estimate_fits()
     between = (est["none"] + est["full"]) / 2 / 0.9
     policy, est = lightest_fitting_remat(config, model_config, device_bytes=int(between), mesh_sizes=sizes)
     assert policy == "full" and list(est) == ["none", "full"], est
+
+
+def test_the_step_is_traced_under_the_mesh_only_for_splash_on_several_devices(monkeypatch):
+    """Splash on a mesh must be traced under jax.set_mesh (else XLA replicates the Mosaic call on every chip)."""
+    import contextlib
+    import types
+
+    import jax
+
+    from jlora.train import long_context
+
+    entered = []
+    monkeypatch.setattr(jax, "set_mesh", lambda mesh: entered.append(mesh) or contextlib.nullcontext())
+    several, one = types.SimpleNamespace(size=4), types.SimpleNamespace(size=1)
+    for attention, mesh in (("splash", several), ("auto", several), ("blockwise", several), ("splash", one),
+                            ("splash", None)):
+        with long_context.tracing_context(types.SimpleNamespace(attention=attention), mesh):
+            pass
+    assert entered == [several]  # auto is splash only on TPU; blockwise is XLA's to partition; one device: nothing

@@ -11,6 +11,8 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
 
+from tests.hf_checkpoints import built_once, save_random_model  # noqa: E402
+
 TINY = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5)
 
@@ -28,32 +30,17 @@ FAMILIES = {
 
 def make_checkpoint(family: str, out_dir, seed: int = 0):
     """A random transformers model of `family` (non-trivial norms and biases), saved as safetensors."""
-    import torch
     import transformers
 
     cls_name, extra = FAMILIES[family]
-    config = getattr(transformers, cls_name)(**{**TINY, **extra})
-    torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight") or name.endswith(".bias"):
-                p.copy_(torch.randn_like(p) * 0.1 + (1.0 if "norm" in name else 0.0))
-    model.save_pretrained(out_dir, safe_serialization=True)
-    return out_dir
+    return save_random_model(getattr(transformers, cls_name)(**{**TINY, **extra}), out_dir, seed=seed, bias_std=0.1)
 
 
 @pytest.fixture(scope="session")
 def checkpoint(tmp_path_factory):
     """checkpoint(family) -> path of a tiny HF checkpoint dir, built once per session."""
-    cache = {}
-
-    def get(family: str = "llama"):
-        if family not in cache:
-            cache[family] = make_checkpoint(family, tmp_path_factory.mktemp(f"hf-{family}"))
-        return cache[family]
-
-    return get
+    get = built_once(tmp_path_factory, make_checkpoint, "hf")
+    return lambda family="llama": get(family)
 
 
 @pytest.fixture

@@ -21,6 +21,7 @@ import torch
 from flax import nnx
 
 import jlora
+from tests.hf_checkpoints import save_random_model
 from jlora.models import ConfigError, ModelConfig
 
 TINY = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
@@ -45,13 +46,7 @@ def _build(family: str, out_dir, sizes=None, seed: int = 0):
     import transformers
     cls_name, extra = CONFIGS[family]
     config = getattr(transformers, cls_name)(**{**TINY, **extra, **(sizes or {})})
-    torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.copy_(torch.randn_like(p) * (0.5 if name.endswith("norm.weight") else 0.25))
-    model.save_pretrained(out_dir, safe_serialization=True)
-    return out_dir
+    return save_random_model(config, out_dir, seed=seed, norm_mean=0.0, norm_std=0.5, weight_std=0.25)
 
 
 def _legacy_gemma3_config(path):

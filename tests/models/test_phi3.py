@@ -17,6 +17,7 @@ import torch
 from flax import nnx
 
 import jlora
+from tests.hf_checkpoints import built_once, save_random_model
 from jlora.vllm_rules import check_vllm_adapter, vllm_violations
 
 VOCAB = 96
@@ -37,26 +38,13 @@ FUSED = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
 def make_phi3(out_dir, *, seed=0, sizes=TINY, **extra):
     """A random transformers Phi3ForCausalLM (non-trivial norms) saved with save_pretrained."""
     import transformers
-    config = transformers.Phi3Config(**{**sizes, **extra})
-    torch.manual_seed(seed)
-    model = transformers.Phi3ForCausalLM(config).to(torch.float32)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.copy_(torch.randn_like(p) * 0.1 + 1.0)
-    model.save_pretrained(out_dir, safe_serialization=True)
-    return out_dir
+    return save_random_model(transformers.Phi3Config(**{**sizes, **extra}), out_dir, seed=seed)
 
 
 @pytest.fixture(scope="module")
 def phi3(tmp_path_factory):
-    cache = {}
-
-    def get(variant="window"):
-        if variant not in cache:
-            cache[variant] = make_phi3(tmp_path_factory.mktemp(f"phi3-{variant}"), **VARIANTS[variant])
-        return cache[variant]
-    return get
+    get = built_once(tmp_path_factory, lambda variant, out: make_phi3(out, **VARIANTS[variant]), "phi3")
+    return lambda variant="window": get(variant)
 
 
 def _ids(seed=3):

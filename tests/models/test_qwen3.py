@@ -7,7 +7,6 @@ What the checkpoints exercise (each would fail the comparison if jlora got it wr
 - packed rows, PEFT round trips both ways (random non-zero B, rsLoRA, rank_pattern), the merged export,
   and NF4 against transformers + bitsandbytes.
 """
-import json
 
 import numpy as np
 import peft
@@ -16,6 +15,7 @@ import torch
 from flax import nnx
 
 import jlora
+from tests.hf_checkpoints import built_once, save_random_model
 
 TINY = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, head_dim=16, max_position_embeddings=256, rms_norm_eps=1e-6,
@@ -32,26 +32,13 @@ NF4_SIZES = dict(hidden_size=64, intermediate_size=128)
 def _build(out_dir, seed=0, **overrides):
     """A random Qwen3 saved with save_pretrained; every norm weight (q_norm, k_norm too) is 1 + N(0, 0.1^2)."""
     import transformers
-    config = transformers.Qwen3Config(**{**TINY, **overrides})
-    torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.copy_(torch.randn_like(p) * 0.1 + 1.0)
-    model.save_pretrained(out_dir, safe_serialization=True)
-    return out_dir
+    return save_random_model(transformers.Qwen3Config(**{**TINY, **overrides}), out_dir, seed=seed)
 
 
 @pytest.fixture(scope="module")
 def qwen3(tmp_path_factory):
-    cache = {}
-
-    def get(name="qwen3"):
-        if name not in cache:
-            cache[name] = _build(tmp_path_factory.mktemp(name), **CONFIGS[name])
-        return cache[name]
-    return get
+    get = built_once(tmp_path_factory, lambda name, out: _build(out, **CONFIGS[name]), "qwen3")
+    return lambda name="qwen3": get(name)
 
 
 def forward(model, ids, positions=None, segment_ids=None) -> np.ndarray:

@@ -9,10 +9,10 @@
 """
 import numpy as np
 import pytest
-import torch
 from flax import nnx
 
 import jlora
+from tests.hf_checkpoints import save_random_model
 from jlora.models.stacked import ScannedLayers, is_stacked, stack_layers, unstack_layers, structural_period
 
 GEMMA2 = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
@@ -25,14 +25,8 @@ GEMMA2 = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_attentio
 def gemma2_5(tmp_path_factory):
     """A 5-layer Gemma 2 checkpoint (sliding, full, sliding, full, sliding) with random norm weights."""
     import transformers
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(transformers.Gemma2Config(**GEMMA2), dtype=torch.float32)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.copy_(torch.randn_like(p) * (0.5 if name.endswith("norm.weight") else 0.25))
-    out = tmp_path_factory.mktemp("gemma2-5")
-    model.save_pretrained(out, safe_serialization=True)
-    return out
+    return save_random_model(transformers.Gemma2Config(**GEMMA2), tmp_path_factory.mktemp("gemma2-5"),
+                             norm_mean=0.0, norm_std=0.5, weight_std=0.25)
 
 
 def _forward(model, ids):

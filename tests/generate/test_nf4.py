@@ -2,8 +2,9 @@
 decoding by the model's own full forward pass, recomputed over the whole sequence at every step (slow).
 
 The NF4 forward itself is checked against bitsandbytes in tests/qlora; here transformers + bitsandbytes'
-generate is not the reference because their CPU logits differ from jlora's NF4 logits by ~1e-2 relative on
-this model (found while writing this test), enough to flip a near-tie within 16 tokens."""
+generate is not the reference: on a CPU with avx512_bf16, bitsandbytes' 4-bit layers take a bfloat16 fast path
+(~1e-2 relative from the float32 logits, enough to flip a near-tie within 16 tokens) unless each layer's
+`support_avx512bf16_for_cpu` is set False, as tests/qlora/conftest.py does for its exact comparisons."""
 import numpy as np
 import pytest
 import torch

@@ -30,7 +30,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from jlora.attention.masks import check_softcap, visible
+from jlora.attention.masks import check_inputs, visible
 
 _MIN = float(jnp.finfo(jnp.float32).min)
 
@@ -61,14 +61,8 @@ def blockwise_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, segment_
     (padded keys are never visible to real queries: they come after them).
     """
     b, t, kv, g, d = q.shape
-    if k.shape != (b, t, kv, d) or v.shape != k.shape:
-        raise ValueError(f"blockwise_attention: k and v must be [batch, seq, kv_heads, head_dim] = {(b, t, kv, d)} "
-                         f"to match q {q.shape}, got k {k.shape}, v {v.shape}")
-    if segment_ids.shape != (b, t):
-        raise ValueError(f"blockwise_attention: segment_ids must be [batch, seq] = {(b, t)}, got {segment_ids.shape}")
-    if sliding_window is not None and sliding_window < 1:
-        raise ValueError(f"sliding_window must be >= 1 or None, got {sliding_window}")
-    check_softcap(logit_softcap)
+    check_inputs("blockwise_attention", q, k, v, segment_ids, sliding_window=sliding_window,
+                 logit_softcap=logit_softcap)
     blocks = block_sizes or BlockSizes.get_default()
     bq, bk = min(blocks.q, t), min(blocks.k, t)
     step = bq * bk // math.gcd(bq, bk)

@@ -36,3 +36,17 @@ def softcap(scores: jnp.ndarray, cap: float | None) -> jnp.ndarray:
 def check_softcap(cap: float | None) -> None:
     if cap is not None and not cap > 0:
         raise ValueError(f"logit_softcap must be > 0 or None, got {cap}")
+
+
+def check_inputs(name: str, q, k, v, segment_ids, *, sliding_window: int | None, logit_softcap: float | None) -> None:
+    """ValueError naming backend `name` unless q [b, t, kv_heads, group, d], k = v [b, t, kv_heads, d],
+    segment_ids [b, t], sliding_window >= 1 or None and logit_softcap > 0 or None."""
+    b, t, kv, _, d = q.shape
+    if k.shape != (b, t, kv, d) or v.shape != k.shape:
+        raise ValueError(f"{name}: k and v must be [batch, seq, kv_heads, head_dim] = {(b, t, kv, d)} "
+                         f"to match q {q.shape}, got k {k.shape}, v {v.shape}")
+    if segment_ids.shape != (b, t):
+        raise ValueError(f"{name}: segment_ids must be [batch, seq] = {(b, t)}, got {segment_ids.shape}")
+    if sliding_window is not None and sliding_window < 1:
+        raise ValueError(f"sliding_window must be >= 1 or None, got {sliding_window}")
+    check_softcap(logit_softcap)

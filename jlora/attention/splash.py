@@ -36,7 +36,7 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from jlora.attention.blockwise import BlockSizes as JloraBlockSizes
-from jlora.attention.masks import check_softcap
+from jlora.attention.masks import check_inputs
 
 LANES = 128
 DEFAULT_BLOCK = 512
@@ -148,14 +148,8 @@ def splash_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, segment_ids
 
     The same function as jlora.attention.reference_attention, by the splash kernel (module docstring)."""
     b, t, kv, g, d = q.shape
-    if k.shape != (b, t, kv, d) or v.shape != k.shape:
-        raise ValueError(f"splash_attention: k and v must be [batch, seq, kv_heads, head_dim] = {(b, t, kv, d)} "
-                         f"to match q {q.shape}, got k {k.shape}, v {v.shape}")
-    if segment_ids.shape != (b, t):
-        raise ValueError(f"splash_attention: segment_ids must be [batch, seq] = {(b, t)}, got {segment_ids.shape}")
-    if sliding_window is not None and sliding_window < 1:
-        raise ValueError(f"sliding_window must be >= 1 or None, got {sliding_window}")
-    check_softcap(logit_softcap)
+    check_inputs("splash_attention", q, k, v, segment_ids, sliding_window=sliding_window,
+                 logit_softcap=logit_softcap)
     blocks = splash_block_sizes(t, block_sizes)
     cap = None if logit_softcap is None else float(logit_softcap)
     call = functools.partial(_per_device, window=sliding_window, scale=float(scale), cap=cap, blocks=blocks)

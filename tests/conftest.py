@@ -12,6 +12,8 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import pytest  # noqa: E402
 
 from tests.hf_checkpoints import built_once, save_random_model  # noqa: E402
+from tests.numerics import (EPS32, float32_close, rel_err, torch_logits32_and_64,  # noqa: E402,F401
+                            transformers_model)
 
 TINY = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5)
@@ -46,18 +48,7 @@ def checkpoint(tmp_path_factory):
 @pytest.fixture
 def hf_model():
     """hf_model(path) -> the transformers model in float32, eval mode."""
-    def load(path):
-        import torch
-        import transformers
-        return transformers.AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32).eval()
-    return load
-
-
-def rel_err(a, b) -> float:
-    """max |a - b| / max |b|."""
-    import numpy as np
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.abs(a - b).max() / np.abs(b).max())
+    return transformers_model
 
 
 @pytest.fixture
@@ -65,38 +56,9 @@ def rel():
     return rel_err
 
 
-EPS32 = 2.0 ** -23
-
-
-def float32_close(got, ref32, ref64, *, factor: float = 8.0, what: str = "") -> None:
-    """Asserts that `got` (a float32 computation) is about as close to the float64 truth `ref64` as the
-    reference implementation's own float32 result `ref32` is: rel(got, ref64) <= factor * rel(ref32,
-    ref64) + 64 * eps32 (relative to max |ref64|).
-
-    Calibrating on the reference's float32 error on the same machine makes the bound hold on any x86
-    CPU (AVX2 and AVX-512 sum float32 in different orders, and both sides move together), while an
-    error a bug makes (a wrong scale, a missing term) is orders of magnitude above it.
-    """
-    got_err, ref_err = rel_err(got, ref64), rel_err(ref32, ref64)
-    bound = factor * ref_err + 64 * EPS32
-    assert got_err <= bound, f"{what}: rel error {got_err:.3g} vs float64 > {bound:.3g} ({factor} x the " \
-                             f"reference's float32 error {ref_err:.3g} + 64 eps32)"
-
-
 @pytest.fixture
 def close32():
     return float32_close
-
-
-def torch_logits32_and_64(model, ids):
-    """(float32 logits, float64 logits) of a torch model on `ids`; the float64 copy is the reference truth."""
-    import copy
-
-    import numpy as np
-    import torch
-    with torch.no_grad():
-        t = torch.tensor(np.asarray(ids), dtype=torch.long)
-        return model(t).logits.numpy(), copy.deepcopy(model).double()(t).logits.numpy()
 
 
 @pytest.fixture

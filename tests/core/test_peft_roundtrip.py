@@ -1,14 +1,13 @@
 """jlora adapters and PEFT adapters move both ways with identical logits (PEFT is the reference)."""
-import json
 
 import numpy as np
 import peft
 import pytest
-import torch
 from flax import nnx
 
 import jlora
-from jlora.vllm_rules import check_vllm_adapter
+from tests.peft_checks import (jlora_adapter_loads_in_peft, merged_export_loads_in_transformers,
+                               peft_adapter_loads_in_jlora)
 
 CASES = [
     # (family, LoraConfig kwargs)
@@ -31,39 +30,20 @@ def _ids(seed=3):
 
 
 @pytest.mark.parametrize("family,kwargs", CASES)
-def test_jlora_export_loads_in_peft(family, kwargs, checkpoint, hf_model, rel, close32, tmp_path, logits32_and_64):
-    path = checkpoint(family)
-    cfg = jlora.LoraConfig(init_lora_weights=False, **kwargs)  # random, non-zero B
-    model = jlora.get_peft_model(jlora.load_hf(path), cfg, rngs=nnx.Rngs(7))
-    ours = np.asarray(model(_ids()))
-    jlora.save_pretrained(model, tmp_path / "adapter")
-
-    saved = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+def test_jlora_export_loads_in_peft(family, kwargs, checkpoint, tmp_path):
+    _, saved = jlora_adapter_loads_in_peft(checkpoint(family), kwargs, _ids(), tmp_path / "adapter", max_lora_rank=64,
+                                           what=f"{family} {kwargs}")
     assert isinstance(saved["target_modules"], list) and saved["base_model_name_or_path"]
-    check_vllm_adapter(tmp_path / "adapter", max_lora_rank=64)
-
-    ref = peft.PeftModel.from_pretrained(hf_model(path), tmp_path / "adapter").eval()
-    want, want64 = logits32_and_64(ref, _ids())
-    with torch.no_grad(), ref.disable_adapter():
-        plain = ref(torch.tensor(_ids())).logits.numpy()
-    assert rel(plain, want) > 1e-4, "the adapter must change the logits, or this test proves nothing"
-    close32(ours, want, want64, what=f"{family} {kwargs}")
 
 
 @pytest.mark.parametrize("family,kwargs", [CASES[1], CASES[4], CASES[9]])
-def test_peft_saved_adapter_loads_in_jlora(family, kwargs, checkpoint, hf_model, close32, tmp_path, logits32_and_64):
-    path = checkpoint(family)
+def test_peft_saved_adapter_loads_in_jlora(family, kwargs, checkpoint, tmp_path):
     targets = jlora.LoraConfig(**kwargs).target_modules
     pcfg = peft.LoraConfig(r=kwargs["r"], lora_alpha=kwargs["lora_alpha"], target_modules=targets,
                            use_rslora=kwargs.get("use_rslora", False), rank_pattern=kwargs.get("rank_pattern", {}),
                            alpha_pattern=kwargs.get("alpha_pattern", {}), init_lora_weights=False,
                            task_type="CAUSAL_LM")
-    torch.manual_seed(0)
-    ref = peft.get_peft_model(hf_model(path), pcfg).eval()
-    ref.save_pretrained(tmp_path / "peft")
-    want, want64 = logits32_and_64(ref, _ids())
-    model = jlora.load_adapter(jlora.load_hf(path), tmp_path / "peft")
-    close32(np.asarray(model(_ids())), want, want64, what=f"{family} {kwargs}")
+    peft_adapter_loads_in_jlora(checkpoint(family), pcfg, _ids(), tmp_path / "peft", what=f"{family} {kwargs}")
 
 
 def test_trainable_parameters_equal_peft(checkpoint, hf_model):
@@ -75,19 +55,8 @@ def test_trainable_parameters_equal_peft(checkpoint, hf_model):
     assert jlora.trainable_parameters(model) == tuple(ref.get_nb_trainable_parameters())
 
 
-def test_merged_export_loads_in_transformers(checkpoint, hf_model, rel, close32, tmp_path, logits32_and_64):
-    path = checkpoint("qwen2")
-    model = jlora.get_peft_model(jlora.load_hf(path), jlora.LoraConfig(r=8, init_lora_weights=False),
-                                 rngs=nnx.Rngs(1))
-    ours = np.asarray(model(_ids()))
-    jlora.save_merged(model, tmp_path / "merged")
-    merged, merged64 = logits32_and_64(hf_model(tmp_path / "merged"), _ids())
-    with torch.no_grad():
-        base = hf_model(path)(torch.tensor(_ids())).logits.numpy()
-    assert rel(base, ours) > 1e-4
-    # transformers on the merged weights (float32 and float64) is the reference for jlora's unmerged
-    # float32 logits; the merged weights' own float32 rounding sits inside the factor.
-    close32(ours, merged, merged64, what="merged")
+def test_merged_export_loads_in_transformers(checkpoint, tmp_path):
+    merged_export_loads_in_transformers(checkpoint("qwen2"), dict(r=8), _ids(), tmp_path / "merged")
 
 
 def test_merged_sharded_export_reloads(checkpoint, hf_model, close32, tmp_path, logits32_and_64):

@@ -22,6 +22,8 @@ from flax import nnx
 
 import jlora
 from tests.hf_checkpoints import save_random_model
+from tests.peft_checks import (jlora_adapter_loads_in_peft, merged_export_loads_in_transformers,
+                               peft_adapter_loads_in_jlora)
 from jlora.models import ConfigError, ModelConfig
 
 TINY = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
@@ -202,43 +204,20 @@ PEFT_CASES = [
 
 
 @pytest.mark.parametrize("name,kwargs", PEFT_CASES)
-def test_jlora_adapter_loads_in_peft(name, kwargs, gemma, hf_model, rel, close32, tmp_path, logits32_and_64):
-    from jlora.vllm_rules import check_vllm_adapter
-    path = gemma(name)
-    model = jlora.get_peft_model(jlora.load_hf(path), jlora.LoraConfig(init_lora_weights=False, **kwargs),
-                                 rngs=nnx.Rngs(7))
-    ours = _forward(model, _ids())
-    jlora.save_pretrained(model, tmp_path / "adapter")
-    check_vllm_adapter(tmp_path / "adapter", max_lora_rank=64)
-    ref = peft.PeftModel.from_pretrained(hf_model(path), tmp_path / "adapter").eval()
-    want, want64 = logits32_and_64(ref, _ids())
-    with ref.disable_adapter():
-        assert rel(_logits(ref, _ids()), want) > 1e-3, "the adapter must change the logits"
-    close32(ours, want, want64, what=f"{name} {kwargs}")
+def test_jlora_adapter_loads_in_peft(name, kwargs, gemma, tmp_path):
+    jlora_adapter_loads_in_peft(gemma(name), kwargs, _ids(), tmp_path / "adapter", max_lora_rank=64, forward=_forward,
+                                min_change=1e-3, what=f"{name} {kwargs}")
 
 
-def test_peft_adapter_loads_in_jlora(gemma, hf_model, close32, tmp_path, logits32_and_64):
-    path = gemma("gemma3")
-    kwargs = PEFT_CASES[0][1]
+def test_peft_adapter_loads_in_jlora(gemma, tmp_path):
     pcfg = peft.LoraConfig(target_modules=list(jlora.LoraConfig().target_modules), init_lora_weights=False,
-                           task_type="CAUSAL_LM", **kwargs)
-    torch.manual_seed(0)
-    ref = peft.get_peft_model(hf_model(path), pcfg).eval()
-    ref.save_pretrained(tmp_path / "peft")
-    want, want64 = logits32_and_64(ref, _ids())
-    model = jlora.load_adapter(jlora.load_hf(path), tmp_path / "peft")
-    close32(_forward(model, _ids()), want, want64, what="peft -> jlora")
+                           task_type="CAUSAL_LM", **PEFT_CASES[0][1])
+    peft_adapter_loads_in_jlora(gemma("gemma3"), pcfg, _ids(), tmp_path / "peft", forward=_forward)
 
 
-def test_merged_export_loads_in_transformers(gemma, hf_model, rel, close32, tmp_path, logits32_and_64):
-    path = gemma("gemma2")
-    model = jlora.get_peft_model(jlora.load_hf(path), jlora.LoraConfig(r=8, init_lora_weights=False),
-                                 rngs=nnx.Rngs(1))
-    ours = _forward(model, _ids())
-    jlora.save_merged(model, tmp_path / "merged")
-    merged, merged64 = logits32_and_64(hf_model(tmp_path / "merged"), _ids())
-    assert rel(_logits(hf_model(path), _ids()), ours) > 1e-3
-    close32(ours, merged, merged64, what="merged")
+def test_merged_export_loads_in_transformers(gemma, tmp_path):
+    merged_export_loads_in_transformers(gemma("gemma2"), dict(r=8), _ids(), tmp_path / "merged", forward=_forward,
+                                        min_change=1e-3)
 
 
 def _peft_grads(ref, ids, targets, mask, dtype):

@@ -17,8 +17,10 @@ import torch
 from flax import nnx
 
 import jlora
+from jlora.vllm_rules import vllm_violations
 from tests.hf_checkpoints import built_once, save_random_model
-from jlora.vllm_rules import check_vllm_adapter, vllm_violations
+from tests.peft_checks import (jlora_adapter_loads_in_peft, merged_export_loads_in_transformers,
+                               peft_adapter_loads_in_jlora)
 
 VOCAB = 96
 TINY = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -115,47 +117,24 @@ EXPORT_CASES = [
 
 
 @pytest.mark.parametrize("variant,kwargs", EXPORT_CASES)
-def test_jlora_export_loads_in_peft(variant, kwargs, phi3, hf_model, rel, close32, tmp_path, logits32_and_64):
-    path = phi3(variant)
-    model = jlora.get_peft_model(jlora.load_hf(path), jlora.LoraConfig(init_lora_weights=False, **kwargs),
-                                 rngs=nnx.Rngs(7))
-    ours = np.asarray(model(_ids()))
-    jlora.save_pretrained(model, tmp_path / "adapter")
-    saved = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+def test_jlora_export_loads_in_peft(variant, kwargs, phi3, tmp_path):
+    # max_lora_rank: vLLM's rules, which read phi3 from the base's config.json
+    _, saved = jlora_adapter_loads_in_peft(phi3(variant), kwargs, _ids(), tmp_path / "adapter", max_lora_rank=8,
+                                           what=f"{variant} {kwargs}")
     assert saved["target_modules"] == kwargs["target_modules"]
-    check_vllm_adapter(tmp_path / "adapter", max_lora_rank=8)  # the base's config.json says phi3
-
-    ref = peft.PeftModel.from_pretrained(hf_model(path), tmp_path / "adapter").eval()
-    want, want64 = logits32_and_64(ref, _ids())
-    with torch.no_grad(), ref.disable_adapter():
-        plain = ref(torch.tensor(_ids())).logits.numpy()
-    assert rel(plain, want) > 1e-4, "the adapter must change the logits, or this test proves nothing"
-    close32(ours, want, want64, what=f"{variant} {kwargs}")
 
 
-def test_peft_saved_adapter_loads_in_jlora(phi3, hf_model, close32, tmp_path, logits32_and_64):
-    path = phi3("longrope")
+def test_peft_saved_adapter_loads_in_jlora(phi3, tmp_path):
     pcfg = peft.LoraConfig(r=8, lora_alpha=16, target_modules=["qkv_proj", "o_proj", "gate_up_proj"],
                            use_rslora=True, rank_pattern={"qkv_proj": 4}, alpha_pattern={"layers.0.mlp.gate_up_proj": 2},
                            init_lora_weights=False, task_type="CAUSAL_LM")
-    torch.manual_seed(0)
-    ref = peft.get_peft_model(hf_model(path), pcfg).eval()
-    ref.save_pretrained(tmp_path / "peft")
-    want, want64 = logits32_and_64(ref, _ids())
-    model = jlora.load_adapter(jlora.load_hf(path), tmp_path / "peft")
-    close32(np.asarray(model(_ids())), want, want64, what="peft -> jlora")
+    peft_adapter_loads_in_jlora(phi3("longrope"), pcfg, _ids(), tmp_path / "peft")
 
 
-def test_peft_all_linear_adapter_loads(phi3, hf_model, close32, tmp_path, logits32_and_64):
+def test_peft_all_linear_adapter_loads(phi3, tmp_path):
     """PEFT's "all-linear" on Phi-3 is the four fused-name projections; the saved config lists them."""
-    path = phi3()
-    torch.manual_seed(1)
-    ref = peft.get_peft_model(hf_model(path), peft.LoraConfig(r=4, target_modules="all-linear",
-                                                              init_lora_weights=False, task_type="CAUSAL_LM")).eval()
-    ref.save_pretrained(tmp_path / "peft")
-    want, want64 = logits32_and_64(ref, _ids())
-    model = jlora.load_adapter(jlora.load_hf(path), tmp_path / "peft")
-    close32(np.asarray(model(_ids())), want, want64, what="all-linear")
+    pcfg = peft.LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False, task_type="CAUSAL_LM")
+    peft_adapter_loads_in_jlora(phi3(), pcfg, _ids(), tmp_path / "peft", torch_seed=1, what="all-linear")
 
 
 def test_trainable_parameters_equal_peft(phi3, hf_model):
@@ -206,17 +185,8 @@ def test_vllm_rules_follow_the_phi3_packed_mapping():
     assert len(vllm_violations(cfg, fused, 8, model_type="llama")) == 2
 
 
-def test_merged_export_loads_in_transformers(phi3, hf_model, rel, close32, tmp_path, logits32_and_64):
-    path = phi3("longrope")
-    model = jlora.get_peft_model(jlora.load_hf(path), jlora.LoraConfig(r=4, init_lora_weights=False, target_modules=FUSED),
-                                 rngs=nnx.Rngs(1))
-    ours = np.asarray(model(_ids()))
-    jlora.save_merged(model, tmp_path / "merged")
-    merged, merged64 = logits32_and_64(hf_model(tmp_path / "merged"), _ids())
-    with torch.no_grad():
-        base = hf_model(path)(torch.tensor(_ids())).logits.numpy()
-    assert rel(base, ours) > 1e-4
-    close32(ours, merged, merged64, what="merged")
+def test_merged_export_loads_in_transformers(phi3, tmp_path):
+    merged_export_loads_in_transformers(phi3("longrope"), dict(r=4, target_modules=FUSED), _ids(), tmp_path / "merged")
 
 
 def test_lora_gradients_equal_peft(phi3, hf_model, close32, tmp_path):

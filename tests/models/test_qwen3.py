@@ -16,6 +16,7 @@ from flax import nnx
 
 import jlora
 from tests.hf_checkpoints import built_once, save_random_model
+from tests.peft_checks import jlora_adapter_loads_in_peft, peft_adapter_loads_in_jlora
 
 TINY = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, head_dim=16, max_position_embeddings=256, rms_norm_eps=1e-6,
@@ -79,35 +80,19 @@ def test_packed_rows_equal_transformers_per_example(qwen3, hf_model, close32, lo
 LORA = dict(r=8, lora_alpha=16, use_rslora=True, rank_pattern={"k_proj": 2, "layers.1.mlp.down_proj": 4})
 
 
-def test_jlora_adapter_loads_in_peft(qwen3, hf_model, rel, close32, logits32_and_64, tmp_path):
-    path = qwen3()
-    model = jlora.get_peft_model(jlora.load_hf(path), jlora.LoraConfig(init_lora_weights=False, **LORA),
-                                 rngs=nnx.Rngs(7))
-    jlora.save_pretrained(model, tmp_path / "adapter")
-    ref = peft.PeftModel.from_pretrained(hf_model(path), tmp_path / "adapter").eval()
-    want, want64 = logits32_and_64(ref, _ids())
-    with torch.no_grad(), ref.disable_adapter():
-        plain = ref(torch.tensor(_ids())).logits.numpy()
-    assert rel(plain, want) > 1e-4, "the adapter must change the logits, or this test proves nothing"
-    ours = forward(model, _ids())
-    close32(ours, want, want64, what="jlora -> peft")
-
+def test_jlora_adapter_loads_in_peft(qwen3, close32, logits32_and_64, hf_model, tmp_path):
+    model, _ = jlora_adapter_loads_in_peft(qwen3(), LORA, _ids(), tmp_path / "adapter", forward=forward,
+                                           what="jlora -> peft")
     jlora.save_merged(model, tmp_path / "merged", dtype="float32")
     merged, merged64 = logits32_and_64(hf_model(tmp_path / "merged"), _ids())
-    close32(ours, merged, merged64, what="merged export in transformers")
+    close32(forward(model, _ids()), merged, merged64, what="merged export in transformers")
 
 
-def test_peft_adapter_loads_in_jlora(qwen3, hf_model, close32, logits32_and_64, tmp_path):
-    path = qwen3("qwen3-sliding-tied")
+def test_peft_adapter_loads_in_jlora(qwen3, tmp_path):
     pcfg = peft.LoraConfig(r=LORA["r"], lora_alpha=LORA["lora_alpha"], use_rslora=True,
                            rank_pattern=LORA["rank_pattern"], target_modules=list(jlora.LoraConfig().target_modules),
                            init_lora_weights=False, task_type="CAUSAL_LM")
-    torch.manual_seed(0)
-    ref = peft.get_peft_model(hf_model(path), pcfg).eval()
-    ref.save_pretrained(tmp_path / "peft")
-    want, want64 = logits32_and_64(ref, _ids())
-    model = jlora.load_adapter(jlora.load_hf(path), tmp_path / "peft")
-    close32(forward(model, _ids()), want, want64, what="peft -> jlora")
+    peft_adapter_loads_in_jlora(qwen3("qwen3-sliding-tied"), pcfg, _ids(), tmp_path / "peft", forward=forward)
 
 
 def _bitsandbytes(path, quantize: bool = True):

@@ -15,7 +15,8 @@ from flax import nnx
 
 import jlora
 from tests.hf_checkpoints import built_once, save_random_model
-from jlora.vllm_rules import check_vllm_adapter
+from tests.peft_checks import (jlora_adapter_loads_in_peft, merged_export_loads_in_transformers,
+                               peft_adapter_loads_in_jlora)
 
 VOCAB = 96
 TINY = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
@@ -75,45 +76,20 @@ def test_nope_layers_matter(smol, rel, tmp_path):
                   alpha_pattern={"v_proj": 32})),
     pytest.param("window", dict(r=4, lora_alpha=8), marks=pytest.mark.slow),  # biases + windows: covered below too
 ])
-def test_jlora_export_loads_in_peft(variant, kwargs, smol, hf_model, rel, close32, tmp_path, logits32_and_64):
-    path = smol(variant)
-    model = jlora.get_peft_model(jlora.load_hf(path), jlora.LoraConfig(init_lora_weights=False, **kwargs),
-                                 rngs=nnx.Rngs(7))
-    ours = np.asarray(model(_ids()))
-    jlora.save_pretrained(model, tmp_path / "adapter")
-    check_vllm_adapter(tmp_path / "adapter", max_lora_rank=8)
-    ref = peft.PeftModel.from_pretrained(hf_model(path), tmp_path / "adapter").eval()
-    want, want64 = logits32_and_64(ref, _ids())
-    with torch.no_grad(), ref.disable_adapter():
-        plain = ref(torch.tensor(_ids())).logits.numpy()
-    assert rel(plain, want) > 1e-4, "the adapter must change the logits, or this test proves nothing"
-    close32(ours, want, want64, what=f"{variant} {kwargs}")
+def test_jlora_export_loads_in_peft(variant, kwargs, smol, tmp_path):
+    jlora_adapter_loads_in_peft(smol(variant), kwargs, _ids(), tmp_path / "adapter", max_lora_rank=8,
+                                what=f"{variant} {kwargs}")
 
 
-def test_peft_saved_adapter_loads_in_jlora(smol, hf_model, close32, tmp_path, logits32_and_64):
-    path = smol("window")
+def test_peft_saved_adapter_loads_in_jlora(smol, tmp_path):
     pcfg = peft.LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "up_proj"],
                            use_rslora=True, rank_pattern={"k_proj": 2}, init_lora_weights=False, task_type="CAUSAL_LM")
-    torch.manual_seed(0)
-    ref = peft.get_peft_model(hf_model(path), pcfg).eval()
-    ref.save_pretrained(tmp_path / "peft")
-    want, want64 = logits32_and_64(ref, _ids())
-    model = jlora.load_adapter(jlora.load_hf(path), tmp_path / "peft")
-    close32(np.asarray(model(_ids())), want, want64, what="peft -> jlora")
+    peft_adapter_loads_in_jlora(smol("window"), pcfg, _ids(), tmp_path / "peft")
 
 
 @pytest.mark.slow  # the merged path names nothing SmolLM3-specific; test_phi3 and tests/core run it by default
-def test_merged_export_loads_in_transformers(smol, hf_model, rel, close32, tmp_path, logits32_and_64):
-    path = smol("nope")
-    model = jlora.get_peft_model(jlora.load_hf(path), jlora.LoraConfig(r=4, init_lora_weights=False),
-                                 rngs=nnx.Rngs(1))
-    ours = np.asarray(model(_ids()))
-    jlora.save_merged(model, tmp_path / "merged")
-    merged, merged64 = logits32_and_64(hf_model(tmp_path / "merged"), _ids())
-    with torch.no_grad():
-        base = hf_model(path)(torch.tensor(_ids())).logits.numpy()
-    assert rel(base, ours) > 1e-4
-    close32(ours, merged, merged64, what="merged")
+def test_merged_export_loads_in_transformers(smol, tmp_path):
+    merged_export_loads_in_transformers(smol("nope"), dict(r=4), _ids(), tmp_path / "merged")
 
 
 @pytest.mark.slow  # nothing SmolLM3-specific in the NF4 path (Llama's names); tests/qlora and test_phi3 cover it

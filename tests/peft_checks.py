@@ -1,0 +1,74 @@
+"""The round trips every family's tests run, written once: jlora's adapter loaded by PEFT, PEFT's adapter
+loaded by jlora, jlora's merged export loaded by transformers. The references are PEFT and transformers,
+float32 against their own float64 copies (tests/numerics.float32_close)."""
+import json
+
+import numpy as np
+import peft
+import torch
+from flax import nnx
+
+import jlora
+from jlora.vllm_rules import check_vllm_adapter
+from tests.numerics import float32_close, rel_err, torch_logits32_and_64, transformers_model
+
+
+def jit_logits(model, ids) -> np.ndarray:
+    """jlora's logits as one jitted program (eager op-by-op dispatch compiles every primitive: 3-5x slower)."""
+    import jax
+    graph, state = nnx.split(model)
+    return np.asarray(jax.jit(lambda s, x: nnx.merge(graph, s)(x))(state, np.asarray(ids)))
+
+
+def _logits(model, ids, forward):
+    return np.asarray((forward or jit_logits)(model, ids))
+
+
+def jlora_adapter_loads_in_peft(path, lora_kwargs: dict, ids, out_dir, *, seed: int = 7, max_lora_rank=None,
+                                forward=None, min_change: float = 1e-4, what: str = ""):
+    """jlora's adapter (random, non-zero B) saved to `out_dir`, loaded by PEFT on transformers: the logits equal
+    jlora's, and differ from the base's by more than `min_change` (or the check proves nothing). With
+    `max_lora_rank`, vLLM's rules accept the adapter. Returns (jlora model, the saved adapter_config.json)."""
+    model = jlora.get_peft_model(jlora.load_hf(path), jlora.LoraConfig(init_lora_weights=False, **lora_kwargs),
+                                 rngs=nnx.Rngs(seed))
+    ours = _logits(model, ids, forward)
+    jlora.save_pretrained(model, out_dir)
+    if max_lora_rank is not None:
+        check_vllm_adapter(out_dir, max_lora_rank=max_lora_rank)
+    ref = peft.PeftModel.from_pretrained(transformers_model(path), out_dir).eval()
+    want, want64 = torch_logits32_and_64(ref, ids)
+    with torch.no_grad(), ref.disable_adapter():
+        plain = ref(torch.tensor(np.asarray(ids))).logits.numpy()
+    assert rel_err(plain, want) > min_change, "the adapter must change the logits, or this test proves nothing"
+    float32_close(ours, want, want64, what=what or f"jlora -> peft {lora_kwargs}")
+    return model, json.loads((out_dir / "adapter_config.json").read_text())
+
+
+def peft_adapter_loads_in_jlora(path, peft_config, ids, out_dir, *, torch_seed: int = 0, forward=None,
+                                what: str = "peft -> jlora"):
+    """PEFT's adapter (`peft_config`, init from `torch_seed`) saved to `out_dir`, loaded by jlora.load_adapter:
+    jlora's logits equal PEFT's."""
+    torch.manual_seed(torch_seed)
+    ref = peft.get_peft_model(transformers_model(path), peft_config).eval()
+    ref.save_pretrained(out_dir)
+    want, want64 = torch_logits32_and_64(ref, ids)
+    model = jlora.load_adapter(jlora.load_hf(path), out_dir)
+    float32_close(_logits(model, ids, forward), want, want64, what=what)
+    return model
+
+
+def merged_export_loads_in_transformers(path, lora_kwargs: dict, ids, out_dir, *, seed: int = 1, forward=None,
+                                        min_change: float = 1e-4, what: str = "merged", **save_kwargs):
+    """jlora's merged model (random adapter) saved to `out_dir` and loaded by transformers: its logits (float32
+    and float64) are the reference for jlora's unmerged float32 logits, which differ from the base's."""
+    model = jlora.get_peft_model(jlora.load_hf(path), jlora.LoraConfig(init_lora_weights=False, **lora_kwargs),
+                                 rngs=nnx.Rngs(seed))
+    ours = _logits(model, ids, forward)
+    jlora.save_merged(model, out_dir, **save_kwargs)
+    merged, merged64 = torch_logits32_and_64(transformers_model(out_dir), ids)
+    with torch.no_grad():
+        base = transformers_model(path)(torch.tensor(np.asarray(ids))).logits.numpy()
+    assert rel_err(base, ours) > min_change, "the adapter must change the logits, or this test proves nothing"
+    # the merged weights' own float32 rounding sits inside close32's factor
+    float32_close(ours, merged, merged64, what=what)
+    return model

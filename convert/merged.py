@@ -1,6 +1,7 @@
 """Merged export: a transformers checkpoint whose projections are W + scaling * B @ A.
 
-In Flax orientation kernel' = kernel + scaling * A @ B (computed in float32, cast to the output dtype),
+In Flax orientation kernel' = kernel + scaling * A @ B (computed in float32, cast to the output dtype);
+a DoRA projection is PEFT's merge, (m / ||W + s B A||) * (W + s B A) per output row (LoRA.merge_into),
 written as HF `weight = kernel'^T`, with config.json and the source's tokenizer files. An NF4 projection
 is dequantized first, as bitsandbytes does (to the dtype it was quantized from), so a QLoRA model
 exports as a plain 16-bit checkpoint (Unsloth's `merged_16bit`) that transformers loads without
@@ -53,13 +54,13 @@ def merged_tensors(model: LlamaForCausalLM, dtype=None):
             q = var.get_value()
             w = np.asarray(nf4.dequantize(q, jnp.dtype(q.dtype)).astype(jnp.float32))  # [out, in]
             if linear.lora is not None:
-                w = w + np.asarray(linear.lora.delta_kernel()).T
+                w = np.asarray(linear.lora.merge_into(w.T)).T
             yield name, w.astype(jnp.dtype(dtype or model.dtype))
             continue
         value = np.asarray(var[...])
         out_dtype = jnp.dtype(dtype or value.dtype)
         if linear is not None and linear.lora is not None:
-            value = value.astype(np.float32) + np.asarray(linear.lora.delta_kernel())
+            value = np.asarray(linear.lora.merge_into(value.astype(np.float32)))
         value = value.astype(out_dtype)
         yield name, value.T if entry.transpose else value
 

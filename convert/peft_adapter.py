@@ -1,6 +1,7 @@
 """PEFT-format adapters out of and into jlora (shared/REFERENCE.md sections 1-2).
 
-Keys: `base_model.model.<HF module>.lora_A.weight` = A^T [r, in] and `.lora_B.weight` = B^T [out, r].
+Keys: `base_model.model.<HF module>.lora_A.weight` = A^T [r, in] and `.lora_B.weight` = B^T [out, r]; a DoRA
+adapter (`use_dora: true`) also `.lora_magnitude_vector` = m [out] (jlora/dora.py), as PEFT saves it.
 The config holds only fields PEFT 0.13 knew, with an explicit `target_modules` list.
 """
 from __future__ import annotations
@@ -15,6 +16,7 @@ import numpy as np
 from flax import nnx
 
 from jlora.atomic_files import write_text
+from jlora.dora import MAGNITUDE_KEY
 from jlora.convert.safetensors_io import CheckpointError, iter_tensors, write_atomic
 from jlora.llama import LlamaForCausalLM
 from jlora.lora_config import LoraConfig
@@ -52,7 +54,8 @@ def adapter_config(model: LlamaForCausalLM, base_model_name_or_path: str | None 
         "peft_type": "LORA", "task_type": "CAUSAL_LM",
         "r": cfg.r, "lora_alpha": cfg.lora_alpha, "lora_dropout": cfg.lora_dropout,
         "target_modules": explicit_targets(model), "bias": "none", "use_rslora": cfg.use_rslora,
-        "use_dora": False, "modules_to_save": None, "init_lora_weights": True,
+        "use_dora": any(m.lora.magnitude is not None for _, m in modules),
+        "modules_to_save": None, "init_lora_weights": True,
         "rank_pattern": dict(cfg.rank_pattern), "alpha_pattern": dict(cfg.alpha_pattern),
         "fan_in_fan_out": False,
         "base_model_name_or_path": base_model_name_or_path or getattr(model, "source_dir", None),
@@ -74,6 +77,8 @@ def adapter_tensors(model: LlamaForCausalLM) -> dict[str, np.ndarray]:
     for name, m in adapted_modules(model):
         out[f"{PREFIX}{name}.lora_A.weight"] = np.asarray(m.lora.a[...], np.float32).T
         out[f"{PREFIX}{name}.lora_B.weight"] = np.asarray(m.lora.b[...], np.float32).T
+        if m.lora.magnitude is not None:
+            out[f"{PREFIX}{name}.{MAGNITUDE_KEY}"] = np.asarray(m.lora.magnitude[...], np.float32)
     return out
 
 
@@ -95,8 +100,6 @@ def _read_adapter_config(adapter_dir: Path) -> dict:
     problems = []
     if d.get("peft_type", "LORA") != "LORA":
         problems.append(f"peft_type={d.get('peft_type')!r} (only LORA is supported)")
-    if d.get("use_dora"):
-        problems.append("use_dora=true (DoRA is not supported)")
     if d.get("bias", "none") != "none":
         problems.append(f"bias={d['bias']!r} (only 'none')")
     if d.get("modules_to_save"):
@@ -128,6 +131,7 @@ def config_from_peft(d: dict, model_type: str = "llama") -> LoraConfig:
         targets = list(family.target_modules)
     return LoraConfig(r=int(d.get("r", 8)), lora_alpha=d.get("lora_alpha", 8), lora_dropout=0.0,
                       target_modules=targets, use_rslora=bool(d.get("use_rslora", False)),
+                      use_dora=bool(d.get("use_dora", False)),
                       rank_pattern=dict(d.get("rank_pattern") or {}), alpha_pattern=dict(d.get("alpha_pattern") or {}))
 
 
@@ -147,9 +151,11 @@ def read_adapter_weights(adapter_dir: Path, allow_pickle: bool = False) -> dict[
 
 def normalise_key(key: str) -> str:
     """PEFT key -> `<HF module>.lora_A.weight`: the `base_model.model.` prefix dropped, and PEFT's in-memory
-    adapter name removed after a LoRA part (`.lora_A.default.weight`, `.lora_embedding_A.default`)."""
+    adapter name removed after a LoRA part (`.lora_A.default.weight`, `.lora_embedding_A.default`); a DoRA
+    magnitude is `<HF module>.lora_magnitude_vector` (older PEFT: `.lora_magnitude_vector.default.weight`)."""
     if key.startswith(PREFIX):
         key = key[len(PREFIX):]
+    key = re.sub(rf"\.{MAGNITUDE_KEY}(\.default)?(\.weight)?$", f".{MAGNITUDE_KEY}", key)
     return re.sub(r"\.(lora_A|lora_B|lora_embedding_A|lora_embedding_B)\.default\b", r".\1", key)
 
 
@@ -179,6 +185,16 @@ def load_adapter(model: LlamaForCausalLM, adapter_dir, *, allow_pickle: bool = F
                                       f"needs {want} (r={m.lora.r}, in={m.in_features}, out={m.out_features}); "
                                       f"was it trained on another base model?")
             var.set_value(jnp.asarray(np.asarray(t, np.float32).T))
+            used.add(key)
+        if m.lora.magnitude is not None:
+            key = f"{name}.{MAGNITUDE_KEY}"
+            if key not in tensors:
+                raise CheckpointError(f"{adapter_dir}: the config says use_dora=true but the adapter lacks "
+                                      f"{PREFIX}{key} (DoRA's magnitude vector)")
+            if tuple(tensors[key].shape) != (m.out_features,):
+                raise CheckpointError(f"{adapter_dir}: {PREFIX}{key} has shape {tuple(tensors[key].shape)}, the "
+                                      f"model needs ({m.out_features},); was it trained on another base model?")
+            m.lora.magnitude.set_value(jnp.asarray(np.asarray(tensors[key], np.float32)))
             used.add(key)
     extra = sorted(set(tensors) - used)
     if extra:

@@ -5,6 +5,7 @@
 - `rank_pattern` / `alpha_pattern`: key k applies to m when `re.match(rf"(.*\\.)?({k})$", m)`; first key wins.
   Both run in jlora/module_patterns.py, which bounds the work a pattern from a file can cause.
 - scaling = alpha / r, or alpha / sqrt(r) with `use_rslora`.
+- `use_dora`: DoRA (arXiv 2402.09353), a trainable magnitude per output feature (jlora/dora.py).
 """
 from __future__ import annotations
 
@@ -34,6 +35,7 @@ class LoraConfig:
     rank_pattern: dict[str, int] = dataclasses.field(default_factory=dict)
     alpha_pattern: dict[str, float] = dataclasses.field(default_factory=dict)
     init_lora_weights: bool | str = True
+    use_dora: bool = False
 
     def __post_init__(self):
         _check_rank(self.r, "r")
@@ -43,6 +45,8 @@ class LoraConfig:
             raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
         if self.bias != "none":
             raise ValueError(f"bias={self.bias!r} is not supported: jlora (and vLLM) train no biases; use bias='none'")
+        if not isinstance(self.use_dora, bool):
+            raise ValueError(f"use_dora must be True or False, got {self.use_dora!r}")
         if self.init_lora_weights not in (True, False, "gaussian"):
             raise ValueError(f"init_lora_weights must be True, False or 'gaussian', got {self.init_lora_weights!r}")
         if isinstance(self.target_modules, str) and self.target_modules in TARGET_PRESETS:

@@ -7,6 +7,10 @@ A and B are `LoRAParam`s stored in float32 (`param_dtype`); the rank-r path runs
 (x cast up, as PEFT does) and the sum with the frozen output is rounded to the compute dtype once.
 Init as PEFT: True -> A ~ U(-1/sqrt(in), 1/sqrt(in)) (kaiming-uniform, a=sqrt(5)), B = 0;
 "gaussian" -> A ~ N(0, (1/r)^2), B = 0; False -> A as True and B ~ U(-1/sqrt(r), 1/sqrt(r)).
+
+DoRA (`init_magnitude`, jlora/dora.py): a third LoRAParam, the magnitude m [out] = ||W + scaling B A||
+per output feature at init; the projection (jlora.models.layers.Linear) then rescales its output by
+m / ||W + scaling B A|| (the norm detached), as PEFT's `use_dora=True`.
 """
 from __future__ import annotations
 
@@ -16,6 +20,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 from flax.nnx import LoRAParam
+
+from jlora import dora
 
 __all__ = ["LoRA", "LoRAParam", "lora_scaling"]
 
@@ -55,6 +61,7 @@ class LoRA(nnx.Module):
         self.r = r
         self.scaling = float(scaling)
         self.dropout = nnx.data(nnx.Dropout(dropout, deterministic=True, rngs=rngs) if dropout > 0 else None)
+        self.magnitude: LoRAParam | None = nnx.data(None)  # DoRA's m [out] (init_magnitude), float32
 
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
         """scaling * (dropout(x) @ A) @ B [..., out], computed and returned in the adapters' dtype.
@@ -64,14 +71,43 @@ class LoRA(nnx.Module):
         compute dtype. The leading axes are folded into one row axis: XLA:CPU runs the gradient
         x^T @ g of a [batch, seq, in] activation several times slower than the same [rows, in] product.
         """
+        *lead, k = x.shape
+        y = self.low_rank(self.drop(x.reshape(-1, k)))
+        return y.reshape(*lead, y.shape[-1])
+
+    def drop(self, x: jnp.ndarray) -> jnp.ndarray:
+        """x cast to the adapters' dtype, then LoRA dropout (when active)."""
+        x = x.astype(self.a[...].dtype)
+        return x if self.dropout is None else self.dropout(x)
+
+    def low_rank(self, x: jnp.ndarray) -> jnp.ndarray:
+        """scaling * (x @ A) @ B in the adapters' dtype, no dropout (rows folded as in __call__)."""
         a, b = self.a[...], self.b[...]
         *lead, k = x.shape
         x = x.reshape(-1, k).astype(a.dtype)
-        if self.dropout is not None:
-            x = self.dropout(x)
         y = ((x @ a) @ b.astype(a.dtype)) * jnp.asarray(self.scaling, a.dtype)
         return y.reshape(*lead, y.shape[-1])
 
     def delta_kernel(self) -> jnp.ndarray:
         """scaling * A @ B in float32: the update of the Flax kernel [in, out] (PEFT's B @ A transposed)."""
         return self.scaling * (self.a[...].astype(jnp.float32) @ self.b[...].astype(jnp.float32))
+
+    def init_magnitude(self, kernel) -> None:
+        """Makes this a DoRA adapter: m = ||W + scaling B A|| per output feature (PEFT's init; `kernel` the
+        frozen [in, out] kernel or its NF4Tensor [out, in]), so it starts equal to plain LoRA."""
+        if isinstance(kernel, jax.ShapeDtypeStruct):  # an abstract model (jlora.abstract_model)
+            m = jax.ShapeDtypeStruct((self.b.get_value().shape[1],), jnp.float32)
+        else:
+            m = dora.weight_norm(kernel, self.delta_kernel())
+        self.magnitude = LoRAParam(m)
+
+    def dora_scale(self, kernel) -> jnp.ndarray:
+        """m / ||W + scaling B A|| [out], float32, the norm detached (DoRA only)."""
+        return self.magnitude[...].astype(jnp.float32) / dora.weight_norm(kernel, self.delta_kernel())
+
+    def merge_into(self, kernel_f32: jnp.ndarray) -> jnp.ndarray:
+        """The merged Flax kernel [in, out] in float32: W + scaling A B, or with DoRA PEFT's
+        (m / ||W + scaling A B||) * (W + scaling A B)."""
+        if self.magnitude is None:
+            return kernel_f32 + self.delta_kernel()
+        return dora.merge(kernel_f32, self.delta_kernel(), self.magnitude[...])

@@ -72,6 +72,8 @@ def get_peft_model(model: LlamaForCausalLM, config: LoraConfig, *, rngs: nnx.Rng
         module.lora = LoRA(module.in_features, module.out_features, config.rank_for(name),
                            scaling=config.scaling_for(name), dropout=config.lora_dropout,
                            init_weights=config.init_lora_weights, rngs=rngs, key=key)
+        if config.use_dora:  # m = ||W + s B A|| per output feature (jlora/dora.py)
+            module.lora.init_magnitude(module.kernel.get_value())
     model.lora_config = config
     model.eval()
     return model
@@ -80,8 +82,8 @@ def get_peft_model(model: LlamaForCausalLM, config: LoraConfig, *, rngs: nnx.Rng
 def trainable_parameters(model: nnx.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts as PEFT's `get_nb_trainable_parameters` gives them.
 
-    trainable = LoRA A and B; total = every Param plus the NF4 weights, each counted as PEFT counts a
-    bitsandbytes `Params4bit`: twice its packed uint8 bytes (2 * ceil(out * in / 2)).
+    trainable = LoRA A and B (and DoRA magnitudes); total = every Param plus the NF4 weights, each counted
+    as PEFT counts a bitsandbytes `Params4bit`: twice its packed uint8 bytes (2 * ceil(out * in / 2)).
     """
     trainable = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, LoRAParam)))
     total = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))

@@ -6,7 +6,7 @@ Layers, lowest first (a module may import its own layer and the ones below):
                 jlora.atomic_files                                 (import nothing from jlora)
     1 nf4       jlora.nf4.*                                        NF4 tensor type, (de)quantization, bnb layout
     2 kernels   jlora.kernels.*  (kernels/)                        jax + the NF4 tensor type only
-    3 model     jlora.llama_config, presets, rope, lora_layer, lora_config, module_patterns,
+    3 model     jlora.llama_config, presets, rope, lora_layer, lora_config, module_patterns, dora,
                 nf4_weight, llama, peft_model, qlora, memory, mesh_axes, kernel_sharding, attention.*, remat,
                 models.*
     4 convert   jlora.convert.*  (convert/), jlora.vllm_rules      checkpoints and adapters in and out
@@ -52,7 +52,7 @@ LAYER_OF = {
     **{f"jlora.{m}": "model" for m in (
         "llama_config", "presets", "rope", "lora_layer", "lora_config", "module_patterns", "nf4_weight",
         "llama", "peft_model", "qlora", "memory", "mesh_axes", "kernel_sharding", "attention", "remat",
-        "models")},
+        "models", "dora")},
     "jlora.convert": "convert",
     "jlora.vllm_rules": "convert",
     "jlora.generate": "convert",

@@ -88,6 +88,8 @@ class Linear(nnx.Module):
         x = x.astype(self.dtype)
         kernel = self.kernel.get_value()
         impl = self.kernel_impl
+        if self.lora is not None and self.lora.magnitude is not None:
+            return self._dora(x, kernel)
         if impl is None:
             return self._plain(x, kernel)
         nf4_default = impl == DEFAULT_KERNELS and isinstance(kernel, NF4Tensor)
@@ -113,7 +115,37 @@ class Linear(nnx.Module):
             y = (y + self.lora(x)).astype(self.dtype)
         return y
 
-    def _fused(self, x: jnp.ndarray, kernel) -> jnp.ndarray:
+    def _frozen(self, x: jnp.ndarray, kernel, dense_matmul) -> jnp.ndarray:
+        """x W (no bias, no adapter) in x's dtype."""
+        return nf4_matmul(x, kernel) if isinstance(kernel, NF4Tensor) else dense_matmul(x, kernel)
+
+    def _dora(self, x: jnp.ndarray, kernel) -> jnp.ndarray:
+        """DoRA as PEFT computes it (jlora/dora.py), with c = m / ||W + s A B|| [out] (the norm detached):
+
+            no active dropout:  y = c * (x W + s x A B) + b      x W + s x A B from the path plain LoRA takes
+                                                                 (the fused kernels included), rescaled
+            active dropout:     y = x W + b + (c - 1) * d(x) W + c * s d(x) A B     (d(x) W in float32)
+
+        The rescale and the sum run in float32 and are rounded to the compute dtype once.
+        """
+        lora, impl, f32 = self.lora, self.kernel_impl, jnp.float32
+        c = lora.dora_scale(kernel)
+        dense = (lambda x, w: x @ w.astype(x.dtype)) if impl is None else mixed_linear
+        if _dropout_active(lora):
+            if impl is not None:
+                _warn_dropout_skips_kernels(impl, lora.dropout.rate)
+            xd = lora.drop(x)  # float32, as PEFT's dropout(x.to(lora_A.dtype))
+            dropped = self._frozen(xd, kernel, lambda x, w: x @ w.astype(x.dtype))
+            y = self._frozen(x, kernel, dense).astype(f32) + (c - 1) * dropped + c * lora.low_rank(xd)
+        elif impl is None or (impl == DEFAULT_KERNELS and isinstance(kernel, NF4Tensor)):
+            y = c * (self._frozen(x, kernel, dense).astype(f32) + lora(x))
+        else:
+            y = c * self._fused(x, kernel, with_bias=False).astype(f32)
+        if self.bias is not None:
+            y = y + self.bias[...].astype(f32)
+        return y.astype(self.dtype)
+
+    def _fused(self, x: jnp.ndarray, kernel, with_bias: bool = True) -> jnp.ndarray:
         """The same y through jlora.kernels (frozen matmul and low-rank path in one op, no dW)."""
         from jlora import kernels
 
@@ -128,7 +160,7 @@ class Linear(nnx.Module):
                                     row_parallel=self.row_parallel)
         else:
             y = op(x, w, a, b, scale=self.lora.scaling, impl=impl)
-        if self.bias is not None:
+        if with_bias and self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         return y
 

@@ -1,0 +1,49 @@
+"""DoRA (weight-decomposed LoRA, arXiv 2402.09353) as PEFT's `LoraConfig(use_dora=True)` computes it.
+
+A DoRA projection has a trainable magnitude m [out] beside A and B (torch orientation: W [out, in]):
+
+    n  = || W + s B A ||_row      one L2 norm per output feature, over the input dim (PEFT's get_weight_norm),
+                                  in float32, detached from the gradient (the paper's section 4.3)
+    y  = (m / n) * (x W^T + s x A^T B^T) + b                                    (no dropout, or eval)
+    y  = x W^T + b + (m / n - 1) * (d(x) W^T) + (m / n) * s d(x) A^T B^T         (training with dropout d)
+    m0 = n at init, so a new adapter starts as plain LoRA
+    merge: W' = (m / n) * (W + s B A)
+
+W is the frozen weight in float32: a dense kernel cast up, an NF4 one dequantized to the dtype it was
+quantized from and then cast up (PEFT's `dequantize_module_weight` + `.to(x.dtype)`, x in the adapters'
+float32). PEFT saves m as `<module>.lora_magnitude_vector` ([out], float32).
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jlora.nf4.dequantize import dequantize
+from jlora.nf4.tensor import NF4Tensor
+
+MAGNITUDE_KEY = "lora_magnitude_vector"  # PEFT's name for m in adapter_model.safetensors
+
+
+def dense_weight(kernel) -> jax.Array:
+    """The frozen weight as a float32 Flax kernel [in, out]; an NF4Tensor [out, in] dequantized as
+    bitsandbytes does (to its own dtype, then float32)."""
+    if isinstance(kernel, NF4Tensor):
+        return dequantize(kernel, jnp.dtype(kernel.dtype)).astype(jnp.float32).T
+    return jnp.asarray(kernel).astype(jnp.float32)
+
+
+def column_norm(w: jax.Array) -> jax.Array:
+    """||w[:, j]|| for a kernel [in, out]: the row norms of the torch weight [out, in]."""
+    return jnp.sqrt(jnp.sum(jnp.square(w), axis=0))
+
+
+def weight_norm(kernel, delta: jax.Array) -> jax.Array:
+    """n = ||W + delta|| per output feature [out], float32, with no gradient to anything (PEFT detaches
+    both the LoRA weight inside it and the norm itself). delta: s * A @ B [in, out], float32."""
+    return jax.lax.stop_gradient(column_norm(dense_weight(kernel) + jax.lax.stop_gradient(delta)))
+
+
+def merge(kernel_f32: jax.Array, delta: jax.Array, magnitude: jax.Array) -> jax.Array:
+    """PEFT's DoRA merge on a Flax kernel [in, out]: (m / ||W + delta||) * (W + delta), float32."""
+    w = kernel_f32.astype(jnp.float32) + delta
+    return w * (magnitude.astype(jnp.float32) / column_norm(w))[None, :]

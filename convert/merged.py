@@ -5,7 +5,8 @@ a DoRA projection is PEFT's merge, (m / ||W + s B A||) * (W + s B A) per output 
 written as HF `weight = kernel'^T`, with config.json and the source's tokenizer files. An NF4 projection
 is dequantized first, as bitsandbytes does (to the dtype it was quantized from), so a QLoRA model
 exports as a plain 16-bit checkpoint (Unsloth's `merged_16bit`) that transformers loads without
-bitsandbytes.
+bitsandbytes. Trained embedding/head copies (`modules_to_save`) are written as they are, trained token
+rows (`trainable_token_indices`) into their rows of the embedding and head (jlora/trainable_tokens.py).
 
 Writes are whole-directory swaps (jlora.atomic_files.atomic_directory): the checkpoint is written into a
 temporary sibling of `out_dir` and renamed into place, so `out_dir` holds exactly one complete export
@@ -32,6 +33,7 @@ from jlora.convert.safetensors_io import write_atomic
 from jlora.convert.tokenizer_files import MODEL_SIDE_FILES
 from jlora.llama import LlamaForCausalLM
 from jlora.qlora import NF4Weight
+from jlora.trainable_tokens import merged_rows
 
 SHARD_BYTES = 5 * 1024**3
 # What a checkpoint dir written by write_checkpoint (or transformers' save_pretrained) may hold, besides
@@ -62,7 +64,7 @@ def merged_tensors(model: LlamaForCausalLM, dtype=None):
         if linear is not None and linear.lora is not None:
             value = np.asarray(linear.lora.merge_into(value.astype(np.float32)))
         value = value.astype(out_dtype)
-        yield name, value.T if entry.transpose else value
+        yield name, merged_rows(model, name, value.T if entry.transpose else value)  # trained token rows
 
 
 def check_replaceable(out_dir) -> None:

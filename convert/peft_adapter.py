@@ -2,7 +2,11 @@
 
 Keys: `base_model.model.<HF module>.lora_A.weight` = A^T [r, in] and `.lora_B.weight` = B^T [out, r]; a DoRA
 adapter (`use_dora: true`) also `.lora_magnitude_vector` = m [out] (jlora/dora.py), as PEFT saves it.
-The config holds only fields PEFT 0.13 knew, with an explicit `target_modules` list.
+The config holds only fields PEFT 0.13 knew, with an explicit `target_modules` list, plus PEFT's newer fields
+when they are used. Trained embeddings and head (jlora/trainable_tokens.py) as PEFT saves them: full copies
+(`modules_to_save`) under `base_model.model.model.embed_tokens.weight` / `base_model.model.lm_head.weight` [vocab,
+hidden] (a tied copy under both, with `ensure_weight_tying: true`), token rows (`trainable_token_indices`) under
+`<module>.token_adapter.trainable_tokens_delta` [n, hidden].
 """
 from __future__ import annotations
 
@@ -23,6 +27,7 @@ from jlora.lora_config import LoraConfig
 from jlora.models.stacked import on_loop_model
 from jlora.module_patterns import PatternError
 from jlora.peft_model import adapted_modules, get_peft_model, linear_modules
+from jlora.trainable_tokens import load_peft_tensors, peft_tensors
 
 PREFIX = "base_model.model."
 CONFIG_FILE = "adapter_config.json"
@@ -61,6 +66,12 @@ def adapter_config(model: LlamaForCausalLM, base_model_name_or_path: str | None 
         "base_model_name_or_path": base_model_name_or_path or getattr(model, "source_dir", None),
         "inference_mode": True, "layers_to_transform": None, "layers_pattern": None, "revision": revision,
     }
+    if cfg.modules_to_save:
+        out["modules_to_save"] = list(cfg.modules_to_save)
+        if model.lm_head is None:  # one copy serves both: PEFT ties them only when told (its default unties)
+            out["ensure_weight_tying"] = True
+    if cfg.trainable_token_indices is not None:  # PEFT >= 0.15
+        out["trainable_token_indices"] = cfg.trainable_token_indices
     check = LoraConfig(r=out["r"], lora_alpha=out["lora_alpha"], use_rslora=out["use_rslora"],
                        rank_pattern=out["rank_pattern"], alpha_pattern=out["alpha_pattern"])
     for name, m in modules:
@@ -77,6 +88,7 @@ def adapter_tensors(model: LlamaForCausalLM) -> dict[str, np.ndarray]:
     for name, m in adapted_modules(model):
         out[f"{PREFIX}{name}.lora_A.weight"] = np.asarray(m.lora.a[...], np.float32).T
         out[f"{PREFIX}{name}.lora_B.weight"] = np.asarray(m.lora.b[...], np.float32).T
+    out.update(peft_tensors(model, PREFIX))  # trained embedding/head copies and token rows
         if m.lora.magnitude is not None:
             out[f"{PREFIX}{name}.{MAGNITUDE_KEY}"] = np.asarray(m.lora.magnitude[...], np.float32)
     return out
@@ -102,8 +114,9 @@ def _read_adapter_config(adapter_dir: Path) -> dict:
         problems.append(f"peft_type={d.get('peft_type')!r} (only LORA is supported)")
     if d.get("bias", "none") != "none":
         problems.append(f"bias={d['bias']!r} (only 'none')")
-    if d.get("modules_to_save"):
-        problems.append(f"modules_to_save={d['modules_to_save']} (full trained modules are not supported)")
+    unknown = [m for m in d.get("modules_to_save") or [] if m.rsplit(".", 1)[-1] not in ("embed_tokens", "lm_head")]
+    if unknown:
+        problems.append(f"modules_to_save={unknown} (jlora trains full copies of embed_tokens and lm_head only)")
     if d.get("layers_to_transform") is not None:
         problems.append("layers_to_transform is set (not supported)")
     if d.get("fan_in_fan_out"):
@@ -132,7 +145,9 @@ def config_from_peft(d: dict, model_type: str = "llama") -> LoraConfig:
     return LoraConfig(r=int(d.get("r", 8)), lora_alpha=d.get("lora_alpha", 8), lora_dropout=0.0,
                       target_modules=targets, use_rslora=bool(d.get("use_rslora", False)),
                       use_dora=bool(d.get("use_dora", False)),
-                      rank_pattern=dict(d.get("rank_pattern") or {}), alpha_pattern=dict(d.get("alpha_pattern") or {}))
+                      rank_pattern=dict(d.get("rank_pattern") or {}), alpha_pattern=dict(d.get("alpha_pattern") or {}),
+                      modules_to_save=d.get("modules_to_save") or None,
+                      trainable_token_indices=d.get("trainable_token_indices"))
 
 
 def read_adapter_weights(adapter_dir: Path, allow_pickle: bool = False) -> dict[str, np.ndarray]:
@@ -169,10 +184,21 @@ def load_adapter(model: LlamaForCausalLM, adapter_dir, *, allow_pickle: bool = F
     try:  # patterns from the file: invalid or too costly ones fail here, before the model changes
         config = config_from_peft(d, model.config.model_type)
         config.check_patterns(n for n, _ in linear_modules(model))
-    except PatternError as e:
+    except (PatternError, ValueError) as e:  # also bad modules_to_save / trainable_token_indices
         raise CheckpointError(f"{adapter_dir / CONFIG_FILE}: {e}") from None
-    model = get_peft_model(model, config, rngs=rngs or nnx.Rngs(0))
-    used = set()
+    saved = set(config.modules_to_save or ())
+    if model.lm_head is None and saved == {"embed_tokens"} and not d.get("ensure_weight_tying"):
+        raise CheckpointError(f"{adapter_dir / CONFIG_FILE}: modules_to_save=['embed_tokens'] on a base with tied "
+                              f"embeddings, without ensure_weight_tying: PEFT trained the input embedding apart from "
+                              f"the head (which kept the base's); jlora keeps them tied and cannot load it")
+    try:
+        model = get_peft_model(model, config, rngs=rngs or nnx.Rngs(0))
+    except ValueError as e:  # a token index past the vocabulary
+        raise CheckpointError(f"{adapter_dir / CONFIG_FILE}: {e}") from None
+    try:
+        used = load_peft_tensors(model, tensors, str(adapter_dir))
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
     for name, m in adapted_modules(model):
         for part, var, want in (("lora_A", m.lora.a, (m.lora.r, m.in_features)),
                                 ("lora_B", m.lora.b, (m.out_features, m.lora.r))):

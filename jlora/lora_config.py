@@ -35,6 +35,10 @@ class LoraConfig:
     rank_pattern: dict[str, int] = dataclasses.field(default_factory=dict)
     alpha_pattern: dict[str, float] = dataclasses.field(default_factory=dict)
     init_lora_weights: bool | str = True
+    # Trainable embeddings and head (jlora/trainable_tokens.py), PEFT's fields: full copies of these modules
+    # (embed_tokens, lm_head), and/or only these token rows ([ids] for embed_tokens, or {module: [ids]}).
+    modules_to_save: list[str] | None = None
+    trainable_token_indices: list[int] | dict[str, list[int]] | None = None
     use_dora: bool = False
 
     def __post_init__(self):
@@ -51,6 +55,8 @@ class LoraConfig:
             raise ValueError(f"init_lora_weights must be True, False or 'gaussian', got {self.init_lora_weights!r}")
         if isinstance(self.target_modules, str) and self.target_modules in TARGET_PRESETS:
             self.target_modules = list(TARGET_PRESETS[self.target_modules])
+        self.modules_to_save, self.trainable_token_indices = _check_trainable_embeddings(
+            self.modules_to_save, self.trainable_token_indices)
         module_patterns.check(self.target_modules,
                               {"rank_pattern": self.rank_pattern, "alpha_pattern": self.alpha_pattern})
 
@@ -74,6 +80,45 @@ class LoraConfig:
 
     def scaling_for(self, module_name: str) -> float:
         return lora_scaling(self.rank_for(module_name), self.alpha_for(module_name), self.use_rslora)
+
+
+TRAINABLE_MODULES = ("embed_tokens", "lm_head")  # what modules_to_save / trainable_token_indices may name
+
+
+def _module_name(name, field: str) -> str:
+    """`embed_tokens`, `model.embed_tokens` (as PEFT writes it) -> embed_tokens; anything else is an error."""
+    leaf = name.rsplit(".", 1)[-1] if isinstance(name, str) else None
+    if leaf not in TRAINABLE_MODULES:
+        raise ValueError(f"{field}: {name!r} is not a module jlora can train; expected one of {list(TRAINABLE_MODULES)}")
+    return leaf
+
+
+def _token_ids(ids, field: str) -> list[int]:
+    ids = list(ids) if isinstance(ids, (list, tuple)) else None
+    if not ids or any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in ids):
+        raise ValueError(f"{field}: expected a non-empty list of token ids (integers >= 0), found {ids!r}")
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"{field}: token ids {ids} repeat an id")
+    return ids
+
+
+def _check_trainable_embeddings(saved, indices):
+    """modules_to_save as a list of distinct module names; trainable_token_indices as [ids] or {module: [ids]};
+    a module may not be in both (PEFT's rule: it is trained fully or by rows, not both)."""
+    if saved is not None:
+        saved = [saved] if isinstance(saved, str) else saved
+        saved = list(dict.fromkeys(_module_name(m, "modules_to_save") for m in saved)) or None
+    if indices is not None:
+        if isinstance(indices, dict):
+            indices = {_module_name(k, "trainable_token_indices"): _token_ids(v, f"trainable_token_indices[{k!r}]")
+                       for k, v in indices.items()}
+        else:
+            indices = _token_ids(indices, "trainable_token_indices")
+        both = set(saved or ()) & (set(indices) if isinstance(indices, dict) else {"embed_tokens"})
+        if both:
+            raise ValueError(f"{sorted(both)} is in modules_to_save and trainable_token_indices: train it fully "
+                             f"or by rows, not both")
+    return saved, indices
 
 
 def _check_rank(r, what):

@@ -16,6 +16,7 @@ from jlora.models.fused import fused_targets
 from jlora.models.stacked import on_loop_model
 from jlora.module_patterns import list_entry_matches
 from jlora.nf4_weight import NF4Weight
+from jlora.trainable_tokens import add_trainable_embeddings
 
 
 def linear_modules(model: LlamaForCausalLM) -> Iterator[tuple[str, Linear]]:
@@ -74,6 +75,7 @@ def get_peft_model(model: LlamaForCausalLM, config: LoraConfig, *, rngs: nnx.Rng
                            init_weights=config.init_lora_weights, rngs=rngs, key=key)
         if config.use_dora:  # m = ||W + s B A|| per output feature (jlora/dora.py)
             module.lora.init_magnitude(module.kernel.get_value())
+    add_trainable_embeddings(model, config)  # modules_to_save, trainable_token_indices (jlora/trainable_tokens.py)
     model.lora_config = config
     model.eval()
     return model

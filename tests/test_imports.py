@@ -8,7 +8,7 @@ Layers, lowest first (a module may import its own layer and the ones below):
     2 kernels   jlora.kernels.*  (kernels/)                        jax + the NF4 tensor type only
     3 model     jlora.llama_config, presets, rope, lora_layer, lora_config, module_patterns, dora,
                 nf4_weight, llama, peft_model, qlora, memory, mesh_axes, kernel_sharding, attention.*, remat,
-                models.*
+                models.*, trainable_tokens
     4 convert   jlora.convert.*  (convert/), jlora.vllm_rules      checkpoints and adapters in and out
                 jlora.generate.*                                   KV cache, sampling, generate (model + loaders;
                                                                    below train, which samples during runs)
@@ -52,7 +52,7 @@ LAYER_OF = {
     **{f"jlora.{m}": "model" for m in (
         "llama_config", "presets", "rope", "lora_layer", "lora_config", "module_patterns", "nf4_weight",
         "llama", "peft_model", "qlora", "memory", "mesh_axes", "kernel_sharding", "attention", "remat",
-        "models", "dora")},
+        "models", "trainable_tokens", "dora")},
     "jlora.convert": "convert",
     "jlora.vllm_rules": "convert",
     "jlora.generate": "convert",

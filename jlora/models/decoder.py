@@ -122,6 +122,9 @@ class CausalLM(nnx.Module):
 
     def logits_from_hidden(self, h):
         logits = self.model.embed_tokens.attend(h) if self.lm_head is None else self.lm_head(h)
+        tokens = getattr(self.lm_head, "tokens", None)  # an untied head's trainable rows (jlora.trainable_tokens)
+        if tokens is not None:
+            logits = tokens.logits(h.astype(self.lm_head.dtype), logits, self.lm_head.kernel[...].dtype)
         cap = self.config.final_logit_softcapping
         if cap is not None:
             logits = jnp.tanh(logits / cap) * cap

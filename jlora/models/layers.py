@@ -193,11 +193,15 @@ class Embedding(nnx.Module):
         self.dtype = dtype
 
     def __call__(self, ids: jnp.ndarray) -> jnp.ndarray:
-        return jnp.take(self.weight[...], ids, axis=0).astype(self.dtype)
+        h = jnp.take(self.weight[...], ids, axis=0)
+        tokens = getattr(self, "tokens", None)  # trainable token rows (jlora.trainable_tokens)
+        return (h if tokens is None else tokens.lookup(ids, h)).astype(self.dtype)
 
     def attend(self, x: jnp.ndarray) -> jnp.ndarray:
         """Tied output head: x @ weight^T (16-bit operands stay native, jlora.kernels.mixed_dot)."""
-        return mixed_linear(x, self.weight[...].astype(self.dtype), transpose_w=True)
+        z = mixed_linear(x, self.weight[...].astype(self.dtype), transpose_w=True)
+        tokens = getattr(self, "tokens", None)
+        return z if tokens is None else tokens.logits(x.astype(self.dtype), z, self.weight[...].dtype)
 
 
 class MLP(nnx.Module):

@@ -1,0 +1,184 @@
+"""Trainable embeddings and output head, as PEFT trains them: full copies and trainable token rows.
+
+`LoraConfig.modules_to_save` (PEFT's `ModulesToSaveWrapper`): `embed_tokens` and/or `lm_head` train as full
+copies. The frozen weight is replaced by a `ModulesToSave` variable (a `LoRAParam`, so every adapter
+filter -- the trainer's split, the optimizer, checkpoints, parameter counts -- takes it; stored in float32
+like the LoRA factors). With tied embeddings (no lm_head module) one copy serves the input lookup and the
+head, which is PEFT's `ensure_weight_tying=True` (PEFT's default unties them instead and warns; jlora
+writes `ensure_weight_tying: true` so PEFT reproduces jlora's model).
+
+`LoraConfig.trainable_token_indices` (PEFT's `TrainableTokensLayer`): only the rows `idx` of the embedding
+(and of the head: tied, as PEFT ties them; untied, when the dict form names `lm_head`) train:
+
+    W' = W with W'[idx] = rows               rows [n, hidden] (torch orientation), initialised to W[idx]
+    lookup:  h_t = W'[id_t]                  (a token in idx reads its row, every other W's)
+    head:    z = x W'^T,  i.e.  z[..., idx] = x rows^T and the other columns x W^T
+
+PEFT saves the rows as `<module>.token_adapter.trainable_tokens_delta` (the values, not a difference) and
+the indices in adapter_config.json. The frozen W is never differentiated: the head's other columns go
+through the frozen product and only `x rows^T` reaches the rows' gradient.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jlora.kernels.mixed_dot import linear as mixed_linear
+from jlora.lora_layer import LoRAParam
+
+EMBED, HEAD = "embed_tokens", "lm_head"
+TRAINABLE_MODULES = (EMBED, HEAD)
+DELTA_KEY = "token_adapter.trainable_tokens_delta"
+
+
+class ModulesToSave(LoRAParam):
+    """A full trained copy of embed_tokens.weight or lm_head.kernel (PEFT's `modules_to_save`)."""
+
+
+class TrainableTokens(LoRAParam):
+    """The trained rows of an embedding or head (PEFT's `trainable_tokens_delta`)."""
+
+
+class TokenRows(nnx.Module):
+    """Rows `indices` of a [vocab, hidden] weight replaced by trainable `rows` (see the module docstring)."""
+
+    def __init__(self, rows, indices):
+        self.indices = tuple(int(i) for i in indices)  # static: part of the graph, not of the state
+        self.rows = TrainableTokens(jnp.asarray(rows, jnp.float32))
+
+    def lookup(self, ids: jnp.ndarray, h: jnp.ndarray) -> jnp.ndarray:
+        """h = W[ids] [..., hidden] with the rows of ids in `indices` taken from `rows` (cast to h's dtype,
+        as PEFT's `index_copy` casts them to W's)."""
+        hit = ids[..., None] == jnp.asarray(self.indices, ids.dtype)
+        new = jnp.take(self.rows[...].astype(h.dtype), jnp.argmax(hit, axis=-1), axis=0)
+        return jnp.where(jnp.any(hit, axis=-1)[..., None], new, h)
+
+    def logits(self, x: jnp.ndarray, z: jnp.ndarray, weight_dtype) -> jnp.ndarray:
+        """z = x W^T [..., vocab] with the columns `indices` recomputed as x rows^T (rows rounded to W's
+        dtype first, then the product in x's dtype, as the frozen head's)."""
+        rows = self.rows[...].astype(weight_dtype).astype(x.dtype)
+        return z.at[..., jnp.asarray(self.indices)].set(mixed_linear(x, rows, transpose_w=True).astype(z.dtype))
+
+
+def resolve_token_targets(indices, tied: bool) -> dict[str, tuple[int, ...]]:
+    """{module: indices} of PEFT's `trainable_token_indices`: a list targets embed_tokens (and a tied head
+    with it); a dict names the modules. On a tied model the head follows embed_tokens, so a dict naming both
+    must give them the same indices (PEFT unties them otherwise; jlora does not)."""
+    targets = ({EMBED: tuple(indices)} if not isinstance(indices, dict)
+               else {k.rsplit(".", 1)[-1]: tuple(v) for k, v in indices.items()})
+    if tied and HEAD in targets:
+        if EMBED in targets and targets[EMBED] != targets[HEAD]:
+            raise ValueError(f"trainable_token_indices {dict(indices)}: with tied embeddings the head is the "
+                             f"embedding, so embed_tokens and lm_head need the same indices")
+        targets.setdefault(EMBED, targets[HEAD])
+        del targets[HEAD]
+    return targets
+
+
+def _full_copy(module, attr: str, where: str) -> None:
+    var = getattr(module, attr)
+    if isinstance(var, LoRAParam):
+        raise ValueError(f"{where} is already trainable")
+    setattr(module, attr, ModulesToSave(jnp.asarray(var[...], jnp.float32)))
+
+
+def add_trainable_embeddings(model, config) -> None:
+    """Makes the config's `modules_to_save` and `trainable_token_indices` trainable on `model` (in place)."""
+    tied = model.lm_head is None
+    emb = model.model.embed_tokens
+    saved = set(config.modules_to_save or ())
+    if saved:
+        if tied or EMBED in saved:
+            _full_copy(emb, "weight", "model.embed_tokens")
+        if not tied and HEAD in saved:
+            _full_copy(model.lm_head, "kernel", "lm_head")
+    if config.trainable_token_indices is None:
+        return
+    vocab = model.config.vocab_size
+    for name, idx in resolve_token_targets(config.trainable_token_indices, tied).items():
+        bad = [i for i in idx if not 0 <= i < vocab]
+        if bad:
+            raise ValueError(f"trainable_token_indices for {name}: {bad} are not token ids of this model "
+                             f"(vocab_size {vocab}: ids 0..{vocab - 1}); resize the vocabulary first")
+        rows = jnp.asarray(idx, jnp.int32)
+        if name == EMBED:
+            emb.tokens = TokenRows(jnp.take(emb.weight[...], rows, axis=0), idx)
+        else:
+            model.lm_head.tokens = TokenRows(jnp.take(model.lm_head.kernel[...], rows, axis=1).T, idx)
+
+
+def head_is_trainable(model) -> bool:
+    """Whether the output head has trained weights (a full copy or token rows): the chunked loss, which
+    treats the head as frozen, must then run the logits whole."""
+    head = model.lm_head
+    if head is None:
+        emb = model.model.embed_tokens
+        return isinstance(emb.weight, LoRAParam) or getattr(emb, "tokens", None) is not None
+    return isinstance(head.kernel, LoRAParam) or getattr(head, "tokens", None) is not None
+
+
+def peft_tensors(model, prefix: str) -> dict[str, np.ndarray]:
+    """PEFT key -> float32 array (torch orientation) of the trained embedding and head weights.
+
+    A tied full copy is written under both keys, as PEFT's ensure_weight_tying save does."""
+    out = {}
+    emb, head = model.model.embed_tokens, model.lm_head
+    if isinstance(emb.weight, ModulesToSave):
+        out[f"{prefix}model.embed_tokens.weight"] = np.asarray(emb.weight[...], np.float32)
+        if head is None:
+            out[f"{prefix}lm_head.weight"] = out[f"{prefix}model.embed_tokens.weight"]
+    if head is not None and isinstance(head.kernel, ModulesToSave):
+        out[f"{prefix}lm_head.weight"] = np.asarray(head.kernel[...], np.float32).T
+    if getattr(emb, "tokens", None) is not None:
+        out[f"{prefix}model.embed_tokens.{DELTA_KEY}"] = np.asarray(emb.tokens.rows[...], np.float32)
+    if head is not None and getattr(head, "tokens", None) is not None:
+        out[f"{prefix}lm_head.{DELTA_KEY}"] = np.asarray(head.tokens.rows[...], np.float32)
+    return out
+
+
+def load_peft_tensors(model, tensors: dict[str, np.ndarray], where: str) -> set[str]:
+    """Sets the trained embedding/head weights from PEFT tensors keyed without the `base_model.model.`
+    prefix; returns the keys used. A tied model takes one copy: a head copy that differs from the
+    embedding's is PEFT's untied training (ensure_weight_tying=false), which jlora cannot represent."""
+    emb, head = model.model.embed_tokens, model.lm_head
+    want = {k[len("X."):]: v for k, v in peft_tensors(model, "X.").items()}
+    tied_head = head is None and "lm_head.weight" in want
+    if tied_head and "lm_head.weight" in tensors and not np.array_equal(
+            tensors["lm_head.weight"], tensors.get("model.embed_tokens.weight")):
+        raise ValueError(f"{where}: lm_head.weight differs from model.embed_tokens.weight, but the base ties them: "
+                         f"PEFT trained them apart (ensure_weight_tying=false); jlora keeps them tied")
+    for key, current in want.items():
+        if key not in tensors:
+            if key == "lm_head.weight" and tied_head:
+                continue
+            raise ValueError(f"{where}: adapter lacks {key}, which its config trains")
+        shape = tuple(np.shape(tensors[key]))
+        if shape != current.shape:
+            raise ValueError(f"{where}: {key} has shape {shape}, the model needs {current.shape}; was it "
+                             f"trained on another base model (or before resizing the vocabulary)?")
+    values = {k: jnp.asarray(np.asarray(tensors[k], np.float32)) for k in want if k in tensors}
+    if isinstance(emb.weight, ModulesToSave):
+        emb.weight.set_value(values["model.embed_tokens.weight"])
+    if head is not None and isinstance(head.kernel, ModulesToSave):
+        head.kernel.set_value(values["lm_head.weight"].T)
+    if getattr(emb, "tokens", None) is not None:
+        emb.tokens.rows.set_value(values[f"model.embed_tokens.{DELTA_KEY}"])
+    if head is not None and getattr(head, "tokens", None) is not None:
+        head.tokens.rows.set_value(values[f"lm_head.{DELTA_KEY}"])
+    return set(values)
+
+
+def merged_rows(model, hf_name: str, value: np.ndarray) -> np.ndarray:
+    """The HF tensor `hf_name` (torch orientation) with its trained token rows written in (cast to its
+    dtype, as PEFT's merge does); other tensors unchanged."""
+    emb, head = model.model.embed_tokens, model.lm_head
+    module = emb if hf_name == "model.embed_tokens.weight" else head if hf_name == "lm_head.weight" else None
+    tokens = getattr(module, "tokens", None)
+    if tokens is None:
+        return value
+    value = np.array(value)
+    value[list(tokens.indices)] = np.asarray(tokens.rows[...]).astype(value.dtype)
+    return value
+

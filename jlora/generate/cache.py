@@ -13,7 +13,9 @@ rotary position s - start_b. A query in slot i of row b sees the key in slot j w
 which is jlora.attention.masks.visible with the key segment 1 on [start_b, index + t) and 0 elsewhere.
 
 The model calls `cache.at_layer(i).attend(q, k, v, segment_ids, ...)` inside layer i's attention (the
-hook in jlora/models/attention.py): it writes this chunk's k and v at [index, index + t) and returns the
+hook in jlora/models/attention.py; i is an int32 array, traced when the layers are scanned: a scanned
+model carries the whole stacked cache through its scan and layer g * period + j updates its slice in
+place, see jlora.models.stacked.ScannedLayers): it writes this chunk's k and v at [index, index + t) and returns the
 attention output with the updated cache. A chunk of t > 1 is a prefill from slot 0 (index must be 0):
 its attention is the model's own backend on the chunk (the left padding is segment 0), so the prompt
 runs as in training. A chunk of t == 1 is a decode step: one masked softmax over all max_len slots
@@ -37,7 +39,7 @@ class KVCache:
     v: jax.Array
     index: jax.Array
     start: jax.Array
-    layer: int = 0  # static: which layer's slice `attend` reads and writes
+    layer: jax.Array  # int32 scalar: which layer's slice `attend` reads and writes (traced in a scan)
 
     @classmethod
     def create(cls, config, batch: int, max_len: int, start, *, dtype=jnp.float32) -> "KVCache":
@@ -46,7 +48,8 @@ class KVCache:
         start = jnp.asarray(start, jnp.int32)
         if start.shape != (batch,):
             raise ValueError(f"KVCache.create: start must have shape ({batch},), found {start.shape}")
-        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((), jnp.int32), start)
+        zero = jnp.zeros((), jnp.int32)
+        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), zero, start, zero)
 
     @property
     def max_len(self) -> int:
@@ -57,12 +60,13 @@ class KVCache:
         """Bytes of k and v: 2 x layers x batch x max_len x kv_heads x head_dim x itemsize."""
         return self.k.nbytes + self.v.nbytes
 
-    def at_layer(self, layer: int) -> "KVCache":
-        return dataclasses.replace(self, layer=layer)
+    def at_layer(self, layer) -> "KVCache":
+        """This cache addressed at `layer` (a Python int, or a traced int32 inside a scan over layers)."""
+        return dataclasses.replace(self, layer=jnp.asarray(layer, jnp.int32))
 
     def advanced(self, t: int) -> "KVCache":
         """The cache after every layer wrote a chunk of t tokens."""
-        return dataclasses.replace(self, index=self.index + t, layer=0)
+        return dataclasses.replace(self, index=self.index + t, layer=jnp.zeros((), jnp.int32))
 
     def positions(self, t: int) -> jax.Array:
         """Rotary positions [batch, t] of the next chunk of t tokens (0 at each row's first real slot)."""
@@ -94,7 +98,8 @@ class KVCache:
     def attend_cached(self, q, *, sliding_window: int | None, scale: float, logit_softcap: float | None = None):
         """softmax(softcap(q K^T * scale) + mask) V over this layer's cached slots (q [b, t, kv_heads, group, d])."""
         b, t = q.shape[:2]
-        keys, values = self.k[self.layer], self.v[self.layer]
+        keys = jax.lax.dynamic_index_in_dim(self.k, self.layer, keepdims=False)
+        values = jax.lax.dynamic_index_in_dim(self.v, self.layer, keepdims=False)
         q_idx = self.index + jnp.arange(t, dtype=jnp.int32)
         mask = visible(q_idx, jnp.arange(self.max_len, dtype=jnp.int32), jnp.ones((b, t), jnp.int32),
                        self.valid(t), sliding_window)[:, None, None]           # [b, 1, 1, t, max_len]
@@ -105,4 +110,4 @@ class KVCache:
         return jnp.einsum("bkgts,bskd->btkgd", probs, values.astype(q.dtype))
 
 
-jax.tree_util.register_dataclass(KVCache, data_fields=["k", "v", "index", "start"], meta_fields=["layer"])
+jax.tree_util.register_dataclass(KVCache, data_fields=["k", "v", "index", "start", "layer"], meta_fields=[])

@@ -108,10 +108,10 @@ class CausalLM(nnx.Module):
         if self.config.embedding_scale is not None:
             h = h * jnp.asarray(self.config.embedding_scale, h.dtype)  # rounded to the dtype, as transformers
         if is_stacked(self):  # scanned layers (jlora.models.stacked): one compiled body for every layer
-            if cache is not None:
-                raise ValueError("generation with a KV cache walks the layers one by one: call "
-                                 "jlora.models.stacked.unstack_layers(model) on this scanned model first")
-            return self.model.norm(self.model.layers(h, tables, mask, self.remat))
+            if cache is None:
+                return self.model.norm(self.model.layers(h, tables, mask, self.remat))
+            h, cache = self.model.layers(h, tables, mask, self.remat, cache)  # the cache rides in the scan
+            return self.model.norm(h), cache
         for i, layer in enumerate(self.model.layers):
             cos, sin = tables.get(layer.rope, tables["global"])
             if cache is None:

@@ -20,9 +20,10 @@ policy (jlora.remat.call_layer, `model.remat`) is applied to each layer inside t
 
 This is opt-in (`stack_layers(model)`, `load_hf(..., scan_layers=True)`): HF names stay the public
 contract, and the code that walks `model.model.layers` by index (get_peft_model, the converters and
-exporters, the KV-cache generation path) sees a loop model: `unstack_layers(model)` restores it (exact:
-stacking and unstacking only move arrays), and `as_loop(model)` is what exporters call. Anything held in a
-layer's state stacks: dense kernels, NF4Weight (its NF4Tensor arrays stack; shape/blocksize are static),
+exporters) sees a loop model (KV-cache generation runs through the scan: `ScannedLayers.__call__`):
+`unstack_layers(model)` restores it (exact: stacking and unstacking only move arrays), and `as_loop(model)`
+is what exporters call. Anything held in a layer's state stacks: dense kernels, NF4Weight (its NF4Tensor
+arrays stack; shape/blocksize are static),
 LoRA A/B. Mutable per-layer state (LoRA dropout's RNG counters) would not be carried out of the scan:
 layers with RNG state (lora_dropout > 0) are refused (ValueError); train those with the loop model.
 """
@@ -65,23 +66,30 @@ class ScannedLayers(nnx.Module):
     def __iter__(self):
         return (self[i] for i in range(len(self)))
 
-    def __call__(self, h, tables, mask, remat):
-        """h -> h through every layer in order; `tables` maps a LayerSpec.rope name to its (cos, sin)."""
+    def __call__(self, h, tables, mask, remat, cache=None):
+        """h -> h through every layer in order; `tables` maps a LayerSpec.rope name to its (cos, sin).
+
+        With `cache` (generation: a jlora.generate.cache.KVCache, k/v stacked [layers, ...]) this returns
+        (h, cache): the whole cache rides in the scan's carry and layer g * period + j writes its own slice
+        in place (no per-layer copy, and one compiled body for any depth); no remat, as in the loop."""
         graphdefs, states = zip(*(nnx.split(layer) for layer in self.group))
 
-        def run(layer, h):
+        def run(layer, h, cache, i):
             cos, sin = tables.get(layer.rope, tables["global"])
-            return call_layer(layer, remat, h, cos, sin, mask)
+            if cache is None:
+                return call_layer(layer, remat, h, cos, sin, mask), None
+            return layer(h, cos, sin, mask, cache.at_layer(i))
 
-        def body(h, states):
-            for graphdef, state in zip(graphdefs, states):
-                h = run(nnx.merge(graphdef, state), h)
-            return h, None
+        def body(carry, xs):
+            (h, cache), (g, states) = carry, xs
+            for j, (graphdef, state) in enumerate(zip(graphdefs, states)):
+                h, cache = run(nnx.merge(graphdef, state), h, cache, g * self.period + j)
+            return (h, cache), None
 
-        h, _ = jax.lax.scan(body, h, states)
-        for layer in self.tail:
-            h = run(layer, h)
-        return h
+        (h, cache), _ = jax.lax.scan(body, (h, cache), (jnp.arange(self.groups, dtype=jnp.int32), states))
+        for t, layer in enumerate(self.tail):
+            h, cache = run(layer, h, cache, self.groups * self.period + t)
+        return h if cache is None else (h, cache)
 
 
 def _signature(layer: nnx.Module):

@@ -156,14 +156,6 @@ def test_program_size_does_not_grow_with_depth():
     assert loop8 / loop2 > 2.5, (loop2, loop8)  # guard: the measure does see depth in the loop model
 
 
-def test_kv_cache_on_a_scanned_model_names_the_fix(checkpoint):
-    from jlora.generate.cache import KVCache  # noqa: F401  (the cache path is the loop's)
-    model = jlora.load_hf(checkpoint("llama"), scan_layers=True)
-    assert isinstance(model.model.layers, ScannedLayers)
-    with pytest.raises(ValueError, match="unstack_layers"):
-        model.hidden_states(_ids(96, shape=(1, 4)), cache=object())
-
-
 def test_lora_dropout_is_refused_not_silently_frozen():
     """Dropout's RNG counters would not advance through the scan: stacking such layers is an error."""
     from jlora.models import ModelConfig

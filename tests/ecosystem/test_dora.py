@@ -1,0 +1,192 @@
+"""DoRA (`use_dora=True`) against PEFT's: logits, gradients of A, B and the magnitude, the dropout formula,
+both adapter directions, the magnitude init and the merged export. PEFT in float64 is the truth, PEFT in
+float32 calibrates the bound (tests/conftest.py float32_close); every adapter has a non-zero B and a
+magnitude moved off its init, so m / ||W + sBA|| != 1 and every DoRA term counts."""
+import copy
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import peft
+import pytest
+import torch
+from flax import nnx
+from safetensors.numpy import load_file
+
+import jlora
+from jlora.lora_layer import LoRA, LoRAParam
+from jlora.models.layers import Linear
+from jlora.peft_model import adapted_modules
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+IDS = np.random.RandomState(3).randint(0, 96, (2, 16))
+PROBE = np.random.RandomState(4).randn(2, 16, 96)  # loss = sum(logits * PROBE): every logit gets a gradient
+
+
+def _move_magnitudes(ref, seed=0):
+    """m *= 1 + 0.2 N(0, 1) in a PEFT model, so that m / ||W + sBA|| is not 1."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            if "lora_magnitude_vector" in name:
+                p.mul_(1 + 0.2 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+
+
+def _peft_grads(ref, ids=IDS) -> dict[str, dict[str, np.ndarray]]:
+    """HF module -> {a, b, m}: PEFT's gradients of sum(logits * PROBE), in jlora's orientation."""
+    ref.zero_grad()
+    logits = ref(torch.tensor(ids)).logits
+    (logits * torch.tensor(PROBE, dtype=logits.dtype)).sum().backward()
+    out = {}
+    for name, mod in ref.named_modules():
+        if isinstance(mod, peft.tuners.lora.LoraLayer) and "default" in getattr(mod, "lora_A", {}):
+            out[name.removeprefix("base_model.model.")] = dict(
+                a=mod.lora_A["default"].weight.grad.T.numpy(), b=mod.lora_B["default"].weight.grad.T.numpy(),
+                m=mod.lora_magnitude_vector["default"].weight.grad.numpy())
+    return out
+
+
+def _jlora_logits_and_grads(model, ids=IDS):
+    """(logits, {HF module: {a, b, m}}) of jlora's model, gradients of sum(logits * PROBE), one jitted program."""
+    graph, params, rest = nnx.split(model, LoRAParam, ...)
+
+    def loss(p):
+        logits = nnx.merge(graph, p, rest)(jnp.asarray(ids))
+        return jnp.sum(logits * PROBE.astype(np.float32)), logits
+
+    grads, logits = jax.jit(jax.grad(loss, has_aux=True))(params)
+    nnx.update(model, grads)  # the model's adapters now hold their gradients
+    return np.asarray(logits), {n: dict(a=np.asarray(m.lora.a[...]), b=np.asarray(m.lora.b[...]),
+                                        m=np.asarray(m.lora.magnitude[...])) for n, m in adapted_modules(model)}
+
+
+@pytest.fixture(scope="module")
+def peft_dora(checkpoint, tmp_path_factory):
+    """A PEFT DoRA adapter on the tiny Llama (r=4, alpha=8, all 7 projections, B != 0, m moved), saved."""
+    import transformers
+    path = checkpoint("llama")
+    torch.manual_seed(0)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    ref = peft.get_peft_model(hf, peft.LoraConfig(r=4, lora_alpha=8, use_dora=True, init_lora_weights=False,
+                                                  target_modules=TARGETS, task_type="CAUSAL_LM")).eval()
+    init = {n: p.detach().numpy().copy() for n, p in ref.named_parameters() if "lora_magnitude_vector" in n}
+    _move_magnitudes(ref)
+    out = tmp_path_factory.mktemp("peft-dora")
+    ref.save_pretrained(out)
+    return path, ref, out, init
+
+
+def test_peft_dora_loads_in_jlora_with_equal_logits_and_gradients(peft_dora, close32, rel):
+    """PEFT -> jlora: logits, and the gradients of every A, B and magnitude, equal PEFT's (float32 vs float64),
+    on the plain path and the default custom-VJP path (`jlora.kernels.lora_linear`, the op --kernels xla/pallas/
+    triton dispatch to, whose output DoRA rescales)."""
+    path, ref, adapter, _ = peft_dora
+    ref64 = copy.deepcopy(ref).double()
+    want32, want64 = _peft_grads(ref), _peft_grads(ref64)
+    with torch.no_grad():
+        logits32, logits64 = ref(torch.tensor(IDS)).logits.numpy(), ref64(torch.tensor(IDS)).logits.numpy()
+        with ref.disable_adapter():
+            plain = ref(torch.tensor(IDS)).logits.numpy()
+    assert rel(plain, logits64) > 1e-3, "the adapter must change the logits, or this test proves nothing"
+    assert len(want64) == 14 and all(np.abs(g["m"]).max() > 0 for g in want64.values())
+    for impl in (None, "default"):
+        model = jlora.load_adapter(jlora.load_hf(path), adapter)
+        if impl is None:
+            jlora.use_kernels(model, None)
+        logits, grads = _jlora_logits_and_grads(model)
+        close32(logits, logits32, logits64, what=f"logits impl={impl}")
+        assert rel(logits, logits64) <= 1e-5
+        assert set(grads) == set(want64)
+        for name, g in grads.items():
+            for part in ("a", "b", "m"):
+                close32(g[part], want32[name][part], want64[name][part], what=f"d{part} {name} impl={impl}")
+                assert rel(g[part], want64[name][part]) <= 1e-5, (name, part, impl)
+
+
+def test_magnitude_init_equals_peft(peft_dora):
+    """jlora's init of m on PEFT's A and B (its weight norm of W + sBA) is PEFT's init, to float32 rounding."""
+    path, _, adapter, init = peft_dora
+    model = jlora.load_adapter(jlora.load_hf(path), adapter)
+    for name, m in adapted_modules(model):
+        m.lora.init_magnitude(m.kernel.get_value())
+        want = init[f"base_model.model.{name}.lora_magnitude_vector.default.weight"]
+        np.testing.assert_allclose(np.asarray(m.lora.magnitude[...]), want, rtol=4e-7, err_msg=name)
+
+
+def test_jlora_dora_loads_in_peft_and_merges_as_peft(checkpoint, close32, rel, tmp_path):
+    """jlora -> PEFT: the saved adapter (use_dora, lora_magnitude_vector keys) gives PEFT jlora's logits; the
+    init magnitude is ||W + sBA|| (float64 numpy); the merged export equals PEFT's merge_and_unload weights."""
+    import transformers
+    path = checkpoint("llama")
+    model = jlora.get_peft_model(jlora.load_hf(path), jlora.LoraConfig(r=4, lora_alpha=8, use_dora=True,
+                                                                        init_lora_weights=False), rngs=nnx.Rngs(5))
+    weights = load_file(str(path / "model.safetensors"))
+    key = np.random.RandomState(1)
+    for name, m in adapted_modules(model):
+        w = weights[f"{name}.weight"].astype(np.float64)
+        delta = m.lora.scaling * np.asarray(m.lora.b[...], np.float64).T @ np.asarray(m.lora.a[...], np.float64).T
+        np.testing.assert_allclose(np.asarray(m.lora.magnitude[...]), np.linalg.norm(w + delta, axis=1), rtol=1e-6)
+        m.lora.magnitude[...] = m.lora.magnitude[...] * (1 + 0.2 * key.randn(m.out_features)).astype(np.float32)
+    ours = np.asarray(model(IDS))
+    jlora.save_pretrained(model, tmp_path / "adapter")
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    tensors = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
+    assert config["use_dora"] is True
+    assert tensors["base_model.model.model.layers.1.mlp.down_proj.lora_magnitude_vector"].shape == (32,)
+    assert sum(k.endswith(".lora_magnitude_vector") for k in tensors) == 14
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    ref = peft.PeftModel.from_pretrained(hf, tmp_path / "adapter").eval()
+    ref64 = copy.deepcopy(ref).double()
+    with torch.no_grad():
+        want, want64 = ref(torch.tensor(IDS)).logits.numpy(), ref64(torch.tensor(IDS)).logits.numpy()
+    close32(ours, want, want64, what="jlora -> peft logits")
+
+    jlora.save_merged(model, tmp_path / "merged")
+    merged = load_file(str(tmp_path / "merged" / "model.safetensors"))
+    peft32 = ref.merge_and_unload().state_dict()
+    peft64 = ref64.merge_and_unload().state_dict()
+    for name, _ in adapted_modules(model):
+        k = f"{name}.weight"
+        assert rel(peft64[k].numpy(), weights[k]) > 1e-3, k  # the merge changed it
+        close32(merged[k], peft32[k].numpy(), peft64[k].numpy(), what=f"merged {k}")
+
+
+@pytest.mark.parametrize("impl", [None, "default"])
+def test_dropout_follows_peft_formula(impl, close32):
+    """Training with LoRA dropout: y = x W + b + (c - 1) d(x) W + c s d(x) A B (c = m / ||W + sBA||), PEFT's
+    lora.Linear given the same dropped input d(x) (jlora's mask, read from a clone of its RNG state)."""
+    rng = np.random.RandomState(0)
+    lin = Linear(32, 48, use_bias=True, dtype=jnp.float32, param_dtype=jnp.float32, init_std=0.2, rngs=nnx.Rngs(0))
+    lin.bias[...] = rng.randn(48).astype(np.float32) * 0.1
+    lin.lora = LoRA(32, 48, 4, scaling=2.0, dropout=0.5, init_weights=False, rngs=nnx.Rngs(params=1, dropout=2))
+    lin.lora.init_magnitude(lin.kernel.get_value())
+    lin.lora.magnitude[...] = lin.lora.magnitude[...] * (1 + 0.2 * rng.randn(48)).astype(np.float32)
+    jlora.use_kernels(lin, None if impl is None else "auto")
+    if impl == "default":
+        lin.kernel_impl = "default"
+    lin.train()
+    x = rng.randn(3, 5, 32).astype(np.float32)
+    dropped = np.asarray(nnx.clone(lin).lora.drop(jnp.asarray(x)))
+    assert 0 < (dropped == 0).mean() < 1
+    ours = np.asarray(lin(x))
+
+    def reference(dtype):
+        base = torch.nn.Linear(32, 48).to(dtype)
+        with torch.no_grad():
+            base.weight.copy_(torch.tensor(np.asarray(lin.kernel[...]).T))
+            base.bias.copy_(torch.tensor(np.asarray(lin.bias[...])))
+        layer = peft.tuners.lora.Linear(base, "default", peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.5,
+                                                                         use_dora=True), r=4, lora_alpha=8).to(dtype)
+        with torch.no_grad():
+            layer.lora_A["default"].weight.copy_(torch.tensor(np.asarray(lin.lora.a[...]).T))
+            layer.lora_B["default"].weight.copy_(torch.tensor(np.asarray(lin.lora.b[...]).T))
+            layer.lora_magnitude_vector["default"].weight.copy_(torch.tensor(np.asarray(lin.lora.magnitude[...])))
+        fixed = torch.tensor(dropped, dtype=dtype)
+        layer.lora_dropout["default"] = type("Fixed", (torch.nn.Module,), {"forward": lambda self, t: fixed})()
+        layer.train()
+        with torch.no_grad():
+            return layer(torch.tensor(x, dtype=dtype)).numpy()
+
+    close32(ours, reference(torch.float32), reference(torch.float64), what=f"dropout impl={impl}")

@@ -12,6 +12,11 @@ are read, then placed as one `NF4Weight`. Writing one is jlora/convert/quantized
 On a device mesh (`mesh=` with more than one device) every array is instead created shard by shard
 from the file in the trainer's sharding (jlora/convert/sharded_load.py): no device holds more than its
 shard, and each host reads only the slices its devices hold.
+
+Scanned layers (`scan_layers=True`, jlora/models/stacked.py): the stacked arrays are built while loading
+(`LayerStackBuilder`): each variable is stacked as soon as its last layer's tensor is read and the per-layer
+rows are dropped, so the peak stays about one copy of the model (plus one variable's rows), never the loop
+model and the stacked one side by side; on a mesh each stack is created in its rows' sharding.
 """
 from __future__ import annotations
 
@@ -28,7 +33,7 @@ from jlora.convert.hub import resolve_model
 from jlora.convert.hf_names import IGNORED, bnb_weight_name, tensor_map, variable_at
 from jlora.convert.safetensors_io import CheckpointError, iter_tensors, read_header
 from jlora.llama import LlamaForCausalLM, abstract_model
-from jlora.models.stacked import scan_option
+from jlora.models.stacked import LayerStackBuilder
 from jlora.llama_config import LlamaConfig
 from jlora.qlora import NF4Config, NF4Weight, nf4_config
 
@@ -158,7 +163,7 @@ def is_bnb_nf4_checkpoint(hf: dict, where: str) -> bool:
 
 
 def load_quantized(model_dir, hf: dict, *, dtype="float32", quantize=None,
-                   allow_pickle: bool = False, mesh=None) -> LlamaForCausalLM:
+                   allow_pickle: bool = False, mesh=None, scan_layers: bool = False) -> LlamaForCausalLM:
     """A `LlamaForCausalLM` with NF4 projections from a checkpoint dir (see the module docstring).
 
     Args:
@@ -169,7 +174,7 @@ def load_quantized(model_dir, hf: dict, *, dtype="float32", quantize=None,
         `load_in_4bit` does.
       quantize: "nf4" or a `jlora.NF4Config` to quantize an unquantized checkpoint; ignored for a
         checkpoint that is already NF4 (its stored block sizes are kept).
-      mesh: as in `load_hf`.
+      mesh, scan_layers: as in `load_hf`.
     """
     model_dir = Path(model_dir)
     where = str(model_dir / "config.json")
@@ -181,14 +186,13 @@ def load_quantized(model_dir, hf: dict, *, dtype="float32", quantize=None,
         raise CheckpointError(f"{model_dir}: a bitsandbytes 4-bit checkpoint must be safetensors, found "
                               f"{[f.name for f in files]}")
     model = abstract_model(config, dtype=dtype)
-    fill(model, config, files, None if prequantized else config_nf4, mesh=mesh)
+    fill(model, config, files, None if prequantized else config_nf4, mesh=mesh, scan_layers=scan_layers)
     model.source_dir = str(model_dir.resolve())
     return model
 
 
-@scan_option  # load_hf(..., scan_layers=True): layers stacked and scanned (jlora/models/stacked.py)
 def load_hf(model_dir, dtype="float32", *, allow_pickle: bool = False, quantize: str | None = None,
-            mesh=None) -> LlamaForCausalLM:
+            mesh=None, scan_layers: bool = False) -> LlamaForCausalLM:
     """Reads a transformers Llama/Mistral/Qwen2 checkpoint into a `LlamaForCausalLM` in `dtype`.
 
     `model_dir` is a local directory or a Hugging Face Hub id (`jlora.convert.hub.resolve_model`);
@@ -200,16 +204,20 @@ def load_hf(model_dir, dtype="float32", *, allow_pickle: bool = False, quantize:
     than one device, every array is created per shard from the file in the sharding the trainer gives
     it (jlora/convert/sharded_load.py); a mesh axis that does not divide a tensor's dimension is a
     `MeshError` naming the tensor, its shape, the axis and the mesh. None or one device: as without.
+
+    `scan_layers=True`: the decoder layers are stacked on a leading layer axis and scanned
+    (jlora/models/stacked.py), built stacked while loading (peak about one copy of the model).
     """
     dtype = check_dtype(dtype)
     model_dir = resolve_model(model_dir)
     hf = read_config(model_dir)
     if quantize is not None or hf.get("quantization_config"):
-        return load_quantized(model_dir, hf, dtype=dtype, quantize=quantize, allow_pickle=allow_pickle, mesh=mesh)
+        return load_quantized(model_dir, hf, dtype=dtype, quantize=quantize, allow_pickle=allow_pickle, mesh=mesh,
+                              scan_layers=scan_layers)
     config = LlamaConfig.from_hf_dict(hf, where=str(model_dir / "config.json"))
     files = weight_files(model_dir, allow_pickle=allow_pickle)
     model = abstract_model(config, dtype=dtype)
-    fill(model, config, files, mesh=mesh)
+    fill(model, config, files, mesh=mesh, scan_layers=scan_layers)
     model.source_dir = str(model_dir.resolve())
     return model
 
@@ -228,21 +236,29 @@ def _bnb_parts(files: list[Path], expected: dict) -> dict[str, set[str]]:
 
 
 def fill(model: LlamaForCausalLM, config: LlamaConfig, files: list[Path], quantize: NF4Config | None = None,
-         *, mesh=None) -> None:
+         *, mesh=None, scan_layers: bool = False) -> None:
     """fill_from_tensors, or on a mesh of several devices (safetensors files) fill_sharded: each array
-    created per shard. Pickle weights on a mesh load whole and are placed by the trainer afterwards."""
+    created per shard. Pickle weights on a mesh load whole and are placed by the trainer afterwards.
+    scan_layers: the layers end stacked (LayerStackBuilder), each variable stacked once all its rows are read."""
+    builder = LayerStackBuilder(model) if scan_layers else None
+    placed = builder.placed if builder else None
     if mesh is None or mesh.size == 1 or any(f.suffix != ".safetensors" for f in files):
-        fill_from_tensors(model, config, files, quantize)
-        return
-    from jlora.convert.sharded_load import fill_sharded
-    fill_sharded(model, config, files, mesh, quantize=quantize, bnb_parts=_bnb_parts(files, tensor_map(config)))
+        fill_from_tensors(model, config, files, quantize, placed=placed)
+    else:
+        from jlora.convert.sharded_load import fill_sharded
+        fill_sharded(model, config, files, mesh, quantize=quantize, bnb_parts=_bnb_parts(files, tensor_map(config)),
+                     placed=placed)
+    if builder:
+        builder.finish()
 
 
 def fill_from_tensors(model: LlamaForCausalLM, config: LlamaConfig, files: list[Path],
-                      quantize: NF4Config | None = None) -> None:
+                      quantize: NF4Config | None = None, *, placed=None) -> None:
     """Places every tensor of `files` into the abstract `model`: bitsandbytes 4-bit projections as read,
     dense projections quantized with `quantize` (if given), everything else cast to its variable's dtype.
-    Unknown, missing and misshapen tensors are errors that name the file and tensor."""
+    Unknown, missing and misshapen tensors are errors that name the file and tensor. `placed(path)` (if
+    given) is called with each variable's model path once it holds its value (LayerStackBuilder)."""
+    placed = placed or (lambda path: None)
     expected = tensor_map(config)
     parts = _bnb_parts(files, expected)
     pending: dict[str, dict[str, np.ndarray]] = {}
@@ -263,6 +279,7 @@ def fill_from_tensors(model: LlamaForCausalLM, config: LlamaConfig, files: list[
                 group[name[len(weight) - len("weight"):]] = array  # keyed "weight", "weight.absmax", ...
                 if len(group) == len(parts[weight]):
                     _place_bnb(model, expected[weight], weight, pending.pop(weight), path)
+                    placed(expected[weight].path)
                     seen.add(weight)
                 continue
             entry = expected.get(name)
@@ -282,6 +299,7 @@ def fill_from_tensors(model: LlamaForCausalLM, config: LlamaConfig, files: list[
             else:
                 value = array.T if entry.transpose else array
                 var.set_value(jnp.asarray(np.asarray(value).astype(jnp.dtype(var.dtype))))
+            placed(entry.path)
             seen.add(name)
     if unknown:
         raise CheckpointError(f"{files[0].parent}: tensors that are not part of a {config.model_type} model: "

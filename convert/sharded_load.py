@@ -118,14 +118,17 @@ def read_flat(reader: TensorReader, start: int, stop: int) -> np.ndarray:
 
 
 def fill_sharded(model, config, files: list[Path], mesh: Mesh, *, quantize=None,
-                 bnb_parts: dict[str, set[str]] | None = None, warn=warnings.warn) -> None:
+                 bnb_parts: dict[str, set[str]] | None = None, warn=warnings.warn, placed=None) -> None:
     """Places every tensor of the safetensors `files` into the abstract `model`, created per shard on
     `mesh` (see the module docstring). Same checks and errors as hf_checkpoint.fill_from_tensors:
     unknown, missing and misshapen tensors name the file and tensor.
 
     quantize: an NF4Config to quantize the decoder projections while loading, or None.
     bnb_parts: `P.weight` -> its tensor names, for projections stored in bitsandbytes' 4-bit layout.
+    placed: called with each variable's model path once it holds its value (stacked.LayerStackBuilder:
+      the stack is created in the rows' sharding with the layer axis whole, as mesh_rules places it).
     """
+    placed = placed or (lambda path: None)
     expected = tensor_map(config)
     bnb_parts = bnb_parts or {}
     located: dict[str, Path] = {}
@@ -147,6 +150,7 @@ def fill_sharded(model, config, files: list[Path], mesh: Mesh, *, quantize=None,
         if name in bnb_parts:
             q = _bnb_nf4(name, {n: located[n] for n in bnb_parts[name]}, entry.hf_shape(var.shape), mesh, warn)
             variable_at(model, entry.path[:-1]).kernel = NF4Weight(q)
+            placed(entry.path)
             continue
         reader = TensorReader(located[name], name)
         try:
@@ -161,6 +165,7 @@ def fill_sharded(model, config, files: list[Path], mesh: Mesh, *, quantize=None,
                 var.set_value(_dense(reader, flat_name, var, entry.transpose, mesh))
         finally:
             reader.close()
+        placed(entry.path)
 
 
 @functools.cache

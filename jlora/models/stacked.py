@@ -18,7 +18,8 @@ scanned over one step, i.e. compiled as the loop model is; ranks that repeat wit
 XLA compiles the body once, so the compiled program no longer grows with depth. The per-layer remat
 policy (jlora.remat.call_layer, `model.remat`) is applied to each layer inside the body, as in the loop.
 
-This is opt-in (`stack_layers(model)`, `load_hf(..., scan_layers=True)`): HF names stay the public
+`jlora train` scans by default where nothing needs the loop (TrainConfig.scan_layers, jlora/train/layers.py);
+in Python it is `stack_layers(model)` or `load_hf(..., scan_layers=True)`: HF names stay the public
 contract, and the code that walks `model.model.layers` by index (get_peft_model, the converters and
 exporters) sees a loop model (KV-cache generation runs through the scan: `ScannedLayers.__call__`):
 `unstack_layers(model)` restores it (exact: stacking and unstacking only move arrays), and `as_loop(model)`
@@ -26,6 +27,13 @@ is what exporters call. Anything held in a layer's state stacks: dense kernels, 
 arrays stack; shape/blocksize are static),
 LoRA A/B. Mutable per-layer state (LoRA dropout's RNG counters) would not be carried out of the scan:
 layers with RNG state (lora_dropout > 0) are refused (ValueError); train those with the loop model.
+
+Memory: stacking, unstacking and the loaders' direct build (`LayerStackBuilder`: load_hf(scan_layers=True)
+fills an abstract loop model tensor by tensor and stacks each variable as soon as its last layer's row is
+read) work one variable at a time and drop the rows of a variable once it is stacked (the old layers'
+Variables become abstract), so the peak is about one copy of the layers plus one variable's stack, never
+the loop model and the scanned model side by side. On a mesh a stack is created in its row's sharding with
+the layer axis whole (jlora.convert.mesh_rules), so stacking moves nothing between devices.
 """
 from __future__ import annotations
 
@@ -34,6 +42,7 @@ import functools
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
 from jlora.remat import call_layer
 
@@ -109,28 +118,83 @@ def structural_period(layers) -> int:
     return n
 
 
+def _get(module, path: tuple):
+    for p in path:
+        module = module[p] if isinstance(p, int) else getattr(module, p)
+    return module
+
+
+def _abstract(value):
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(tuple(x.shape), x.dtype), value)
+
+
+def _release(var: nnx.Variable) -> None:
+    """Drops a Variable's arrays (its value becomes ShapeDtypeStructs): the module that held it is spent."""
+    var.set_value(_abstract(var.get_value()))
+
+
+def _templates(module: nnx.Module) -> tuple:
+    """(graphdef, [(path, abstract Variable)]) of a module: its structure without holding its arrays."""
+    graphdef, state = nnx.split(module)
+    return graphdef, [(path, var.replace(_abstract(var.get_value()))) for path, var in nnx.to_flat_state(state)]
+
+
 def _stack(modules: list[nnx.Module]) -> nnx.Module:
-    """One module whose arrays are the modules' arrays stacked on axis 0 (the modules must be alike)."""
-    graphdef, _ = nnx.split(modules[0])
-    states = [nnx.split(m)[1] for m in modules]
-    return nnx.merge(graphdef, jax.tree.map(_stack_leaves, *states))
+    """One module whose arrays are the modules' arrays stacked on axis 0 (the modules must be alike).
+    Variable by variable: once a variable is stacked its rows are released (`_release`)."""
+    graphdef, templates = _templates(modules[0])
+    items = []
+    for path, template in templates:
+        rows = [_get(m, path) for m in modules]
+        stacked = jax.tree.map(_stack_leaves, *[v.get_value() for v in rows])
+        for v in rows:
+            _release(v)
+        items.append((path, template.replace(stacked)))
+    return nnx.merge(graphdef, nnx.from_flat_state(items))
 
 
 def _stack_leaves(*xs):
     if isinstance(xs[0], jax.ShapeDtypeStruct):  # an abstract model (abstract_model, load_hf's target)
         return jax.ShapeDtypeStruct((len(xs),) + tuple(xs[0].shape), xs[0].dtype)
+    sharding = getattr(xs[0], "sharding", None)
+    if isinstance(sharding, NamedSharding) and sharding.mesh.size > 1:  # the row's sharding, layer axis whole
+        spec = NamedSharding(sharding.mesh, PartitionSpec(None, *sharding.spec))
+        return _jit_stack(spec)(*xs)
     return jnp.stack(xs)
+
+
+@functools.cache
+def _jit_stack(sharding):
+    return jax.jit(lambda *xs: jnp.stack(xs), out_shardings=sharding)
+
+
+@functools.cache
+def _jit_row(sharding, g: int):
+    return jax.jit(lambda x: x[g], out_shardings=sharding)
 
 
 def _slice(x, g: int):
     if isinstance(x, jax.ShapeDtypeStruct):
         return jax.ShapeDtypeStruct(tuple(x.shape[1:]), x.dtype)
+    sharding = getattr(x, "sharding", None)
+    if isinstance(sharding, NamedSharding) and sharding.mesh.size > 1:
+        return _jit_row(NamedSharding(sharding.mesh, PartitionSpec(*tuple(sharding.spec)[1:])), g)(x)
     return x[g]
 
 
 def _unstack(module: nnx.Module, groups: int) -> list[nnx.Module]:
-    graphdef, state = nnx.split(module)
-    return [nnx.merge(graphdef, jax.tree.map(lambda x: _slice(x, g), state)) for g in range(groups)]
+    """The `groups` modules sliced out of a stacked one, variable by variable (each stack released once
+    its rows are cut)."""
+    graphdef, templates = _templates(module)
+    items: list[list] = [[] for _ in range(groups)]
+    for path, template in templates:
+        var = _get(module, path)
+        value = var.get_value()
+        for g in range(groups):
+            items[g].append((path, template.replace(jax.tree.map(lambda x: _slice(x, g), value))))
+        del value
+        _release(var)
+    return [nnx.merge(graphdef, nnx.from_flat_state(rows)) for rows in items]
 
 
 def is_stacked(model) -> bool:
@@ -141,8 +205,9 @@ def is_stacked(model) -> bool:
 def stack_layers(model):
     """Turns a loop model into a scanned one, in place, and returns it (a scanned model is returned as is).
 
-    The arrays are copied into stacked ones (peak memory: the layers twice, briefly); logits and
-    gradients are the loop model's (same operations, in the same order, per layer).
+    The arrays are copied into stacked ones one variable at a time, each variable's rows released once it
+    is stacked (peak: the layers once plus one variable's stack); logits and gradients are the loop
+    model's (same operations, in the same order, per layer).
     """
     if is_stacked(model):
         return model
@@ -197,3 +262,57 @@ def scan_option(fn):
         return stack_layers(model) if scan_layers else model
 
     return wrapper
+
+
+class LayerStackBuilder:
+    """Builds a scanned model's stacked arrays straight from a loader's per-layer reads.
+
+        builder = LayerStackBuilder(abstract_loop_model)   # the period from the abstract layers
+        ... the loader places tensor `path` (("model", "layers", i, *rest)), then calls builder.placed(path)
+        builder.finish()                                   # model.model.layers becomes a ScannedLayers
+
+    Each variable (pattern position j, path inside the layer) is stacked as soon as its last row is
+    placed, and its rows are released: the loader holds about one copy of the layers plus one
+    variable's rows in flight, not the loop model and the stack side by side (`stack_layers` after a loop
+    load holds both only briefly too, variable by variable, but a loop load first places every layer).
+    A value the loader replaces (a dense kernel quantized to an NF4Weight) stacks as what it became.
+    """
+
+    def __init__(self, model):
+        self.model = model
+        self.layers = list(model.model.layers)
+        self.period = structural_period(self.layers)
+        self.groups = len(self.layers) // self.period
+        self._rows: dict[tuple, set[int]] = {}
+        self._stacked: dict[tuple, object] = {}
+
+    def placed(self, path: tuple) -> None:
+        """`path` (an attribute path from the model, as hf_names.Entry.path) now holds its loaded value."""
+        if tuple(path[:2]) != ("model", "layers") or path[2] >= self.groups * self.period:
+            return  # embed, norm, head and the looped tail stay as they are
+        i, rest = path[2], tuple(path[3:])
+        key = (i % self.period, rest)
+        rows = self._rows.setdefault(key, set())
+        rows.add(i // self.period)
+        if len(rows) == self.groups:
+            variables = [_get(self.layers[key[0] + g * self.period], rest) for g in range(self.groups)]
+            self._stacked[key] = jax.tree.map(_stack_leaves, *[v.get_value() for v in variables])
+            for v in variables:
+                _release(v)
+
+    def finish(self):
+        """Installs the ScannedLayers (every stacked variable must have been placed) and returns the model."""
+        group = []
+        for j in range(self.period):
+            graphdef, templates = _templates(self.layers[j])
+            items = []
+            for path, template in templates:
+                if (j, path) not in self._stacked:
+                    raise ValueError(f"scan_layers: model.layers.{j}.{'.'.join(map(str, path))} was never loaded "
+                                     f"into the stack ({sorted(self._rows.get((j, path), ()))} of "
+                                     f"{self.groups} rows placed)")
+                items.append((path, template.replace(self._stacked.pop((j, path)))))
+            group.append(nnx.merge(graphdef, nnx.from_flat_state(items)))
+        self.model.model.layers = ScannedLayers(group, self.layers[self.groups * self.period:], groups=self.groups)
+        self.layers = []
+        return self.model

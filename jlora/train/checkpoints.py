@@ -142,6 +142,13 @@ def _check_matches(where: Path, saved: dict[str, tuple] | None, like: dict[str, 
     wanted = {jax.tree_util.keystr(k, simple=True, separator="."): tuple(v.shape)
               for k, v in jax.tree_util.tree_flatten_with_path(like)[0]}
     hint = "it was saved with other LoRA settings (r, targets); resume with those or start a new --out"
+    stacked_saved = any(".layers.group." in n for n in saved)
+    stacked_wanted = any(".layers.group." in n for n in wanted)
+    if stacked_saved != stacked_wanted:  # same adapters, other layout (jlora/train/scan_layers.py)
+        raise CheckpointError(
+            f"{where}: the checkpoint was saved with {'scanned' if stacked_saved else 'loop'} layers, this run "
+            f"{'scans' if stacked_wanted else 'loops over'} them: resume with "
+            f"{'--scan-layers' if stacked_saved else '--no-scan-layers'} (the setting the run was saved with)")
     for name in sorted(set(saved) | set(wanted), key=lambda n: (not n.startswith("params"), n)):
         if name not in saved:
             raise CheckpointError(f"{where}: the checkpoint has no {name}, which this run trains: {hint}")

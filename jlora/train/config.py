@@ -73,6 +73,24 @@ HELP = {
     "overwrite": "replace the run in --out (the old run is kept in <out>.previous until the first checkpoint)",
     "merge": "also write the merged model to <out>/merged",
     "progress": "show a progress bar",
+    "report_to": "also send metrics.jsonl's records to: tensorboard (event files in <out>/tensorboard) | wandb "
+                 "(Weights & Biases; WANDB_MODE=offline keeps it local) | none; a comma list for several",
+}
+
+# `jlora train --help` lists the flags in these groups, in this order; every TrainConfig field is in exactly one
+# (tests/commands/test_help.py checks it: a new field needs a HELP line and a place here).
+GROUPS = {
+    "model and data": ("model", "data", "eval", "eval_fraction", "text_field", "prompt_field", "completion_field",
+                       "messages_field", "packing"),
+    "LoRA": ("r", "lora_alpha", "lora_dropout", "use_rslora", "targets"),
+    "optimisation": ("lr", "lr_schedule", "warmup_steps", "weight_decay", "max_grad_norm", "loraplus_lr_ratio",
+                     "steps", "epochs", "batch_size", "grad_accum"),
+    "long context and memory": ("seq_len", "dtype", "quantize", "remat", "attention", "loss_chunk_tokens",
+                                "kernels"),
+    "parallelism": ("mesh",),
+    "output and logging": ("out", "log_every", "report_to", "eval_every", "save_every", "keep_checkpoints",
+                           "resume", "force", "overwrite", "merge", "progress"),
+    "other": ("seed",),
 }
 
 
@@ -129,6 +147,7 @@ class TrainConfig:
     overwrite: bool = False
     merge: bool = False
     progress: bool = True
+    report_to: str = "none"           # tensorboard | wandb | none, comma list (jlora.train.reporters)
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
@@ -253,6 +272,12 @@ def check_setting(name: str, value: Any) -> Any:
         raise ConfigError(f"expected {_describe(kind)} > {_ABOVE[name]:g}")
     if name in _BELOW_ONE and not 0 <= value < 1:
         raise ConfigError(f"expected {_describe(kind)} in [0, 1)")
+    if name == "report_to":
+        from jlora.train import reporters
+        try:
+            value = ",".join(reporters.parse(value)) or "none"
+        except reporters.ReporterError as e:
+            raise ConfigError(str(e)) from None
     if name in _CHOICES and value not in _CHOICES[name]:
         raise ConfigError(f"expected one of {', '.join(_CHOICES[name])}" + (" (or unset)" if optional else ""))
     return value

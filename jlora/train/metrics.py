@@ -1,14 +1,22 @@
-"""metrics.jsonl (one object per logged step) and the loss-curve PNG written at the end of a run."""
+"""metrics.jsonl (one object per logged step), fanned out to the --report-to reporters (TensorBoard, W&B:
+jlora.train.reporters), and the loss-curve PNG written at the end of a run."""
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
 from jlora.atomic_files import write_text
+from jlora.train import reporters
 
 
 class MetricsLog:
-    def __init__(self, path: Path, *, resume_from_step: int | None = None):
+    """Appends one JSON object per logged step to `path` and hands the same record to each reporter of
+    `report_to`. `resume_from_step`: the run continues from that checkpoint, so lines after it are dropped
+    (those steps run again) and the reporters are cut back to the same kept records; None: a new run.
+    `run_config` (the run's settings) goes to reporters that keep one (W&B's config). `close()` flushes them."""
+
+    def __init__(self, path: Path, *, resume_from_step: int | None = None, report_to: str | None = None,
+                 run_config: dict | None = None):
         self.path = Path(path)
         if resume_from_step is not None and self.path.exists():
             # Drop what was logged after the checkpoint we resume from: those steps run again.
@@ -17,10 +25,21 @@ class MetricsLog:
             write_text(self.path, "".join(line + "\n" for line in keep))
         elif resume_from_step is None:
             write_text(self.path, "")
+        resumed = resume_from_step is not None
+        self.reporters = reporters.open_reporters(report_to, self.path.parent, resumed=resumed, config=run_config,
+                                                  history=self.records() if resumed and self.path.exists() else [])
 
     def write(self, record: dict) -> None:
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
+        for r in self.reporters:
+            r.write(record)
+
+    def close(self) -> None:
+        """Flushes and closes the reporters (metrics.jsonl is complete after each write)."""
+        opened, self.reporters = self.reporters, []
+        for r in opened:
+            r.close()
 
     def records(self) -> list[dict]:
         return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]

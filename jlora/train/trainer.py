@@ -20,7 +20,7 @@ from jlora.data.iterator import Prefetch
 from jlora.llama import use_kernels
 from jlora.lora_config import TARGET_PRESETS, LoraConfig
 from jlora.peft_model import get_peft_model, trainable_parameters
-from jlora.train import hosts, long_context, run_dir
+from jlora.train import hosts, long_context, reporters, run_dir
 from jlora.train.checkpoints import Checkpoints
 from jlora.train.config import TrainConfig
 from jlora.train.guard import DeadGradient, Guard, NonFiniteLoss, TrainingStopped
@@ -95,6 +95,7 @@ class Trainer:
         # the data, the model (a typo must not cost the run that --overwrite would replace).
         run_dir.check(c, log=self.log)
         long_context.check_platform(c)  # --attention runs here
+        reporters.check_installed(c.report_to)  # --report-to wandb without wandb: say which extra, now
         mesh = make_mesh(c.mesh)
         row_shards = mesh.shape["data"] * mesh.shape["fsdp"]
         if c.batch_size % row_shards:
@@ -166,8 +167,9 @@ class Trainer:
             self.log(f"resumed from {ckpt.directory / str(start)} at step {start}")
         elif c.resume:
             self.log(f"--resume: no checkpoint in {ckpt.directory}; starting from step 0")
-        metrics_log = (MetricsLog(self.out / "metrics.jsonl", resume_from_step=start if c.resume else None)
-                       if hosts.is_main() else None)  # process 0 logs
+        metrics_log = (MetricsLog(self.out / "metrics.jsonl", resume_from_step=start if c.resume else None,
+                                  report_to=c.report_to, run_config=c.to_dict())
+                       if hosts.is_main() else None)  # process 0 logs (and reports: --report-to)
         if hosts.is_main():
             write_json(self.out / "run_config.json", c.to_dict())
 
@@ -290,6 +292,8 @@ class Trainer:
         finally:
             batches.close()
             bar.close()
+            if metrics_log is not None:
+                metrics_log.close()  # flushes the --report-to reporters (also when the guard stopped the run)
         if last_saved != steps:
             save(steps, last_data_state)
         ckpt.close()

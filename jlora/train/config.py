@@ -62,6 +62,8 @@ HELP = {
     "loraplus_lr_ratio": "LoRA+: lora_B (and 1-D adapters) learn at lr x this ratio; unset: plain AdamW",
     "quantize": "nf4: QLoRA (base weights in NF4)",
     "kernels": "fused LoRA kernels: auto | xla | pallas | triton; unset: the default path (custom VJP over XLA dots)",
+    "scan_layers": "scan the decoder layers (stacked on a layer axis: one compiled layer for any depth); unset: "
+                   "auto, scan unless a setting needs the loop (--lora-dropout > 0, DoRA, modules_to_save, samples)",
     "mesh": "device mesh, e.g. data=2,fsdp=2,tensor=2; unset: all devices on data",
     "seed": "seed of the adapter init, dropout and data order",
     "log_every": "write metrics.jsonl every N steps",
@@ -86,7 +88,7 @@ GROUPS = {
     "optimisation": ("lr", "lr_schedule", "warmup_steps", "weight_decay", "max_grad_norm", "loraplus_lr_ratio",
                      "steps", "epochs", "batch_size", "grad_accum"),
     "long context and memory": ("seq_len", "dtype", "quantize", "remat", "attention", "loss_chunk_tokens",
-                                "kernels"),
+                                "kernels", "scan_layers"),
     "parallelism": ("mesh",),
     "output and logging": ("out", "log_every", "report_to", "eval_every", "save_every", "keep_checkpoints",
                            "resume", "force", "overwrite", "merge", "progress"),
@@ -134,6 +136,7 @@ class TrainConfig:
     loss_chunk_tokens: int = LOSS_CHUNK_TOKENS  # 0: the whole logits at once (jlora.train.chunked_loss)
     quantize: str | None = None       # "nf4": QLoRA
     kernels: str | None = None        # fused LoRA kernels: auto | xla | pallas | triton; None: the default path
+    scan_layers: bool | None = None   # None: auto (jlora.train.scan_layers: scan unless a setting needs the loop)
     # parallelism
     mesh: str | None = None           # e.g. "data=2,fsdp=2,tensor=2"; default all devices on data
     # bookkeeping

@@ -21,6 +21,7 @@ from jlora.llama import use_kernels
 from jlora.lora_config import TARGET_PRESETS, LoraConfig
 from jlora.peft_model import get_peft_model, trainable_parameters
 from jlora.train import hosts, long_context, reporters, run_dir
+from jlora.train import scan_layers
 from jlora.train.checkpoints import Checkpoints
 from jlora.train.config import TrainConfig
 from jlora.train.guard import DeadGradient, Guard, NonFiniteLoss, TrainingStopped
@@ -95,6 +96,9 @@ class Trainer:
         # the data, the model (a typo must not cost the run that --overwrite would replace).
         run_dir.check(c, log=self.log)
         long_context.check_platform(c)  # --attention runs here
+        scan, scan_note = scan_layers.decide(c)  # --scan-layers (auto: scan unless a setting needs the loop)
+        if scan_note:
+            self.log(scan_note)
         reporters.check_installed(c.report_to)  # --report-to wandb without wandb: say which extra, now
         mesh = make_mesh(c.mesh)
         row_shards = mesh.shape["data"] * mesh.shape["fsdp"]
@@ -110,13 +114,15 @@ class Trainer:
         self.log(f"data: {stats}" + (f"; {stats.truncated:,} examples cut to --seq-len {c.seq_len}"
                                      if stats.truncated else ""))
 
-        model = load_hf(model_dir, dtype=c.dtype, quantize=c.quantize, mesh=mesh)  # each array born sharded
+        model = load_hf(model_dir, dtype=c.dtype, quantize=c.quantize, mesh=mesh,  # each array born sharded
+                        scan_layers=scan)  # born stacked when scanned
         if len(tokenizer) > model.config.vocab_size:
             raise ValueError(f"{model_dir}: the tokenizer has {len(tokenizer):,} tokens but the model's vocab_size "
                              f"is {model.config.vocab_size:,}: ids past the embedding would be read silently")
         lora_config = LoraConfig(r=c.r, lora_alpha=c.lora_alpha, lora_dropout=c.lora_dropout,
                                  use_rslora=c.use_rslora, target_modules=_targets(c.targets))
         model = get_peft_model(model, lora_config, rngs=nnx.Rngs(params=c.seed, dropout=c.seed + 1))
+        model = scan_layers.settle(model, log=self.log)  # adapters that do not repeat: the loop
         long_context.configure_model(model, c, log=self.log)  # --attention, --remat, the --seq-len warning
         trainable, total = trainable_parameters(model)
         self.log(f"model: {model_dir} ({c.dtype}); LoRA r={c.r} alpha={c.lora_alpha} on {c.targets}: "

@@ -89,7 +89,8 @@ def _module_name(name, field: str) -> str:
     """`embed_tokens`, `model.embed_tokens` (as PEFT writes it) -> embed_tokens; anything else is an error."""
     leaf = name.rsplit(".", 1)[-1] if isinstance(name, str) else None
     if leaf not in TRAINABLE_MODULES:
-        raise ValueError(f"{field}: {name!r} is not a module jlora can train; expected one of {list(TRAINABLE_MODULES)}")
+        raise ValueError(f"{field}: {name!r} is not a module jlora can train; expected one of "
+                         f"{list(TRAINABLE_MODULES)}")
     return leaf
 
 

@@ -64,7 +64,13 @@ def vllm_violations(config: dict, tensor_names, max_lora_rank: int = 16,
     mts = config.get("modules_to_save") or []
     bad_mts = [m for m in mts if m not in ("classifier", "score")]
     if bad_mts:
-        v.append(f"modules_to_save={bad_mts}: vLLM only accepts classifier/score")
+        v.append(f"modules_to_save={bad_mts}: vLLM only accepts classifier/score"
+                 + ("; serve the merged model instead (jlora train --merge, jlora export --merge)"
+                    if set(m.rsplit(".", 1)[-1] for m in bad_mts) <= set(HEAD_MODULES) else ""))
+    if config.get("trainable_token_indices"):
+        v.append("trainable_token_indices: vLLM loads no trained token rows (token_adapter weights), and since "
+                 "late 2025 an adapter cannot add tokens (vllm#28382 removed LoRA extra vocabulary); serve the "
+                 "merged model instead (jlora train --merge)")
     init = config.get("init_lora_weights", True)
     if isinstance(init, str) and init.split("_")[0].lower() in REJECTED_INITS:
         v.append(f"init_lora_weights={init!r}: vLLM rejects {sorted(REJECTED_INITS)} initialisations")

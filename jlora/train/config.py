@@ -6,6 +6,7 @@ before any file is touched, with an error naming the flag: `--steps 0: expected 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 from pathlib import Path
@@ -41,6 +42,10 @@ HELP = {
     "lora_dropout": "dropout on the LoRA input",
     "use_rslora": "scale by alpha / sqrt(r)",
     "targets": "all-linear | attention | qv | mlp | comma-separated module names",
+    "modules_to_save": "train full copies of these modules: embed_tokens,lm_head (PEFT's modules_to_save; tied "
+                       "embeddings: one copy serves both)",
+    "trainable_token_indices": "train only these token rows, e.g. 128000,128001 (embed_tokens, and a tied head), "
+                               "or embed_tokens=1,2;lm_head=1,2 (PEFT's trainable_token_indices)",
     "lr": "peak learning rate (AdamW)",
     "lr_schedule": "cosine | linear | constant, after linear warmup",
     "warmup_steps": "linear warmup steps",
@@ -117,6 +122,8 @@ class TrainConfig:
     lora_dropout: float = 0.0
     use_rslora: bool = False
     targets: str = "all-linear"       # all-linear | attention | qv | mlp | comma-separated module names
+    modules_to_save: str | None = None          # "embed_tokens,lm_head": full trained copies
+    trainable_token_indices: str | None = None  # "1,2" | "embed_tokens=1,2;lm_head=1,2": trained rows only
     # optimisation
     lr: float = 2e-4
     lr_schedule: str = "cosine"       # cosine | linear | constant
@@ -262,6 +269,8 @@ def check_setting(name: str, value: Any) -> Any:
     else:  # str
         if name == "targets" and isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
             value = ",".join(value)  # YAML `targets: [q_proj, v_proj]`
+        if name in TRAINABLE_EMBEDDING_SETTINGS and isinstance(value, (list, tuple, dict)):  # YAML list / mapping
+            value = json.dumps(value) if isinstance(value, dict) else ",".join(str(v) for v in value)
         if isinstance(value, os.PathLike):
             value = os.fspath(value)
         if not isinstance(value, str):
@@ -281,6 +290,8 @@ def check_setting(name: str, value: Any) -> Any:
             value = ",".join(reporters.parse(value)) or "none"
         except reporters.ReporterError as e:
             raise ConfigError(str(e)) from None
+    if name in TRAINABLE_EMBEDDING_SETTINGS:
+        TRAINABLE_EMBEDDING_SETTINGS[name](value)  # raises ConfigError on a malformed value
     if name in _CHOICES and value not in _CHOICES[name]:
         raise ConfigError(f"expected one of {', '.join(_CHOICES[name])}" + (" (or unset)" if optional else ""))
     return value
@@ -288,6 +299,52 @@ def check_setting(name: str, value: Any) -> Any:
 
 def _show(value) -> str:
     return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+_EMBEDDING_MODULES = ("embed_tokens", "lm_head")
+
+
+def modules_to_save_setting(text: str) -> list[str]:
+    """'embed_tokens,lm_head' -> ['embed_tokens', 'lm_head'] (LoraConfig.modules_to_save)."""
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    bad = [n for n in names if n.rsplit(".", 1)[-1] not in _EMBEDDING_MODULES]
+    if bad or not names:
+        raise ConfigError(f"expected a comma list of {', '.join(_EMBEDDING_MODULES)}; found {bad or text!r}")
+    return names
+
+
+def _ids(text: str, where: str) -> list[int]:
+    parts = [t.strip() for t in str(text).strip("[]").split(",") if t.strip()]
+    if not parts or not all(p.isdigit() for p in parts):
+        raise ConfigError(f"expected token ids (integers >= 0, comma-separated){where}, found {text!r}")
+    return [int(p) for p in parts]
+
+
+def token_indices_setting(text: str) -> list[int] | dict[str, list[int]]:
+    """LoraConfig.trainable_token_indices from '1,2' (embed_tokens, and a tied head), 'embed_tokens=1,2;lm_head=3'
+    or a JSON object {"embed_tokens": [1, 2]}."""
+    text = text.strip()
+    if text.startswith("{"):
+        try:
+            pairs = {k: ",".join(map(str, v)) for k, v in json.loads(text).items()}
+        except (ValueError, TypeError, AttributeError):
+            raise ConfigError(f"expected a JSON object of module: [token ids], found {text!r}") from None
+    elif "=" in text:
+        pairs = dict(p.split("=", 1) for p in text.split(";") if p.strip())
+    else:
+        return _ids(text, "")
+    out = {}
+    for module, ids in pairs.items():
+        module = module.strip()
+        if module.rsplit(".", 1)[-1] not in _EMBEDDING_MODULES:
+            raise ConfigError(f"{module!r} is not a module whose rows can train; expected "
+                              f"{', '.join(_EMBEDDING_MODULES)}")
+        out[module] = _ids(ids, f" for {module}")
+    return out
+
+
+TRAINABLE_EMBEDDING_SETTINGS = {"modules_to_save": modules_to_save_setting,
+                                "trainable_token_indices": token_indices_setting}
 
 
 def _describe(kind: str) -> str:

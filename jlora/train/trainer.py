@@ -23,7 +23,7 @@ from jlora.peft_model import get_peft_model, trainable_parameters
 from jlora.train import hosts, long_context, reporters, run_dir
 from jlora.train import scan_layers
 from jlora.train.checkpoints import Checkpoints
-from jlora.train.config import TrainConfig
+from jlora.train.config import TrainConfig, modules_to_save_setting, token_indices_setting
 from jlora.train.guard import DeadGradient, Guard, NonFiniteLoss, TrainingStopped
 from jlora.train.metrics import MetricsLog, plot_losses
 from jlora.train.optimizer import learning_rate_schedule, make_optimizer
@@ -38,6 +38,13 @@ __all__ = ["Trainer", "RunDirError", "TrainingStopped", "NonFiniteLoss", "DeadGr
 
 def _targets(spec: str):
     return spec if spec in TARGET_PRESETS else [t.strip() for t in spec.split(",") if t.strip()]
+
+
+def trainable_embeddings(c: TrainConfig) -> dict:
+    """LoraConfig's modules_to_save / trainable_token_indices from --modules-to-save / --trainable-token-indices."""
+    return {"modules_to_save": modules_to_save_setting(c.modules_to_save) if c.modules_to_save else None,
+            "trainable_token_indices": (token_indices_setting(c.trainable_token_indices)
+                                        if c.trainable_token_indices else None)}
 
 
 # Batches prepared and placed on the devices ahead of the step that takes them.
@@ -120,7 +127,8 @@ class Trainer:
             raise ValueError(f"{model_dir}: the tokenizer has {len(tokenizer):,} tokens but the model's vocab_size "
                              f"is {model.config.vocab_size:,}: ids past the embedding would be read silently")
         lora_config = LoraConfig(r=c.r, lora_alpha=c.lora_alpha, lora_dropout=c.lora_dropout,
-                                 use_rslora=c.use_rslora, target_modules=_targets(c.targets))
+                                 use_rslora=c.use_rslora, target_modules=_targets(c.targets),
+                                 **trainable_embeddings(c))
         model = get_peft_model(model, lora_config, rngs=nnx.Rngs(params=c.seed, dropout=c.seed + 1))
         model = scan_layers.settle(model, log=self.log)  # adapters that do not repeat: the loop
         long_context.configure_model(model, c, log=self.log)  # --attention, --remat, the --seq-len warning

@@ -4,6 +4,9 @@ Everything (adapter, export_report.json, merged/) is written into a temporary si
 in as a whole (jlora.atomic_files.atomic_directory): DIR holds one complete export, and any failure (a
 drift check against the wrong base, --merge running out of disk) leaves DIR as it was. DIR may be new,
 empty or a previous jlora export (it holds export_report.json); anything else needs --overwrite.
+
+A DoRA adapter (use_dora=true) is no adapter vLLM serves: without --merge the export says so in one line and
+offers --merge; with --merge it writes only DIR/merged (PEFT's DoRA merge) and export_report.json.
 """
 from __future__ import annotations
 
@@ -12,8 +15,13 @@ from pathlib import Path
 
 
 def register(sub):
+    from jlora.commands.help_format import examples
     p = sub.add_parser("export", help="write an adapter that passes vLLM's rules: per-module scales folded into "
-                                      "lora_B, optionally cut to --max-lora-rank by SVD; --merge for a full model")
+                                      "lora_B, optionally cut to --max-lora-rank by SVD; --merge for a full model",
+                       epilog=examples(
+                           "jlora export runs/x --out runs/x/vllm --max-lora-rank 16   # for vllm --max-lora-rank 16",
+                           "jlora export runs/x --out runs/x/export --merge --dtype bfloat16",
+                           "jlora export runs/x --out model.gguf --gguf q8_0 --ollama"))
     p.add_argument("source", metavar="RUN_OR_ADAPTER_DIR", help="a `jlora train` run dir or an adapter dir "
                                                                 "(jlora, PEFT, Unsloth)")
     p.add_argument("--out", required=True,
@@ -88,6 +96,48 @@ def run_gguf(args) -> int:
     return 0
 
 
+def run_dora(args, adapter) -> int:
+    """A DoRA adapter: vLLM refuses use_dora, so the only export is the merged model (--merge)."""
+    from jlora.atomic_files import atomic_directory, write_json
+    from jlora.convert.safetensors_io import CheckpointError
+    from jlora.ranks.export import REPORT_FILE
+
+    def fail(msg):
+        print(f"jlora export: error: {msg}", file=sys.stderr)
+        return 2
+
+    if not args.merge:
+        return fail(f"{adapter.path} is a DoRA adapter (use_dora=true, lora_magnitude_vector weights), which vLLM "
+                    f"cannot serve: export the merged model instead with --merge (OUT/merged, vllm serve OUT/merged), "
+                    f"or --gguf TYPE for llama.cpp")
+    out = Path(args.out)
+    try:
+        base_dir, note = _base_dir(args, adapter)
+    except CheckpointError as e:
+        return fail(f"--base: {e}")
+    if base_dir is None:
+        return fail(f"--merge needs the base model ({note}); pass --base DIR")
+    problem = _out_problem(out, adapter.path, base_dir, args.overwrite)
+    if problem:
+        return fail(problem)
+    import jlora
+    dtype = merge_dtype(args, base_dir)
+    print(f"merging the DoRA adapter {adapter.path} into {base_dir} ({dtype}) ...", flush=True)
+    try:
+        with atomic_directory(out) as tmp:
+            model = jlora.load_adapter(jlora.load_hf(base_dir, dtype=dtype), adapter.path,
+                                       allow_pickle=args.allow_pickle)
+            jlora.save_merged(model, tmp / "merged", dtype=dtype)
+            write_json(tmp / REPORT_FILE, {"written_by": "jlora export", "source": str(adapter.path),
+                                           "base": str(base_dir), "use_dora": True, "merged_dtype": dtype,
+                                           "adapter": "not written: vLLM does not serve DoRA", "modules": []})
+    except (CheckpointError, ValueError, OSError) as e:
+        return fail(f"{e} (nothing written: {out} is as it was)")
+    print(f"DoRA adapter: vLLM cannot serve it, so no adapter was written\n"
+          f"merged checkpoint ({dtype}): {out / 'merged'}\nServe it with:\n  vllm serve {(out / 'merged').resolve()}")
+    return 0
+
+
 def _as_merge(args):
     """args as the base lookup sees them for a merge (the base is needed: fetch a Hub id if not cached)."""
     import copy
@@ -155,6 +205,8 @@ def run(args) -> int:
     threshold = DRIFT_THRESHOLD if args.max_drift is None else args.max_drift / 100
     try:
         adapter = read_adapter(args.source, allow_pickle=args.allow_pickle)
+        if adapter.config.get("use_dora"):
+            return run_dora(args, adapter)
         export = build_export(adapter, args.max_lora_rank)
     except (CheckpointError, ValueError) as e:
         return fail(e)

@@ -198,3 +198,23 @@ def test_dropout_follows_peft_formula(impl, close32):
             return layer(torch.tensor(x, dtype=dtype)).numpy()
 
     close32(ours, reference(torch.float32), reference(torch.float64), what=f"dropout impl={impl}")
+
+
+def test_export_of_a_dora_adapter_offers_the_merged_model(peft_dora, close32, tmp_path, capsys):
+    """`jlora export` refuses to write a DoRA adapter vLLM would reject, in one line offering --merge; with --merge
+    it writes only the merged model, equal to PEFT's merge_and_unload."""
+    from jlora.cli import main
+    path, ref, adapter, _ = peft_dora
+    assert main(["export", str(adapter), "--out", str(tmp_path / "a")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "vLLM cannot serve" in err and "--merge" in err and not (tmp_path / "a").exists()
+
+    assert main(["export", str(adapter), "--out", str(tmp_path / "b"), "--merge", "--base", str(path),
+                 "--dtype", "float32"]) == 0
+    assert "vllm serve" in capsys.readouterr().out
+    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == ["export_report.json", "merged"]
+    merged = load_file(str(tmp_path / "b" / "merged" / "model.safetensors"))
+    want = copy.deepcopy(ref).merge_and_unload().state_dict()
+    want64 = copy.deepcopy(ref).double().merge_and_unload().state_dict()
+    for k in ("model.layers.0.self_attn.q_proj.weight", "model.layers.1.mlp.down_proj.weight"):
+        close32(merged[k], want[k].numpy(), want64[k].numpy(), what=k)

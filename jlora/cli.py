@@ -33,12 +33,7 @@ def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or os.environ.get("JLORA_DEBUG", "") not in ("", "0")
     argv = [a for a in argv if a != "--debug"]
-    parser = argparse.ArgumentParser(prog="jlora", description="LoRA / QLoRA fine-tuning in JAX",
-                                     epilog="--debug (anywhere) shows tracebacks instead of one-line errors")
-    sub = parser.add_subparsers(dest="command", required=True)
-    for name in COMMANDS:
-        importlib.import_module(name).register(sub)
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     if debug:
         return args.func(args)
     try:
@@ -53,6 +48,20 @@ def main(argv=None) -> int:
         print(f"jlora {args.command}: internal error: {type(e).__name__}: {one_line(e)} "
               f"(run again with --debug for the traceback)", file=sys.stderr)
         return 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """`jlora` and its subcommands (each parser a jlora.commands.help_format.Parser: defaults stated once)."""
+    from jlora.commands.help_format import Parser, examples
+
+    parser = Parser(prog="jlora", description="LoRA / QLoRA fine-tuning in JAX",
+                    epilog="--debug (anywhere) shows tracebacks instead of one-line errors\n\n" + examples(
+                        "jlora train            # the embedded demo: a tiny Llama on bundled data, ~1 min on a CPU",
+                        "jlora <command> --help"))
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+    for name in COMMANDS:
+        importlib.import_module(name).register(sub)
+    return parser
 
 
 def one_line(e: BaseException) -> str:

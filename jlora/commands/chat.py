@@ -13,7 +13,10 @@ from jlora.commands.generate import add_model_args, add_sampling_args, load_mode
 
 
 def register(sub):
-    p = sub.add_parser("chat", help="interactive chat with a model (base, or with a LoRA adapter), streamed")
+    from jlora.commands.help_format import examples
+    p = sub.add_parser("chat", help="interactive chat with a model (base, or with a LoRA adapter), streamed",
+                       epilog=examples("jlora chat --run runs/x --system 'Answer in one sentence.'",
+                                       "echo 'What is LoRA?' | jlora chat --model path/to/base --max-new-tokens 64"))
     add_model_args(p)
     p.add_argument("--system", default=None, metavar="TEXT", help="a system message opening the conversation")
     add_sampling_args(p)

@@ -34,14 +34,19 @@ def add_sampling_args(p) -> None:
     p.add_argument("--top-k", type=int, default=None, metavar="K", help="keep the K most likely tokens")
     p.add_argument("--top-p", type=float, default=1.0, metavar="P", help="nucleus sampling mass in (0, 1]")
     p.add_argument("--repetition-penalty", type=float, default=1.0, metavar="R", help="> 1 discourages repeats")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampling (with --temperature > 0)")
     p.add_argument("--max-len", type=int, default=None, metavar="L",
                    help="KV cache length (default: longest prompt + --max-new-tokens)")
     p.add_argument("--truncate", action="store_true", help="keep the last tokens of prompts longer than --max-len")
 
 
 def register(sub):
-    p = sub.add_parser("generate", help="answers for a JSONL file of prompts (base model, or with a LoRA adapter)")
+    from jlora.commands.help_format import examples
+    p = sub.add_parser("generate", help="answers for a JSONL file of prompts (base model, or with a LoRA adapter)",
+                       epilog=examples(
+                           "jlora generate --run runs/x --prompts prompts.jsonl --out answers.jsonl",
+                           "jlora generate --model path/to/base --adapter runs/x/adapter --prompts prompts.jsonl "
+                           "--out answers.jsonl --chat --temperature 0.7 --top-p 0.9"))
     add_model_args(p)
     p.add_argument("--prompts", required=True, metavar="FILE", help='JSONL: {"prompt": ...} or {"messages": [...]}')
     p.add_argument("--out", required=True, metavar="FILE", help="JSONL written: each input line + completion")

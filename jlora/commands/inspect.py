@@ -11,8 +11,11 @@ import sys
 
 
 def register(sub):
+    from jlora.commands.help_format import examples
     p = sub.add_parser("inspect", help="norms, singular values and effective rank of each module's delta W "
-                                       "(jlora, PEFT or Unsloth adapters)")
+                                       "(jlora, PEFT or Unsloth adapters)",
+                       epilog=examples("jlora inspect runs/x                 # heat map to runs/x/effective_rank.png",
+                                       "jlora inspect path/to/peft_adapter --json --plot rank.png"))
     p.add_argument("adapter", metavar="ADAPTER_DIR", help="adapter dir, or a `jlora train` run dir")
     p.add_argument("--json", action="store_true",
                    help="print only a JSON list: module, layer, kind, r, scale, norm, singular_values, "

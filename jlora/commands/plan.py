@@ -14,9 +14,15 @@ import sys
 
 
 def register(sub):
+    from jlora.commands.help_format import examples
     p = sub.add_parser("plan", help="will a training step fit a TPU slice or GPUs; memory, mesh, step time",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                       description=__doc__.split("\n\n")[0])
+                       description=__doc__.split("\n\n")[0].replace("\n", " "),
+                       epilog=examples(
+                           "jlora plan --model llama-3.1-8b --topology v5e:2x2 --quantize nf4 --batch-size 8 "
+                           "--seq-len 4096",
+                           "jlora plan --model llama-3.1-70b --topology v5p:2x2x4 --batch-size 16 --seq-len 8192 "
+                           "--max-seq-len",
+                           "jlora plan --model path/to/checkpoint --topology h100:8 --batch-size 8 --seq-len 2048 --json"))
     p.add_argument("--model", required=True, help="a preset name (e.g. llama-3.1-8b) or a checkpoint dir with config.json")
     p.add_argument("--topology", required=True,
                    help="TPU slice as libtpu names it (v4:2x2x2, v5e:4x4, v5p:2x2x4, v6e:8x8) or h100[:N] / h200[:N]")
@@ -24,11 +30,12 @@ def register(sub):
                                   "the batch allows, the rest on tensor)")
     p.add_argument("--quantize", choices=["nf4"], help="QLoRA: NF4 frozen projections")
     p.add_argument("--r", type=int, default=16, help="LoRA rank")
-    p.add_argument("--lora-alpha", type=float, help="(default: r; does not change memory or speed)")
+    p.add_argument("--lora-alpha", type=float, help="LoRA alpha (default: r; does not change memory or speed)")
     p.add_argument("--targets", default="all-linear", help="all-linear | attention | qv | mlp | module names")
     p.add_argument("--batch-size", type=int, required=True, help="rows per micro-batch (global)")
-    p.add_argument("--seq-len", type=int, required=True)
-    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--seq-len", type=int, required=True, help="tokens per row (with --max-seq-len: the search's "
+                                                              "first guess)")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
     p.add_argument("--dtype", default="bfloat16", help="compute and base-weight dtype")
     p.add_argument("--remat", choices=["auto", "none", "dots", "full", "offload"], default="auto",
                    help="what each layer's backward recomputes (jlora.remat); auto: the first of none, full, "

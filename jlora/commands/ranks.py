@@ -1,14 +1,15 @@
 """`jlora ranks`: trainable parameters and memory per LoRA rank and target preset, then rank advice."""
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 
 
 def register(sub):
+    from jlora.commands.help_format import examples
     p = sub.add_parser("ranks", help="parameters and memory per LoRA rank x targets, and how to choose r",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       epilog=examples("jlora ranks --model llama-3.1-8b --quantize nf4",
+                                       "jlora ranks --model path/to/checkpoint --seq-len 4096 --batch-size 4 --json"))
     p.add_argument("--model", required=True, help="checkpoint dir (config.json is enough) or a preset, "
                                                  "e.g. llama-3.1-8b")
     p.add_argument("--quantize", choices=["nf4"], default=None, help="QLoRA: NF4 base projections")

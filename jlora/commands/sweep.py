@@ -9,8 +9,12 @@ SWEEP_DEFAULTS = {"out": "runs/sweep"}
 
 
 def register(sub):
+    from jlora.commands.help_format import examples
     p = sub.add_parser("sweep", help="train several LoRA ranks alike and recommend the one with the lowest "
-                                     "eval loss (no --model: the embedded default)")
+                                     "eval loss (no --model: the embedded default)",
+                       epilog=examples("jlora sweep --ranks 4,8,16 --steps 100       # the embedded default",
+                                       "jlora sweep --model path/to/base --data train.jsonl --eval eval.jsonl "
+                                       "--ranks 8,16,32,64 --alpha-ratio 2 --steps 500"))
     p.add_argument("--ranks", default="4,8,16,32", help="comma-separated ranks to train (default 4,8,16,32)")
     p.add_argument("--alpha-ratio", type=float, default=None,
                    help="lora_alpha = ratio * r for every rank (default: the train settings' lora_alpha / r: "

@@ -3,13 +3,20 @@ from __future__ import annotations
 
 import sys
 
+from jlora.commands.help_format import examples
 from jlora.commands.train_settings import add_train_flags, demo_note, settings_from_args
 
 
 def register(sub):
     p = sub.add_parser("train", help="fine-tune a LoRA adapter (no --model: the embedded tiny default)",
                        description="Fine-tune a LoRA adapter. Without --model and --data: a tiny built-in "
-                                   "Llama on a bundled dataset, with the demo settings the help names.")
+                                   "Llama on a bundled dataset, with the demo settings the help names.",
+                       epilog=examples(
+                           "jlora train                  # the demo: tiny Llama, bundled data, ~1 min on a CPU",
+                           "jlora train --model meta-llama/Llama-3.2-1B --data train.jsonl --out runs/x \\",
+                           "    --r 16 --lora-alpha 32 --steps 500 --report-to tensorboard",
+                           "jlora train --out runs/x --resume          # continue from the latest checkpoint",
+                           "jlora train --config settings.yaml --lr 1e-4  # flags override the YAML"))
     add_train_flags(p)
     p.set_defaults(func=run)
     return p

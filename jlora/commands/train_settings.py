@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-from jlora.train.config import DEMO_SETTINGS, HELP, TrainConfig, flag, with_demo_settings
+from jlora.train.config import DEMO_SETTINGS, GROUPS, HELP, TrainConfig, flag, with_demo_settings
 
 _TYPES = {"int": int, "float": float, "str": str}
 _BARE = {"remat": "full"}  # settings whose flag may be given without a value, and what it means then
@@ -17,11 +17,22 @@ _BARE = {"remat": "full"}  # settings whose flag may be given without a value, a
 
 def add_train_flags(parser: argparse.ArgumentParser, *, skip: tuple[str, ...] = (),
                     defaults: dict | None = None) -> None:
-    """Adds `--config` and a flag per TrainConfig field (except `skip`); `defaults` overrides the stated ones."""
-    parser.add_argument("--config", help="YAML file of settings; flags given here override it")
-    for f in dataclasses.fields(TrainConfig):
+    """Adds `--config` and a flag per TrainConfig field (except `skip`), in the argument groups of
+    jlora.train.config.GROUPS (a field in none goes under "other"); `defaults` overrides the stated ones."""
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    groups = {title: parser.add_argument_group(f"{title} settings" if title != "other" else "other")
+              for title in GROUPS}
+    if "other" not in groups:
+        groups["other"] = parser.add_argument_group("other")
+    where = {name: groups[title] for title, names in GROUPS.items() for name in names}
+    groups["other"].add_argument("--config", metavar="YAML",
+                                 help="YAML file of settings (TrainConfig field names); flags given here override it")
+    order = [n for names in GROUPS.values() for n in names if n in fields]
+    for name in order + [n for n in fields if n not in order]:
+        f = fields[name]
         if f.name in skip:
             continue
+        group = where.get(f.name, groups["other"])
         default = (defaults or {}).get(f.name, f.default)
         text = f"{HELP.get(f.name, '')} (default {_show(default)}"
         if f.name in DEMO_SETTINGS and DEMO_SETTINGS[f.name] != default:
@@ -29,12 +40,12 @@ def add_train_flags(parser: argparse.ArgumentParser, *, skip: tuple[str, ...] = 
         text = (text + ")").replace("%", "%%")
         kind = str(f.type).split("|")[0].strip()
         if kind == "bool":
-            parser.add_argument(flag(f.name), action=argparse.BooleanOptionalAction, default=None, help=text)
+            group.add_argument(flag(f.name), action=argparse.BooleanOptionalAction, default=None, help=text)
         elif f.name in _BARE:  # `--remat` alone keeps its old meaning (full)
-            parser.add_argument(flag(f.name), nargs="?", const=_BARE[f.name], default=None, help=text,
+            group.add_argument(flag(f.name), nargs="?", const=_BARE[f.name], default=None, help=text,
                                 metavar=f.name.upper())
         else:
-            parser.add_argument(flag(f.name), type=_TYPES.get(kind, str), default=None, help=text,
+            group.add_argument(flag(f.name), type=_TYPES.get(kind, str), default=None, help=text,
                                 metavar=f.name.upper())
 
 

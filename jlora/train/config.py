@@ -41,6 +41,8 @@ HELP = {
     "lora_alpha": "LoRA alpha: scaling = alpha / r (alpha / sqrt(r) with --use-rslora)",
     "lora_dropout": "dropout on the LoRA input",
     "use_rslora": "scale by alpha / sqrt(r)",
+    "use_dora": "DoRA (PEFT's use_dora): a trained magnitude per output feature rescales W + s B A; vLLM cannot "
+                "serve DoRA adapters (export the merged model: jlora export RUN --out DIR --merge)",
     "targets": "all-linear | attention | qv | mlp | comma-separated module names",
     "modules_to_save": "train full copies of these modules: embed_tokens,lm_head (PEFT's modules_to_save; tied "
                        "embeddings: one copy serves both)",
@@ -89,7 +91,7 @@ HELP = {
 GROUPS = {
     "model and data": ("model", "data", "eval", "eval_fraction", "text_field", "prompt_field", "completion_field",
                        "messages_field", "packing"),
-    "LoRA": ("r", "lora_alpha", "lora_dropout", "use_rslora", "targets"),
+    "LoRA": ("r", "lora_alpha", "lora_dropout", "use_rslora", "use_dora", "targets"),
     "optimisation": ("lr", "lr_schedule", "warmup_steps", "weight_decay", "max_grad_norm", "loraplus_lr_ratio",
                      "steps", "epochs", "batch_size", "grad_accum"),
     "long context and memory": ("seq_len", "dtype", "quantize", "remat", "attention", "loss_chunk_tokens",
@@ -121,6 +123,7 @@ class TrainConfig:
     lora_alpha: float = 16
     lora_dropout: float = 0.0
     use_rslora: bool = False
+    use_dora: bool = False            # DoRA (jlora.dora): a magnitude vector per adapted projection
     targets: str = "all-linear"       # all-linear | attention | qv | mlp | comma-separated module names
     modules_to_save: str | None = None          # "embed_tokens,lm_head": full trained copies
     trainable_token_indices: str | None = None  # "1,2" | "embed_tokens=1,2;lm_head=1,2": trained rows only

@@ -127,7 +127,7 @@ class Trainer:
             raise ValueError(f"{model_dir}: the tokenizer has {len(tokenizer):,} tokens but the model's vocab_size "
                              f"is {model.config.vocab_size:,}: ids past the embedding would be read silently")
         lora_config = LoraConfig(r=c.r, lora_alpha=c.lora_alpha, lora_dropout=c.lora_dropout,
-                                 use_rslora=c.use_rslora, target_modules=_targets(c.targets),
+                                 use_rslora=c.use_rslora, use_dora=c.use_dora, target_modules=_targets(c.targets),
                                  **trainable_embeddings(c))
         model = get_peft_model(model, lora_config, rngs=nnx.Rngs(params=c.seed, dropout=c.seed + 1))
         model = scan_layers.settle(model, log=self.log)  # adapters that do not repeat: the loop

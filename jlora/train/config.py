@@ -91,7 +91,8 @@ HELP = {
 GROUPS = {
     "model and data": ("model", "data", "eval", "eval_fraction", "text_field", "prompt_field", "completion_field",
                        "messages_field", "packing"),
-    "LoRA": ("r", "lora_alpha", "lora_dropout", "use_rslora", "use_dora", "targets"),
+    "LoRA": ("r", "lora_alpha", "lora_dropout", "use_rslora", "use_dora", "targets", "modules_to_save",
+             "trainable_token_indices"),
     "optimisation": ("lr", "lr_schedule", "warmup_steps", "weight_decay", "max_grad_norm", "loraplus_lr_ratio",
                      "steps", "epochs", "batch_size", "grad_accum"),
     "long context and memory": ("seq_len", "dtype", "quantize", "remat", "attention", "loss_chunk_tokens",

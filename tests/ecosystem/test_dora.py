@@ -218,3 +218,37 @@ def test_export_of_a_dora_adapter_offers_the_merged_model(peft_dora, close32, tm
     want64 = copy.deepcopy(ref).double().merge_and_unload().state_dict()
     for k in ("model.layers.0.self_attn.q_proj.weight", "model.layers.1.mlp.down_proj.weight"):
         close32(merged[k], want[k].numpy(), want64[k].numpy(), what=k)
+
+
+def test_trainable_parameters_count_the_magnitudes_as_peft(peft_dora):
+    path, ref, adapter, _ = peft_dora
+    model = jlora.load_adapter(jlora.load_hf(path), adapter)
+    assert jlora.trainable_parameters(model) == tuple(ref.get_nb_trainable_parameters())
+
+
+def test_phi3_fused_projections_as_peft(tmp_path, close32):
+    """Phi-3's fused qkv_proj / gate_up_proj carry one magnitude over all their output rows, as PEFT's: a PEFT
+    DoRA adapter loads in jlora with PEFT's logits, and jlora's re-export loads back in PEFT with them."""
+    import transformers
+    from tests.hf_checkpoints import save_random_model
+    path = save_random_model(transformers.Phi3Config(
+        vocab_size=96, hidden_size=64, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, sliding_window=8), tmp_path / "phi3")
+    torch.manual_seed(0)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    ref = peft.get_peft_model(hf, peft.LoraConfig(r=4, lora_alpha=8, use_dora=True, init_lora_weights=False,
+                                                  target_modules=["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
+                                                  task_type="CAUSAL_LM")).eval()
+    _move_magnitudes(ref)
+    ref.save_pretrained(tmp_path / "peft")
+    with torch.no_grad():
+        want = ref(torch.tensor(IDS)).logits.numpy()
+        want64 = copy.deepcopy(ref).double()(torch.tensor(IDS)).logits.numpy()
+    model = jlora.load_adapter(jlora.load_hf(path), tmp_path / "peft")
+    assert model.model.layers[0].self_attn.qkv_proj.lora.magnitude[...].shape == (64 + 2 * 2 * 16,)
+    close32(_logits(model), want, want64, what="phi3 peft -> jlora")
+    jlora.save_pretrained(model, tmp_path / "again")
+    back = peft.PeftModel.from_pretrained(
+        transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval(), tmp_path / "again")
+    with torch.no_grad():
+        close32(back.eval()(torch.tensor(IDS)).logits.numpy(), want, want64, what="phi3 jlora -> peft")

@@ -24,7 +24,7 @@ RUN_FILES = MARKERS + ("adapter", "merged", "loss.png")
 RESUME_FIELDS = ("model", "data", "eval", "eval_fraction", "r", "lora_alpha", "lora_dropout", "use_rslora",
                  "targets", "lr", "lr_schedule", "warmup_steps", "weight_decay", "max_grad_norm", "steps",
                  "epochs", "batch_size", "grad_accum", "seq_len", "packing", "dtype", "quantize", "seed",
-                 "loraplus_lr_ratio", "use_dora")
+                 "loraplus_lr_ratio", "use_dora", "modules_to_save", "trainable_token_indices")
 NOTED_FIELDS = ("remat", "attention", "loss_chunk_tokens")
 _PATHS = ("model", "data", "eval")
 

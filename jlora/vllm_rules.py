@@ -65,7 +65,7 @@ def vllm_violations(config: dict, tensor_names, max_lora_rank: int = 16,
     bad_mts = [m for m in mts if m not in ("classifier", "score")]
     if bad_mts:
         v.append(f"modules_to_save={bad_mts}: vLLM only accepts classifier/score"
-                 + ("; serve the merged model instead (jlora train --merge, jlora export --merge)"
+                 + ("; serve the merged model instead (jlora train --merge, or jlora.save_merged)"
                     if set(m.rsplit(".", 1)[-1] for m in bad_mts) <= set(HEAD_MODULES) else ""))
     if config.get("trainable_token_indices"):
         v.append("trainable_token_indices: vLLM loads no trained token rows (token_adapter weights), and since "

@@ -12,7 +12,9 @@ LoRA+ (Hayou et al. 2024, arXiv 2402.12354; PEFT's ``create_loraplus_optimizer``
     groupB_no_decay   the above, named *bias* or *norm*        k * lr(t)    0
 
 and each group runs its own AdamW. PEFT's fourth group (LoRA on embeddings, ``loraplus_lr_embedding``)
-is always empty here: jlora does not adapt ``embed_tokens``. PEFT gives every decayed group
+is always empty here: jlora does not adapt ``embed_tokens`` with LoRA. Trained embedding/head copies
+(``modules_to_save``) and token rows (``trainable_token_indices``) are 2-D, so groupA, as in PEFT (its copies are
+plain modules, not LoRA embeddings). PEFT gives every decayed group
 ``loraplus_weight_decay``; here it is the run's ``weight_decay``.
 """
 from __future__ import annotations

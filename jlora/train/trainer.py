@@ -344,7 +344,12 @@ class Trainer:
                  "then in Python:\n"
                  "  from transformers import AutoModelForCausalLM\n  from peft import PeftModel\n"
                  f"  base = AutoModelForCausalLM.from_pretrained({str(model_dir.resolve())!r})\n"
-                 f"  model = PeftModel.from_pretrained(base, {str(adapter_dir.resolve())!r})\n"
-                 "Serve it with vLLM:\n"
+                 f"  model = PeftModel.from_pretrained(base, {str(adapter_dir.resolve())!r})")
+        if self.config.modules_to_save or self.config.trainable_token_indices:
+            self.log("vLLM does not serve this adapter: its LoRA loads no trained embedding or head copies "
+                     "(--modules-to-save) nor token rows (--trainable-token-indices), and an adapter cannot add "
+                     f"tokens; serve the merged model instead ({self.out / 'merged'} with --merge)")
+            return
+        self.log("Serve it with vLLM:\n"
                  f"  vllm serve {model_dir.resolve()} --enable-lora --max-lora-rank {max_rank} "
                  f"--lora-modules jlora={adapter_dir.resolve()}")

@@ -252,3 +252,20 @@ def test_phi3_fused_projections_as_peft(tmp_path, close32):
         transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval(), tmp_path / "again")
     with torch.no_grad():
         close32(back.eval()(torch.tensor(IDS)).logits.numpy(), want, want64, what="phi3 jlora -> peft")
+
+
+def test_older_peft_magnitude_keys_load(peft_dora, tmp_path):
+    """Older PEFT saved m as `<module>.lora_magnitude_vector.default.weight`: read as the same vector."""
+    import shutil
+    from safetensors.numpy import save_file
+    path, _, adapter, _ = peft_dora
+    tensors = load_file(str(adapter / "adapter_model.safetensors"))
+    old = {k + ".default.weight" if k.endswith("lora_magnitude_vector") else k: v for k, v in tensors.items()}
+    assert sum(k.endswith(".lora_magnitude_vector.default.weight") for k in old) == 14
+    (tmp_path / "old").mkdir()
+    shutil.copy(adapter / "adapter_config.json", tmp_path / "old")
+    save_file(old, str(tmp_path / "old" / "adapter_model.safetensors"), metadata={"format": "pt"})
+    model = jlora.load_adapter(jlora.load_hf(path), tmp_path / "old")
+    for name, m in adapted_modules(model):
+        np.testing.assert_array_equal(np.asarray(m.lora.magnitude[...]),
+                                      tensors[f"base_model.model.{name}.lora_magnitude_vector"])

@@ -1,21 +1,24 @@
 """Rematerialization of one decoder layer: what its backward pass recomputes instead of storing.
 
     "none"     store every activation the backward needs (fastest, most memory)
-    "dots"     store the outputs of the matrix products without batch dimensions (the q/k/v/o and MLP
-               projections, LoRA's x A and (x A) B; jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
-               and recompute the cheap elementwise work (norms, rotary, SiLU, attention) in the backward
+    "dots"     store the projections' outputs (q/k/v/o and gate/up/down, fused qkv/gate_up: the values the
+               model names PROJECTION through projection_output) in the compute dtype, and recompute the
+               cheap elementwise work (norms, rotary, SiLU) and attention's forward in the backward
+               (jax.checkpoint_policies.save_only_these_names)
     "full"     store only the layer's input; recompute the whole layer in its backward (jax.checkpoint)
     "offload"  as "full", but the layer's input lives in host memory between the forward and the backward
                (jax.checkpoint_policies.save_and_offload_only_these_names, device -> pinned_host): device
                memory then holds about one layer's activations, whatever the depth
 
 Recompute: none < dots < full = offload (which also moves each layer input to the host and back); POLICIES
-lists them lightest first. Device memory: none > full > offload, and "dots" is not reliably below "none":
-jlora's projections accumulate in float32 (bf16 x bf16 -> f32, then cast) and LoRA runs in float32, so the
-products "dots" saves are float32 where XLA, left alone, keeps the bf16 results. Compiled by libtpu for
-v5e (a 4-layer, hidden-512 bf16 model, 4 x 2048 tokens over 4 chips; tests/long_context/test_remat_tpu.py)
-the step held 585 MiB per chip with dots, 395 MiB with none, 263 MiB with full. So `--remat auto` tries
-AUTO_ORDER (none, full, offload); "dots" is there to ask for by name.
+lists them lightest first. Device memory: none > dots > full > offload. "dots" once meant jax's
+dots_with_no_batch_dims_saveable, which saved the float32 products (jlora's projections accumulate in float32,
+then cast) and held more than "none" on a bf16 base (libtpu, v5e, a 4-layer hidden-512 bf16 model: 585 MiB
+per chip against none's 395); the named outputs are bf16 there. XLA:CPU's compiled temporaries of a scanned
+bf16 model (tests/long_context/test_remat_memory.py; hidden 64, 2 x 256 tokens, per layer): none 3.2 MiB,
+dots 1.2, full 0.27; dots minus full is about 2x the named outputs' bytes (XLA holds the scan's stacked
+residuals twice). `--remat auto` still tries AUTO_ORDER (none, full, offload): "dots" joins it once a libtpu
+compile confirms none > dots on TPU (tests/long_context/test_remat_tpu.py checks the order).
 
 Where offload runs: TPU and GPU move the named residuals to pinned host memory. The CPU backend accepts the
 same program (its "pinned_host" memory is the same RAM, so nothing is saved there), so every policy runs
@@ -33,6 +36,13 @@ from jax.ad_checkpoint import checkpoint_name
 POLICIES = ("none", "dots", "full", "offload")  # lightest (least recompute) first
 AUTO_ORDER = ("none", "full", "offload")  # what --remat auto tries, first that fits (see the module docstring)
 LAYER_INPUT = "jlora_layer_input"  # checkpoint_name of each decoder layer's input (offloaded by "offload")
+PROJECTION = "jlora_projection"  # checkpoint_name of each projection's output, in the compute dtype ("dots" saves it)
+
+
+def projection_output(y):
+    """`y` (a projection's output: q/k/v/o, gate/up/down, fused qkv/gate_up) named PROJECTION, which "dots"
+    saves for the backward; outside jax.checkpoint the name does nothing."""
+    return checkpoint_name(y, PROJECTION)
 
 
 def policy_name(remat) -> str:
@@ -50,7 +60,7 @@ def checkpoint_policy(policy: str):
     """The jax.checkpoint `policy=` of a policy name (None: save nothing but the inputs); not for "none"."""
     policy = policy_name(policy)
     if policy == "dots":
-        return jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+        return jax.checkpoint_policies.save_only_these_names(PROJECTION)
     if policy == "offload":
         return jax.checkpoint_policies.save_and_offload_only_these_names(
             names_which_can_be_saved=(), names_which_can_be_offloaded=(LAYER_INPUT,),

@@ -1,7 +1,7 @@
 """Attention backends: the same masked softmax attention, computed whole (reference), by blocks in plain
-JAX (blockwise), by TPU splash attention (splash) or by cuDNN (cudnn).
+JAX (blockwise), by TPU splash attention (splash), by cuDNN (cudnn) or by Pallas GPU kernels (flash).
 
-See backends.py for the setting (`attention="auto" | "blockwise" | "reference" | "splash" | "cudnn"`).
+See backends.py for the setting (`attention="auto" | "blockwise" | "reference" | "splash" | "cudnn" | "flash"`).
 """
 from jlora.attention.backends import BACKENDS as BACKENDS
 from jlora.attention.backends import DEFAULT_BACKEND as DEFAULT_BACKEND

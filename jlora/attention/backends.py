@@ -9,14 +9,17 @@
                  (default 512, capped at the row); the row is padded to a multiple of the blocks.
     "cudnn"      cuDNN flash attention through jax.nn.dot_product_attention (jlora.attention.cudnn), CUDA
                  GPUs only: causal, window and grouped heads in bf16/fp16; batches with packed or padded
-                 rows, a soft cap, float32 or an unsupported head_dim run blockwise (warned once each)
+                 rows, a soft cap, float32 or an unsupported head_dim run "flash" (warned once each)
     "auto"       the best available here: "splash" on TPU; "cudnn" on a GPU where the call can express
-                 the mask (bf16/fp16, no soft cap, head_dim it takes), else blockwise; elsewhere
+                 the mask (bf16/fp16, no soft cap, head_dim it takes; its packed batches run "flash"),
+                 else "flash"; elsewhere
                  "reference" when one block covers the row (the blockwise path would hold the same
                  [T, T] block, and it was no faster at T 64 to 256 on CPU), else "blockwise" (on CPU
                  1.35x the reference's speed at T 512 and 2 to 3x at T 2048, with a third of the
                  temporaries: benchmarks/long_context.py)
-    "flash"      Pallas GPU flash attention: planned, not implemented
+    "flash"      Pallas GPU flash attention (jlora.attention.flash): jlora's own Triton-lowered kernels for
+                 what cuDNN's call cannot express (packed segments, soft cap, float32, any head_dim), with
+                 windows and grouped heads; on CPU the same kernels in Pallas interpret mode (slow: for tests)
 
 Every backend computes the same function: causal, packed segments (a query sees keys of its own segment
 id), a sliding window (keys q - window < k <= q), grouped kv heads, and Gemma 2's logit soft cap
@@ -35,9 +38,9 @@ import jax.numpy as jnp
 from jlora.attention.blockwise import BlockSizes, blockwise_attention
 from jlora.attention.reference import reference_attention
 
-BACKENDS = ("auto", "blockwise", "reference", "splash", "cudnn")
+BACKENDS = ("auto", "blockwise", "reference", "splash", "cudnn", "flash")
 DEFAULT_BACKEND = "auto"
-_PLANNED = ("flash", "xla")  # named in issue 11; not implemented ("xla": use "blockwise" or "reference")
+_PLANNED = ("xla",)  # named in issue 11; not implemented (use "blockwise" or "reference")
 
 
 def platform() -> str:
@@ -48,7 +51,7 @@ def platform() -> str:
 def available_backends(on: str | None = None) -> tuple[str, ...]:
     """The backend names that run on platform `on` (default: this process's)."""
     on = on or platform()
-    extra = {"tpu": ("splash",), "cpu": ("splash",), "gpu": ("cudnn",)}.get(on, ())
+    extra = {"tpu": ("splash",), "cpu": ("splash", "flash"), "gpu": ("cudnn", "flash")}.get(on, ())
     return ("auto", "blockwise", "reference") + extra
 
 
@@ -59,7 +62,8 @@ def check_backend(name: str, on: str | None = None) -> str:
         return name
     on = on or platform()
     if name in BACKENDS:
-        why = {"splash": "needs a TPU (or a CPU: Pallas interpret mode)", "cudnn": "needs a CUDA GPU"}[name]
+        why = {"splash": "needs a TPU (or a CPU: Pallas interpret mode)", "cudnn": "needs a CUDA GPU",
+               "flash": "needs a CUDA GPU (or a CPU: Pallas interpret mode)"}[name]
         why = f"is not available on {on} ({why})"
     else:
         why = "is not implemented yet" if name in _PLANNED else "is unknown"
@@ -76,8 +80,7 @@ def resolve(name: str, seq_len: int, block_sizes=None, *, dtype=jnp.float32, hea
         return "splash"
     if on == "gpu":
         from jlora.attention.cudnn import static_fallback_reason  # pylint: disable=import-outside-toplevel
-        if static_fallback_reason(dtype, head_dim, logit_softcap) is None:
-            return "cudnn"
+        return "cudnn" if static_fallback_reason(dtype, head_dim, logit_softcap) is None else "flash"
     blocks = block_sizes if isinstance(block_sizes, BlockSizes) else BlockSizes.get_default()
     return "reference" if seq_len <= min(blocks.q, blocks.k) else "blockwise"
 
@@ -101,6 +104,10 @@ def attend(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, segment_ids: jnp.ndar
             block_sizes = None  # blockwise's blocks, which splash cannot take: auto uses splash's own
         return splash_attention(q, k, v, segment_ids, block_sizes=block_sizes, **kw)
     blockwise_blocks = block_sizes if isinstance(block_sizes, BlockSizes) else None
+    if name == "flash":
+        from jlora.attention.flash import flash_attention  # pylint: disable=import-outside-toplevel
+        flash_blocks = blockwise_blocks if backend == "flash" else None  # auto: flash's own (powers of two)
+        return flash_attention(q, k, v, segment_ids, block_sizes=flash_blocks, **kw)
     if name == "cudnn":
         from jlora.attention.cudnn import cudnn_attention  # pylint: disable=import-outside-toplevel
         return cudnn_attention(q, k, v, segment_ids, block_sizes=blockwise_blocks, **kw)

@@ -7,9 +7,12 @@ What jax 0.10.2's public call can express, and what happens to the rest:
                        h reads kv head h // group, jlora's [kv_heads, group] order flattened)
     packed segments    NOT expressible without a [T, T] mask (the call takes no segment ids): a row whose
                        segment ids are not all equal (packing, or padding with id 0) is computed by the
-                       blockwise backend instead, chosen per batch at run time by a lax.cond
+                       fallback backend instead, chosen per batch at run time by a lax.cond
     soft cap, float32, head_dim not a multiple of 8 or above cuDNN's limit (128; 256 on Hopper):
-                       not expressible at all: the whole call runs blockwise
+                       not expressible at all: the whole call runs the fallback
+
+The fallback is "flash" (jlora.attention.flash, Pallas GPU kernels) on a GPU, "blockwise" elsewhere (the
+CPU tests of these paths).
 
 Every fallback is announced once per reason (warnings.warn); none computes another function.
 """
@@ -28,8 +31,17 @@ _CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
 
 
 @functools.cache
-def _warn_once(reason: str) -> None:
-    warnings.warn(f"attention backend 'cudnn': {reason}; computed by the 'blockwise' backend instead", stacklevel=4)
+def _warn_once(reason: str, fallback: str = "blockwise") -> None:
+    warnings.warn(f"attention backend 'cudnn': {reason}; computed by the {fallback!r} backend instead", stacklevel=4)
+
+
+def _fallback(sliding_window, scale, logit_softcap, block_sizes):
+    """(name, function) of the backend that computes what cuDNN cannot: "flash" on a GPU, else "blockwise"."""
+    kw = dict(sliding_window=sliding_window, scale=scale, logit_softcap=logit_softcap)
+    if jax.default_backend() == "gpu":
+        from jlora.attention.flash import flash_attention  # pylint: disable=import-outside-toplevel
+        return "flash", functools.partial(flash_attention, **kw)
+    return "blockwise", functools.partial(blockwise_attention, block_sizes=block_sizes, **kw)
 
 
 def _head_dim_limit() -> int:
@@ -58,16 +70,15 @@ def cudnn_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, segment_ids:
                     block_sizes=None) -> jnp.ndarray:
     """q [b, t, kv_heads, group, d], k and v [b, t, kv_heads, d], segment_ids [b, t] -> [b, t, kv_heads, group, d].
 
-    `block_sizes` are the blockwise fallback's (module docstring)."""
+    `block_sizes` are the blockwise fallback's (module docstring); flash uses its own."""
     b, t, kv, g, d = q.shape
     if sliding_window is not None and sliding_window < 1:
         raise ValueError(f"sliding_window must be >= 1 or None, got {sliding_window}")
     check_softcap(logit_softcap)
-    fallback = functools.partial(blockwise_attention, sliding_window=sliding_window, scale=scale,
-                                 block_sizes=block_sizes, logit_softcap=logit_softcap)
+    name, fallback = _fallback(sliding_window, scale, logit_softcap, block_sizes)
     reason = static_fallback_reason(q.dtype, d, logit_softcap)
     if reason is not None:
-        _warn_once(reason)
+        _warn_once(reason, name)
         return fallback(q, k, v, segment_ids)
 
     def fused(q, k, v, segment_ids):
@@ -77,6 +88,6 @@ def cudnn_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, segment_ids:
         return out.reshape(b, t, kv, g, d)
 
     _warn_once("rows whose segment ids are not all equal (packing, padding) are not expressible without a "
-               "[T, T] mask (jax.nn.dot_product_attention takes no segment ids); such batches")
+               "[T, T] mask (jax.nn.dot_product_attention takes no segment ids); such batches", name)
     one_segment = jnp.all(segment_ids == segment_ids[:, :1])
     return jax.lax.cond(one_segment, fused, fallback, q, k, v, segment_ids)

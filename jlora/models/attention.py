@@ -20,6 +20,7 @@ from jlora.models.family import ROPE_NONE, LayerSpec
 from jlora.models.fused import split_qkv
 from jlora.models.layers import Linear, RMSNorm
 from jlora.models.rope import apply_rotary
+from jlora.remat import projection_output
 
 Dtype = jnp.dtype
 
@@ -57,9 +58,9 @@ class Attention(nnx.Module):
         """With `cache` (jlora.generate.cache.KVCache at this layer): writes k, v into it and returns (out, cache)."""
         b, t, _ = x.shape
         if self.fused:
-            q, k, v = split_qkv(self.qkv_proj(x), self.heads * self.head_dim, self.kv_heads * self.head_dim)
+            q, k, v = split_qkv(projection_output(self.qkv_proj(x)), self.heads * self.head_dim, self.kv_heads * self.head_dim)
         else:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+            q, k, v = (projection_output(p(x)) for p in (self.q_proj, self.k_proj, self.v_proj))
         q = q.reshape(b, t, self.heads, self.head_dim)
         k = k.reshape(b, t, self.kv_heads, self.head_dim)
         v = v.reshape(b, t, self.kv_heads, self.head_dim)
@@ -77,4 +78,4 @@ class Attention(nnx.Module):
             return self.o_proj(out.reshape(b, t, self.heads * self.head_dim)), cache
         out = attend(q, k, v, segment_ids, backend=self.attention, sliding_window=self.sliding_window,
                      scale=self.scale, block_sizes=self.attention_blocks, **cap)
-        return self.o_proj(out.reshape(b, t, self.heads * self.head_dim))
+        return projection_output(self.o_proj(out.reshape(b, t, self.heads * self.head_dim)))

@@ -24,6 +24,7 @@ from jlora.models.config import ModelConfig
 from jlora.models.fused import split_gate_up
 from jlora.nf4 import NF4Tensor
 from jlora.nf4_weight import nf4_matmul
+from jlora.remat import projection_output
 
 Dtype = jnp.dtype
 
@@ -222,10 +223,10 @@ class MLP(nnx.Module):
 
     def __call__(self, x):
         if self.fused:
-            gate, up = split_gate_up(self.gate_up_proj(x))
+            gate, up = split_gate_up(projection_output(self.gate_up_proj(x)))
         else:
-            gate, up = self.gate_proj(x), self.up_proj(x)
-        return self.down_proj(ACTIVATION[self.hidden_act](gate) * up)
+            gate, up = projection_output(self.gate_proj(x)), projection_output(self.up_proj(x))
+        return projection_output(self.down_proj(ACTIVATION[self.hidden_act](gate) * up))
 
 
 def use_kernels(model: nnx.Module, impl: str | None = "auto", *, mesh=None) -> nnx.Module:

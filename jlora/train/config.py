@@ -22,7 +22,7 @@ DEMO_SETTINGS = dict(r=16, lora_alpha=32, lr=3e-3, steps=150, batch_size=16, seq
 
 DTYPES = ("float32", "bfloat16", "float16")
 REMAT_CHOICES = ("none", "dots", "full", "offload", "auto")  # jlora.remat.POLICIES + auto
-ATTENTION_CHOICES = ("auto", "blockwise", "reference", "splash", "cudnn")  # jlora.attention.BACKENDS
+ATTENTION_CHOICES = ("auto", "blockwise", "reference", "splash", "cudnn", "flash")  # jlora.attention.BACKENDS
 LOSS_CHUNK_TOKENS = 2048  # jlora.train.chunked_loss.DEFAULT_CHUNK_TOKENS (not imported: no jax for --help)
 
 # One line of help per setting (the CLI's --help; the README's flag list says the same).

@@ -70,12 +70,14 @@ def test_logit_softcap_equals_float64(backend):
 
 def test_bad_backend_names_the_available_ones():
     with pytest.raises(ValueError, match=r"'cudnn' is not available on cpu \(needs a CUDA GPU\); available here: "
-                                         "auto, blockwise, reference, splash"):
+                                         "auto, blockwise, reference, splash, flash"):
         check_backend("cudnn", "cpu")
     with pytest.raises(ValueError, match="'splash' is not available on gpu"):
         check_backend("splash", "gpu")
-    with pytest.raises(ValueError, match="'flash' is not implemented yet"):
-        check_backend("flash")
+    with pytest.raises(ValueError, match="'xla' is not implemented yet"):
+        check_backend("xla")
+    with pytest.raises(ValueError, match=r"'flash' is not available on tpu \(needs a CUDA GPU"):
+        check_backend("flash", "tpu")
     with pytest.raises(ValueError, match="'fast' is unknown"):
         check_backend("fast")
 

@@ -1,9 +1,10 @@
 """Remat policies (jlora.remat) change what the backward stores, never what it computes: the loss and every
 LoRA gradient under each policy equal PEFT's (torch autograd, float64 truth) within PEFT's own float32 error.
 
-The memory each policy saves is checked where XLA honours it: XLA:CPU undoes rematerialization (its
-compiled temporaries are the same with and without jax.checkpoint, even for a plain tanh MLP stack), so
-the order none > dots > full and offload's host bytes come from libtpu compiles
+The memory each policy saves is checked where XLA honours it: XLA:CPU undoes rematerialization in a loop of
+layers (its compiled temporaries are the same with and without jax.checkpoint, even for a plain tanh MLP
+stack) but keeps it inside a scan, so the order none > dots > full comes from scanned models
+(tests/long_context/test_remat_memory.py) and from libtpu compiles with offload's host bytes
 (tests/long_context/test_remat_tpu.py, slow).
 """
 import numpy as np
@@ -16,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import jlora
 from jlora.attention import BlockSizes, use_attention
-from jlora.remat import POLICIES, call_layer, checkpoint_policy, policy_name
+from jlora.remat import POLICIES, call_layer, checkpoint_policy, policy_name, projection_output
 from jlora.train.loss import token_loss_sum
 from jlora.train.state import SplitModel
 
@@ -75,19 +76,19 @@ def test_every_policy_gives_peft_gradients(checkpoint, hf_model, tmp_path, close
 
 def test_policies_store_what_they_say():
     """What jax.checkpoint keeps for the backward of one layer-like function: "full" only its inputs,
-    "dots" the two projections' outputs too, "offload" the named input on the host (no device residual)."""
+    "dots" the two named projections' outputs too, "offload" the named input on the host (no device residual)."""
     from jax._src.ad_checkpoint import saved_residuals
 
     class Layer(nnx.Module):
-        def __call__(self, h, w):
-            return h + jnp.tanh(jnp.tanh(h @ w[0]) @ w[1])
+        def __call__(self, h, w):  # two projections, named as the model names its own (projection_output)
+            return h + jnp.tanh(projection_output(jnp.tanh(projection_output(h @ w[0])) @ w[1]))
 
     def residuals(policy):
         saved = saved_residuals(lambda h, w: call_layer(Layer(), policy, h, w), jnp.ones((4, 8)), jnp.ones((2, 8, 8)))
-        return [(str(aval), why.split(" from ")[0]) for aval, why in saved]
+        return [(str(aval), why.split(" from ")[0].strip()) for aval, why in saved]
 
     assert residuals("full") == [("float32[4,8]", "from the argument h"), ("float32[2,8,8]", "from the argument w")]
-    assert residuals("dots") == residuals("full") + [("float32[4,8]", "output of dot_general")] * 2
+    assert residuals("dots") == residuals("full") + [("float32[4,8]", "named 'jlora_projection'")] * 2
     assert residuals("offload") == [("float32[2,8,8]", "from the argument w"), ("float32<host>[4,8]", "output of device_put")]
     assert len(residuals("none")) > len(residuals("dots"))
 

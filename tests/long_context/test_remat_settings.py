@@ -37,7 +37,7 @@ def test_flags_parse_and_default():
 
 @pytest.mark.parametrize("argv, message", [
     (("--remat", "host"), "--remat 'host': expected one of none, dots, full, offload, auto"),
-    (("--attention", "flash"), "--attention 'flash': expected one of auto, blockwise, reference, splash, cudnn"),
+    (("--attention", "xla"), "--attention 'xla': expected one of auto, blockwise, reference, splash, cudnn, flash"),
     (("--loss-chunk-tokens", "-1"), "--loss-chunk-tokens -1: expected an integer >= 0 (0: the whole logits"),
     (("--loraplus-lr-ratio", "0"), "--loraplus-lr-ratio 0.0: expected a number > 0"),
 ])

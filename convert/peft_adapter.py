@@ -68,7 +68,8 @@ def adapter_config(model: LlamaForCausalLM, base_model_name_or_path: str | None 
     }
     if cfg.modules_to_save:
         out["modules_to_save"] = list(cfg.modules_to_save)
-        if model.lm_head is None:  # one copy serves both: PEFT ties them only when told (its default unties)
+        if model.lm_head is None:  # one copy serves both: PEFT ties them when told; a PEFT without that field
+            out["modules_to_save"] = ["embed_tokens", "lm_head"]  # loads two equal copies (both keys are saved)
             out["ensure_weight_tying"] = True
     if cfg.trainable_token_indices is not None:  # PEFT >= 0.15
         out["trainable_token_indices"] = cfg.trainable_token_indices

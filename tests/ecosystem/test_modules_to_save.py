@@ -51,7 +51,8 @@ def test_jlora_export_loads_in_peft(family, saved, checkpoint, tmp_path):
     config = json.loads((tmp_path / "adapter_config.json").read_text())
     keys = tensor_shapes(tmp_path / "adapter_model.safetensors")
     tied = family == "llama-tied"
-    assert config["modules_to_save"] == saved and config.get("ensure_weight_tying", False) == tied
+    assert config["modules_to_save"] == (["embed_tokens", "lm_head"] if tied else saved)
+    assert config.get("ensure_weight_tying", False) == tied
     want_keys = {f"{PREFIX}model.embed_tokens.weight" for m in saved if m == "embed_tokens" or tied}
     want_keys |= {f"{PREFIX}lm_head.weight" for m in saved if m == "lm_head" or tied}
     assert {k for k in keys if "lora" not in k} == want_keys and all(keys[k] == (96, 32) for k in want_keys)
@@ -59,6 +60,10 @@ def test_jlora_export_loads_in_peft(family, saved, checkpoint, tmp_path):
     ref = peft.PeftModel.from_pretrained(transformers_model(path), tmp_path).eval()
     want, want64 = torch_logits32_and_64(ref, IDS)
     float32_close(ours, want, want64, what=f"jlora -> peft {family} modules_to_save={saved}")
+    if tied:  # a PEFT that drops ensure_weight_tying loads two untied copies, equal: the same model
+        (tmp_path / "adapter_config.json").write_text(json.dumps({**config, "ensure_weight_tying": False}))
+        untied = peft.PeftModel.from_pretrained(transformers_model(path), tmp_path).eval()
+        float32_close(ours, *torch_logits32_and_64(untied, IDS), what="without ensure_weight_tying")
     with torch.no_grad():
         lora_only = peft.PeftModel.from_pretrained(transformers_model(path), _without_copies(tmp_path, config))
         assert rel_err(lora_only(torch.tensor(IDS)).logits.numpy(), want) > 1e-2  # the copies matter

@@ -62,6 +62,10 @@ def build(base, adapters: Mapping[str, str | Path], *, allow_pickle: bool = Fals
     graphdef, state = nnx.split(base)
     loaded = [dict(adapted_modules(load_adapter(nnx.merge(graphdef, state), adapters[n], allow_pickle=allow_pickle)))
               for n in names]
+    dora = [n for n, found in zip(names, loaded) if any(m.lora.magnitude is not None for m in found.values())]
+    if dora:
+        raise ValueError(f"adapters {dora} are DoRA adapters (use_dora): multi-adapter generation runs plain LoRA "
+                         f"only; generate with one of them alone, or from its merged model (jlora.save_merged)")
     model = use_kernels(nnx.merge(graphdef, state), None)
     for name, module in linear_modules(model):
         parts = [(k + 1, m.lora) for k, found in enumerate(loaded) if (m := found.get(name)) is not None]

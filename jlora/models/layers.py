@@ -89,7 +89,7 @@ class Linear(nnx.Module):
         x = x.astype(self.dtype)
         kernel = self.kernel.get_value()
         impl = self.kernel_impl
-        if self.lora is not None and self.lora.magnitude is not None:
+        if getattr(self.lora, "magnitude", None) is not None:  # DoRA (a MultiLoRA has no magnitude)
             return self._dora(x, kernel)
         if impl is None:
             return self._plain(x, kernel)

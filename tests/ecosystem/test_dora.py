@@ -269,3 +269,11 @@ def test_older_peft_magnitude_keys_load(peft_dora, tmp_path):
     for name, m in adapted_modules(model):
         np.testing.assert_array_equal(np.asarray(m.lora.magnitude[...]),
                                       tensors[f"base_model.model.{name}.lora_magnitude_vector"])
+
+
+def test_multi_adapter_generation_refuses_dora(peft_dora):
+    """Per-row multi-adapter generation runs plain LoRA only: a DoRA adapter is refused, not served as LoRA."""
+    from jlora.generate.multi_lora import build
+    path, _, adapter, _ = peft_dora
+    with pytest.raises(ValueError, match=r"\['d'\] are DoRA adapters"):
+        build(jlora.load_hf(path), {"d": adapter})

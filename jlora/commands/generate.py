@@ -99,32 +99,10 @@ def sampling_kwargs(args) -> dict:
                 truncate=args.truncate)
 
 
-def read_prompts(path: Path, chat: bool) -> list[tuple[dict, object, bool]]:
-    """(the line's object, its prompt, whether it is a conversation) per non-empty line; errors name the line."""
-    out = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except ValueError as e:
-                raise ValueError(f"{path} line {n}: not valid JSON ({e})") from None
-            if isinstance(record, dict) and isinstance(record.get("messages"), list):
-                out.append((record, record["messages"], True))
-            elif isinstance(record, dict) and isinstance(record.get("prompt"), str):
-                out.append((record, record["prompt"], chat))
-            else:
-                raise ValueError(f'{path} line {n}: expected an object with "prompt" (a string) or "messages" '
-                                 f"(a list), found {line.strip()[:80]}")
-    if not out:
-        raise ValueError(f"{path}: no prompts (expected JSON lines with \"prompt\" or \"messages\")")
-    return out
-
-
 def run(args) -> int:
     from jlora.atomic_files import write_text
     from jlora.generate.api import generate
+    from jlora.generate.prompts import read_prompts
 
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, found {args.batch_size}")

@@ -18,7 +18,7 @@ import yaml
 # Settings of the embedded-default demo (tiny random base, bundled data) unless the user chose otherwise:
 # a higher learning rate and alpha = 2r so the loss falls to well under half in ~1 minute on a CPU.
 DEMO_SETTINGS = dict(r=16, lora_alpha=32, lr=3e-3, steps=150, batch_size=16, seq_len=64, packing=True,
-                     dtype="float32", eval_every=25, save_every=50, warmup_steps=10)
+                     dtype="float32", eval_every=25, save_every=50, warmup_steps=10, sample_every=50)
 
 DTYPES = ("float32", "bfloat16", "float16")
 REMAT_CHOICES = ("none", "dots", "full", "offload", "auto")  # jlora.remat.POLICIES + auto
@@ -77,6 +77,10 @@ HELP = {
     "eval_every": "eval loss every N steps (0: never)",
     "save_every": "checkpoint every N steps (0: only at the end)",
     "keep_checkpoints": "checkpoints kept (the latest N)",
+    "sample_every": "greedy answers to a few prompts every N steps, before the first and at the end, in "
+                    "<out>/samples.jsonl; before/after printed at the end (0: never)",
+    "sample_prompts": "JSONL of sample prompts ({\"prompt\": ...} or {\"messages\": [...]}); unset: the first "
+                      "eval prompts",
     "resume": "continue the run in --out from its latest checkpoint",
     "force": "with --resume: accept settings that differ from the run's run_config.json",
     "overwrite": "replace the run in --out (the old run is kept in <out>.previous until the first checkpoint)",
@@ -99,7 +103,7 @@ GROUPS = {
                                 "kernels", "scan_layers"),
     "parallelism": ("mesh",),
     "output and logging": ("out", "log_every", "report_to", "eval_every", "save_every", "keep_checkpoints",
-                           "resume", "force", "overwrite", "merge", "progress"),
+                           "sample_every", "sample_prompts", "resume", "force", "overwrite", "merge", "progress"),
     "other": ("seed",),
 }
 
@@ -156,6 +160,8 @@ class TrainConfig:
     eval_every: int = 50
     save_every: int = 100
     keep_checkpoints: int = 3
+    sample_every: int = 0             # greedy samples every N steps in <out>/samples.jsonl (jlora.train.samples)
+    sample_prompts: str | None = None  # JSONL of prompts; None: the first eval prompts
     resume: bool = False
     force: bool = False               # --resume although settings differ from run_config.json
     overwrite: bool = False
@@ -230,14 +236,14 @@ def flag(name: str) -> str:
 # -- per-setting checks --------------------------------------------------------------------------------
 _AT_LEAST = {"r": 1, "steps": 1, "batch_size": 1, "grad_accum": 1, "seq_len": 2, "log_every": 1,
              "keep_checkpoints": 1, "warmup_steps": 0, "seed": 0, "eval_every": 0, "save_every": 0,
-             "weight_decay": 0.0, "max_grad_norm": 0.0, "loss_chunk_tokens": 0}
+             "weight_decay": 0.0, "max_grad_norm": 0.0, "loss_chunk_tokens": 0, "sample_every": 0}
 _ABOVE = {"lr": 0.0, "lora_alpha": 0.0, "epochs": 0.0, "loraplus_lr_ratio": 0.0}
 _BELOW_ONE = ("eval_fraction", "lora_dropout")   # in [0, 1)
 _CHOICES = {"lr_schedule": ("cosine", "linear", "constant"), "dtype": DTYPES, "quantize": ("nf4",),
             "kernels": ("auto", "xla", "pallas", "triton"), "remat": REMAT_CHOICES, "attention": ATTENTION_CHOICES}
 _NOTES = {"steps": " (or leave it unset to train --epochs)", "eval_every": " (0: never)",
           "save_every": " (0: only at the end)", "max_grad_norm": " (0: no clipping)",
-          "loss_chunk_tokens": " (0: the whole logits at once)"}
+          "loss_chunk_tokens": " (0: the whole logits at once)", "sample_every": " (0: never)"}
 _KINDS = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from jlora.train.config import TrainConfig, flag
 
 MARKERS = ("metrics.jsonl", "checkpoints", "run_config.json")
-RUN_FILES = MARKERS + ("adapter", "merged", "loss.png")
+RUN_FILES = MARKERS + ("adapter", "merged", "loss.png", "samples.jsonl")
 RESUME_FIELDS = ("model", "data", "eval", "eval_fraction", "r", "lora_alpha", "lora_dropout", "use_rslora",
                  "targets", "lr", "lr_schedule", "warmup_steps", "weight_decay", "max_grad_norm", "steps",
                  "epochs", "batch_size", "grad_accum", "seq_len", "packing", "dtype", "quantize", "seed",

@@ -20,7 +20,7 @@ from jlora.data.iterator import Prefetch
 from jlora.llama import use_kernels
 from jlora.lora_config import TARGET_PRESETS, LoraConfig
 from jlora.peft_model import get_peft_model, trainable_parameters
-from jlora.train import hosts, long_context, reporters, run_dir
+from jlora.train import hosts, long_context, reporters, run_dir, samples
 from jlora.train import scan_layers
 from jlora.train.checkpoints import Checkpoints
 from jlora.train.config import TrainConfig, modules_to_save_setting, token_indices_setting
@@ -88,6 +88,7 @@ class Trainer:
             eval_records = read_records(eval_path, columns) if eval_path else []
         train, stats = tokenize_records(records, tokenizer, seq_len=c.seq_len)
         evals = tokenize_records(eval_records, tokenizer, seq_len=c.seq_len)[0] if eval_records else []
+        self.sample_source = (eval_records or records)[:32]  # default --sample-prompts: the first eval prompts
         return train, evals, stats
 
     # -- the run -----------------------------------------------------------------------------------
@@ -102,6 +103,7 @@ class Trainer:
         # Everything is checked before the run directory is touched: --out, --resume's settings, the mesh,
         # the data, the model (a typo must not cost the run that --overwrite would replace).
         run_dir.check(c, log=self.log)
+        sample_prompts = samples.from_file(c.sample_prompts) if c.sample_prompts else None  # a bad file fails now
         long_context.check_platform(c)  # --attention runs here
         scan, scan_note = scan_layers.decide(c)  # --scan-layers (auto: scan unless a setting needs the loop)
         if scan_note:
@@ -186,6 +188,13 @@ class Trainer:
                        if hosts.is_main() else None)  # process 0 logs (and reports: --report-to)
         if hosts.is_main():
             write_json(self.out / "run_config.json", c.to_dict())
+        demo = c.model is None and c.data is None  # the demo shows one prompt
+        sampler = samples.for_run(c, self.out, sample_prompts or samples.from_records(
+            self.sample_source, 1 if demo else samples.DEFAULT_COUNT), last_step=steps, start=start)
+
+        def sample(n):  # samples.jsonl at step n (0: before the first step) from the current params
+            if sampler is not None and sampler.due(n):
+                sampler.take(n, eval_split.model(params, frozen), tokenizer)
 
         def save(step, data_state):
             ckpt.save(step, {"params": params, "opt_state": opt_state},
@@ -229,6 +238,7 @@ class Trainer:
                     eval_step.lower(params, frozen, put_batch(next(iter(eval_batches())), mesh, 0)).compile()
             jax.block_until_ready((params, opt_state, frozen, batch))  # the steps' times count steps only
             self.log(f"compiled in {time.perf_counter() - t0:.1f} s")
+            sample(start)
 
         # The next batches are prepared and put on the devices by a thread while steps run (Prefetch);
         # each comes with the data state to checkpoint once its step is done.
@@ -242,7 +252,7 @@ class Trainer:
             """Steps whose updated params are used (eval, checkpoint, the end): their metrics are read
             and checked before the next step is dispatched, so a non-finite update is never saved."""
             return (n == steps or bool(c.save_every and n % c.save_every == 0)
-                    or bool(c.eval_every and n % c.eval_every == 0))
+                    or bool(c.eval_every and n % c.eval_every == 0) or (sampler is not None and sampler.due(n)))
 
         def finish(step, m, tokens, data_state, dispatched):
             """The host's side of step `step` (from 0), once its metrics are read: the guard, the metrics
@@ -274,6 +284,7 @@ class Trainer:
                 if ev is not None:
                     eval_loss = ev
                     record.update(eval_loss=ev, eval_ppl=math.exp(min(ev, 50)))
+            sample(step + 1)
             if (step + 1) % c.log_every == 0 or "eval_loss" in record or step + 1 == steps:
                 if metrics_log is not None:
                     metrics_log.write(record)
@@ -326,6 +337,8 @@ class Trainer:
         records = metrics_log.records()
         result["plot"] = str(plot_losses(records, self.out / "loss.png", title=f"jlora: {self.out.name}"))
         result["records"] = records
+        for line in sampler.summary() if sampler is not None else ():
+            self.log(line)  # before/after answers
         self._print_next_steps(adapter_dir, model_dir, records)
         hosts.barrier("jlora: exports written")
         return result

@@ -1,0 +1,144 @@
+"""Samples during training (`--sample-every N [--sample-prompts p.jsonl]`): what the model answers, as it learns.
+
+    sampled steps   0 (before the first step), every multiple of N, and the last step
+    answers         greedy (jlora.generate, temperature 0), at most MAX_NEW_TOKENS new tokens per prompt, by
+                    the current model + adapter; nothing of the training state changes (metrics.jsonl is
+                    bit-equal with and without samples: tests/train/test_samples.py)
+    prompts         --sample-prompts: JSONL lines {"prompt": str} | {"messages": [...]} (jlora.generate.prompts);
+                    unset: the first DEFAULT_COUNT eval records (the train records when there is no eval set):
+                    a prompt+completion record's prompt, a conversation up to its last assistant reply, the
+                    first half of a text record's words
+    <out>/samples.jsonl   one line per prompt per sampled step: {"step", "prompt", "answer"}
+
+The file is rewritten whole and atomically (jlora.atomic_files.write_text) after each sampled step, so a kill
+leaves every step's lines complete or absent. On --resume from step S the lines after S are dropped, and a
+step whose lines are already there is not sampled again: a resumed run's file equals an uninterrupted one's.
+At the end of a run `summary` gives the first and last sampled step's answers side by side (before/after).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+from jlora.atomic_files import write_text
+from jlora.data.formats import record_format
+
+DEFAULT_COUNT = 3        # default prompts (the first eval records)
+MAX_NEW_TOKENS = 32      # per prompt and sampled step: samples show the trend, they are not the eval
+FILE = "samples.jsonl"
+
+
+@dataclasses.dataclass(frozen=True)
+class Prompt:
+    """One sample prompt: `value` as jlora.generate takes it (a string, or messages with chat=True)."""
+    value: Any
+    chat: bool
+
+
+def from_file(path: str | Path) -> list[Prompt]:
+    """The prompts of a --sample-prompts file; a missing file or a bad line is a ValueError naming it."""
+    from jlora.generate.prompts import read_prompts
+    return [Prompt(value, chat) for _, value, chat in read_prompts(path)]
+
+
+def from_records(records: Sequence, count: int = DEFAULT_COUNT) -> list[Prompt]:
+    """Prompts from the first `count` data records (jlora.data Records) that give one."""
+    out = []
+    for record in records:
+        if len(out) == count:
+            break
+        kind, data = record_format(record), record.data
+        if kind == "prompt_completion":
+            out.append(Prompt(data["prompt"], False))
+        elif kind == "messages":
+            messages = list(data["messages"])
+            last = max((i for i, m in enumerate(messages) if m.get("role") == "assistant"), default=None)
+            head = messages[:last] if last is not None else messages
+            if any(m.get("role") == "user" for m in head):
+                out.append(Prompt(head, True))
+        else:
+            words = data["text"].split(" ")
+            if len(words) > 1:
+                out.append(Prompt(" ".join(words[:len(words) // 2]), False))
+    return out
+
+
+def for_run(config, out: str | Path, prompts: list[Prompt], *, last_step: int, start: int) -> "Samples | None":
+    """A run's Samples; None without --sample-every, or with several processes (not sampled there yet)."""
+    import jax
+    if not config.sample_every or jax.process_count() > 1:
+        return None
+    return Samples(out, prompts, every=config.sample_every, last_step=last_step,
+                   resume_from=start if config.resume else None)
+
+
+class Samples:
+    """The samples of one run: which steps are due, taking them, the file, the before/after summary."""
+
+    def __init__(self, out: str | Path, prompts: list[Prompt], *, every: int, last_step: int,
+                 resume_from: int | None = None, max_new_tokens: int = MAX_NEW_TOKENS):
+        self.path = Path(out) / FILE
+        self.prompts, self.every, self.last_step, self.max_new_tokens = prompts, every, last_step, max_new_tokens
+        self.lines: list[str] = []
+        if resume_from is not None and self.path.exists():
+            self.lines = [line for line in self.path.read_text(encoding="utf-8").splitlines()
+                          if _step(line) is not None and _step(line) <= resume_from]
+            write_text(self.path, "".join(line + "\n" for line in self.lines))
+        self.done = {_step(line) for line in self.lines}
+
+    def due(self, step: int) -> bool:
+        """Whether `step` (optimizer steps done: 0 before the first) is sampled and not yet in the file."""
+        if not self.every or not self.prompts or step in self.done:
+            return False
+        return step in (0, self.last_step) or step % self.every == 0
+
+    def take(self, step: int, model, tokenizer) -> None:
+        """Greedy answers of `model` to every prompt, added to the file as `step`'s lines."""
+        from jlora.generate.api import generate
+
+        answers: dict[int, str] = {}
+        for chat in (False, True):  # one batch per kind (plain text, chat template)
+            index = [i for i, p in enumerate(self.prompts) if p.chat == chat]
+            if index:
+                texts = generate(model, tokenizer, [self.prompts[i].value for i in index], chat=chat,
+                                 max_new_tokens=self.max_new_tokens)
+                answers.update(zip(index, map(str, texts)))
+        self.lines += [json.dumps({"step": step, "prompt": p.value, "answer": answers[i]}, ensure_ascii=False)
+                       for i, p in enumerate(self.prompts)]
+        self.done.add(step)
+        write_text(self.path, "".join(line + "\n" for line in self.lines))
+
+    def records(self) -> list[dict]:
+        return [json.loads(line) for line in self.lines]
+
+    def summary(self, width: int = 72) -> list[str]:
+        """Lines showing each prompt's answer at the first and the last sampled step (empty: one step or none)."""
+        records = self.records()
+        steps = sorted({r["step"] for r in records})
+        if len(steps) < 2:
+            return []
+        first, last = ([r for r in records if r["step"] == s] for s in (steps[0], steps[-1]))
+        lines = [f"samples ({self.path}, greedy): step {steps[0]} -> step {steps[-1]}"]
+        for before, after in zip(first, last):
+            lines += [f"  {_short(before['prompt'], width)}",
+                      f"    before: {_short(before['answer'], width)}",
+                      f"    after:  {_short(after['answer'], width)}"]
+        return lines
+
+
+def _short(value, width: int) -> str:
+    """A one-line repr of a prompt or answer, cut to `width` characters."""
+    if isinstance(value, list):  # messages: the last turn
+        value = value[-1].get("content", "") if value else ""
+    text = json.dumps(value, ensure_ascii=False)
+    return text if len(text) <= width else text[:width - 4] + '..."'
+
+
+def _step(line: str) -> int | None:
+    """The step of a samples line; None for a line that is not JSON (cannot happen with atomic writes)."""
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return None

@@ -159,6 +159,9 @@ def build_export(adapter: Adapter, max_lora_rank: int | None = None) -> Export:
     }
     if src.get("lora_bias"):
         config["lora_bias"] = True
+    for key in ("trainable_token_indices", "ensure_weight_tying"):  # carried as found (PEFT >= 0.15 fields)
+        if src.get(key) is not None:
+            config[key] = src[key]
     return Export(config, tensors, report, s_out)
 
 

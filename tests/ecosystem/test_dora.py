@@ -85,10 +85,13 @@ def peft_dora(checkpoint, tmp_path_factory):
     return path, ref, out, init
 
 
-def test_peft_dora_loads_in_jlora_with_equal_logits_and_gradients(peft_dora, close32, rel):
+def test_peft_dora_loads_in_jlora_with_equal_logits_and_gradients(peft_dora, close32, rel, monkeypatch):
     """PEFT -> jlora: logits, and the gradients of every A, B and magnitude, equal PEFT's (float32 vs float64),
-    on the plain path and the default custom-VJP path (`jlora.kernels.lora_linear`, the op --kernels xla/pallas/
-    triton dispatch to, whose output DoRA rescales)."""
+    on the plain path, the default custom-VJP path (`jlora.kernels.lora_linear` over XLA dots) and the Pallas
+    kernel (`--kernels pallas`, in interpret mode here): DoRA rescales the fused op's output."""
+    import functools
+    from jlora import kernels
+    monkeypatch.setattr(kernels, "lora_linear", functools.partial(kernels.lora_linear, interpret=True))
     path, ref, adapter, _ = peft_dora
     ref64 = copy.deepcopy(ref).double()
     want32, want64 = _peft_grads(ref), _peft_grads(ref64)
@@ -98,10 +101,10 @@ def test_peft_dora_loads_in_jlora_with_equal_logits_and_gradients(peft_dora, clo
             plain = ref(torch.tensor(IDS)).logits.numpy()
     assert rel(plain, logits64) > 1e-3, "the adapter must change the logits, or this test proves nothing"
     assert len(want64) == 14 and all(np.abs(g["m"]).max() > 0 for g in want64.values())
-    for impl in (None, "default"):
+    for impl in (None, "default", "pallas"):
         model = jlora.load_adapter(jlora.load_hf(path), adapter)
-        if impl is None:
-            jlora.use_kernels(model, None)
+        if impl != "default":
+            jlora.use_kernels(model, impl)
         logits, grads = _jlora_logits_and_grads(model)
         close32(logits, logits32, logits64, what=f"logits impl={impl}")
         assert rel(logits, logits64) <= 1e-5

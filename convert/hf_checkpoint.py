@@ -243,7 +243,7 @@ def fill(model: LlamaForCausalLM, config: LlamaConfig, files: list[Path], quanti
     builder = LayerStackBuilder(model) if scan_layers else None
     placed = builder.placed if builder else None
     if mesh is None or mesh.size == 1 or any(f.suffix != ".safetensors" for f in files):
-        fill_from_tensors(model, config, files, quantize, placed=placed)
+        fill_from_tensors(model, config, files, quantize, placed=placed, take=builder.take if builder else None)
     else:
         from jlora.convert.sharded_load import fill_sharded
         fill_sharded(model, config, files, mesh, quantize=quantize, bnb_parts=_bnb_parts(files, tensor_map(config)),
@@ -253,12 +253,14 @@ def fill(model: LlamaForCausalLM, config: LlamaConfig, files: list[Path], quanti
 
 
 def fill_from_tensors(model: LlamaForCausalLM, config: LlamaConfig, files: list[Path],
-                      quantize: NF4Config | None = None, *, placed=None) -> None:
+                      quantize: NF4Config | None = None, *, placed=None, take=None) -> None:
     """Places every tensor of `files` into the abstract `model`: bitsandbytes 4-bit projections as read,
     dense projections quantized with `quantize` (if given), everything else cast to its variable's dtype.
     Unknown, missing and misshapen tensors are errors that name the file and tensor. `placed(path)` (if
-    given) is called with each variable's model path once it holds its value (LayerStackBuilder)."""
+    given) is called with each variable's model path once it holds its value; `take(path, host array,
+    dtype)` (if given) may take a dense tensor instead of its variable (LayerStackBuilder: rows of a stack)."""
     placed = placed or (lambda path: None)
+    take = take or (lambda path, array, dtype: False)
     expected = tensor_map(config)
     parts = _bnb_parts(files, expected)
     pending: dict[str, dict[str, np.ndarray]] = {}
@@ -298,7 +300,8 @@ def fill_from_tensors(model: LlamaForCausalLM, config: LlamaConfig, files: list[
                 variable_at(model, entry.path[:-1]).kernel = NF4Weight(q)
             else:
                 value = array.T if entry.transpose else array
-                var.set_value(jnp.asarray(np.asarray(value).astype(jnp.dtype(var.dtype))))
+                if not take(entry.path, value, var.dtype):
+                    var.set_value(jnp.asarray(np.asarray(value).astype(jnp.dtype(var.dtype))))
             placed(entry.path)
             seen.add(name)
     if unknown:

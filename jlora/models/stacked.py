@@ -41,6 +41,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
@@ -271,11 +272,13 @@ class LayerStackBuilder:
         ... the loader places tensor `path` (("model", "layers", i, *rest)), then calls builder.placed(path)
         builder.finish()                                   # model.model.layers becomes a ScannedLayers
 
-    Each variable (pattern position j, path inside the layer) is stacked as soon as its last row is
-    placed, and its rows are released: the loader holds about one copy of the layers plus one
-    variable's rows in flight, not the loop model and the stack side by side (`stack_layers` after a loop
-    load holds both only briefly too, variable by variable, but a loop load first places every layer).
-    A value the loader replaces (a dense kernel quantized to an NF4Weight) stacks as what it became.
+    On one device a dense tensor goes straight into its row of a host buffer (`take`), which becomes the
+    stacked array once its last row is written: no per-layer array is ever made, so the peak is about one
+    copy of the layers plus one variable. Otherwise (NF4 quantized or read as loaded, the sharded load) each
+    variable (pattern position j, path inside the layer) is stacked as soon as its last row is `placed`,
+    and its rows are released: live arrays stay about one copy plus one variable's rows (XLA's allocator
+    may keep the freed rows' pages, so the process's RSS can sit above that). A value the loader replaces
+    (a dense kernel quantized to an NF4Weight) stacks as what it became.
     """
 
     def __init__(self, model):
@@ -285,11 +288,37 @@ class LayerStackBuilder:
         self.groups = len(self.layers) // self.period
         self._rows: dict[tuple, set[int]] = {}
         self._stacked: dict[tuple, object] = {}
+        self._buffers: dict[tuple, np.ndarray] = {}
+
+    def _key(self, path: tuple):
+        """(pattern position, path inside the layer, row) of a stacked layer's variable, else None."""
+        if tuple(path[:2]) != ("model", "layers") or path[2] >= self.groups * self.period:
+            return None  # embed, norm, head and the looped tail stay as they are
+        return (path[2] % self.period, tuple(path[3:])), path[2] // self.period
+
+    def take(self, path: tuple, row: np.ndarray, dtype) -> bool:
+        """Writes a host array into its row of the stack being built (a host buffer [groups, ...] in `dtype`,
+        put on the device once its last row is written): True when `path` is a stacked variable, which
+        then never holds a per-layer array at all (on one device; the sharded load stacks via `placed`)."""
+        key = self._key(path)
+        if key is None:
+            return False
+        key, g = key
+        buffer = self._buffers.get(key)
+        if buffer is None:
+            buffer = self._buffers[key] = np.empty((self.groups,) + tuple(row.shape), np.dtype(jnp.dtype(dtype)))
+        buffer[g] = row
+        rows = self._rows.setdefault(key, set())
+        rows.add(g)
+        if len(rows) == self.groups:
+            self._stacked[key] = jax.block_until_ready(jnp.asarray(self._buffers.pop(key)))
+        return True
 
     def placed(self, path: tuple) -> None:
         """`path` (an attribute path from the model, as hf_names.Entry.path) now holds its loaded value."""
-        if tuple(path[:2]) != ("model", "layers") or path[2] >= self.groups * self.period:
-            return  # embed, norm, head and the looped tail stay as they are
+        key = self._key(path)
+        if key is None or key[0] in self._buffers or key[0] in self._stacked:
+            return  # not stacked, or written by `take`
         i, rest = path[2], tuple(path[3:])
         key = (i % self.period, rest)
         rows = self._rows.setdefault(key, set())

@@ -6,8 +6,7 @@ So a run scans by default, unless it uses something the scanned model refuses or
 
     lora_dropout > 0                  refused by the scan (per-layer RNG counters would not advance in it)
     use_dora, modules_to_save,        not yet checked against the loop on a scanned model: the loop
-    trainable_token_indices,
-    sample_every (samples in a run)
+    trainable_token_indices
     per-layer ranks that do not repeat  no period to scan (stacked.structural_period): compiled as the loop
 
     auto  (scan_layers unset)  scan unless one of the above; a one-line note names what made it loop
@@ -23,8 +22,7 @@ from jlora.train.config import ConfigError, flag
 
 # (TrainConfig field, its value when unused): settings not yet proven on a scanned model. Fields that other
 # parts of jlora add later are read with getattr, so this list may name them before they exist.
-LOOP_ONLY = (("use_dora", False), ("modules_to_save", None), ("trainable_token_indices", None),
-             ("sample_every", 0))
+LOOP_ONLY = (("use_dora", False), ("modules_to_save", None), ("trainable_token_indices", None))
 
 
 def loop_reasons(config) -> list[str]:

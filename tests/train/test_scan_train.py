@@ -1,0 +1,140 @@
+"""Training with scanned layers (`--scan-layers`, the default where nothing needs the loop).
+
+- a run with scanned layers writes the loop run's metrics.jsonl: every step's loss and gradient norm
+  within float32 rel 1e-5 (the same operations per layer, in the same order), tiny Llama (period 1) and
+  a 5-layer Gemma 2 (period 2 plus a looped tail layer; slow);
+- auto (unset) scans, and loops with a one-line note where a setting needs the loop; `--scan-layers`
+  with such a setting is an error naming both;
+- a checkpoint of one layout resumed in the other is refused naming the flag;
+- SIGKILL + `--resume` of a scanned run is bit-equal to the uninterrupted run (slow; the loop's own
+  resume test, with dropout, is tests/train/test_resume.py).
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from jlora.train.config import ConfigError, TrainConfig
+from jlora.train.scan_layers import decide
+
+GEMMA2 = dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+              max_position_embeddings=256, rms_norm_eps=1e-6, sliding_window=6, query_pre_attn_scalar=24,
+              num_hidden_layers=5, attn_logit_softcapping=2.0, final_logit_softcapping=3.0)
+LLAMA = dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
+             num_hidden_layers=3, max_position_embeddings=256, rms_norm_eps=1e-5)
+
+
+def _base(family: str, out):
+    """A tiny random transformers checkpoint with the bundled tokenizer (its vocab), ready for `jlora train`."""
+    import transformers
+    from jlora.default.tokenizer import build_tokenizer
+    from tests.hf_checkpoints import save_random_model
+    vocab = build_tokenizer(out)
+    if family == "gemma2":
+        config = transformers.Gemma2Config(vocab_size=vocab, **GEMMA2)
+        return save_random_model(config, out, norm_mean=0.0, norm_std=0.5, weight_std=0.25)
+    return save_random_model(transformers.LlamaConfig(vocab_size=vocab, **LLAMA), out)
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    from tests.hf_checkpoints import built_once
+    return built_once(tmp_path_factory, _base, "scan-train")
+
+
+def _train(out, model, **settings):
+    from jlora.default import dataset_paths
+    from jlora.train.trainer import Trainer
+    lines = []
+    config = TrainConfig(out=str(out), model=str(model), data=str(dataset_paths()[0]), steps=4, batch_size=4,
+                         seq_len=48, packing=True, dtype="float32", lr=3e-3, warmup_steps=1, eval_every=0,
+                         save_every=0, progress=False, **settings)
+    Trainer(config, log=lambda *a, **k: lines.append(" ".join(map(str, a)))).run()
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    return records, "\n".join(lines)
+
+
+def _assert_same_metrics(scan, loop):
+    assert [r["step"] for r in scan] == [r["step"] for r in loop] == [1, 2, 3, 4]
+    for key in ("loss", "grad_norm", "lr", "target_tokens"):
+        a, b = np.array([r[key] for r in scan]), np.array([r[key] for r in loop])
+        assert np.all(np.abs(a - b) <= 1e-5 * np.abs(b)), (key, a, b)
+    assert loop[-1]["loss"] < loop[0]["loss"]  # it trained
+
+
+@pytest.mark.parametrize("family", ["llama", pytest.param("gemma2", marks=pytest.mark.slow)])
+def test_scanned_run_writes_the_loop_runs_metrics(family, base, tmp_path):
+    scan, scan_log = _train(tmp_path / "scan", base(family))  # unset: auto, which scans here
+    loop, loop_log = _train(tmp_path / "loop", base(family), scan_layers=False)
+    assert "layers: scanned (" in scan_log and "layers: scanned" not in loop_log
+    if family == "gemma2":
+        assert "2 scanned groups of 2 + 1 looped" in scan_log
+    _assert_same_metrics(scan, loop)
+
+
+def test_auto_loops_with_a_note_where_a_setting_needs_it():
+    assert decide(TrainConfig()) == (True, None)
+    assert decide(TrainConfig(scan_layers=False)) == (False, None)
+    scan, note = decide(TrainConfig(lora_dropout=0.1))
+    assert not scan and note.startswith("layers: the loop model") and "--lora-dropout 0.1" in note
+    assert "\n" not in note
+    with pytest.raises(ConfigError, match="--scan-layers cannot be combined with --lora-dropout 0.1"):
+        decide(TrainConfig(scan_layers=True, lora_dropout=0.1))
+
+
+def test_other_layout_checkpoint_is_refused_naming_the_flag(tmp_path):
+    import jax.numpy as jnp
+    from jlora.convert.safetensors_io import CheckpointError
+    from jlora.train.checkpoints import Checkpoints
+    scanned = {"params": {"model.layers.group.0.self_attn.q_proj.lora.a": jnp.zeros((2, 8, 4))}}
+    loop = {"params": {f"model.layers.{i}.self_attn.q_proj.lora.a": jnp.zeros((8, 4)) for i in range(2)}}
+    ckpt = Checkpoints(tmp_path / "ckpt")
+    ckpt.save(1, scanned, {"step": 1})
+    with pytest.raises(CheckpointError, match=r"saved with scanned layers, this run loops over them: resume with "
+                                              r"--scan-layers"):
+        ckpt.restore(1, loop)
+    ckpt.save(2, loop, {"step": 2})
+    with pytest.raises(CheckpointError, match="saved with loop layers, this run scans them: resume with "
+                                              "--no-scan-layers"):
+        ckpt.restore(2, scanned)
+    restored, _ = ckpt.restore(2, loop)  # its own layout restores
+    assert restored["params"].keys() == loop["params"].keys()
+    ckpt.close()
+
+
+ARGS = ["--steps", "8", "--save-every", "4", "--batch-size", "4", "--grad-accum", "2", "--seq-len", "48",
+        "--eval-every", "0", "--no-progress"]
+ENV = {**os.environ, "JAX_PLATFORMS": "cpu"}
+
+
+def _command(out, *extra):
+    return [sys.executable, "-m", "jlora.cli", "train", "--out", str(out), *ARGS, *extra]
+
+
+def _losses(out):
+    return {r["step"]: r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())}
+
+
+@pytest.mark.slow  # three runs of the demo model in subprocesses (~1 min under load)
+def test_sigkill_then_resume_of_a_scanned_run_is_bit_equal(tmp_path, run_until_checkpoint):
+    full = subprocess.run(_command(tmp_path / "full"), env=ENV, capture_output=True, text=True, timeout=600)
+    assert full.returncode == 0, full.stderr[-2000:]
+    assert "layers: scanned (" in full.stdout
+
+    killed = tmp_path / "killed"
+    [(rc, _, err)] = run_until_checkpoint([_command(killed)], [ENV], killed / "checkpoints" / "4")
+    assert rc == -signal.SIGKILL, err[-2000:]
+    assert not (killed / "adapter").exists()
+    refused = subprocess.run(_command(killed, "--resume", "--no-scan-layers"), env=ENV, capture_output=True,
+                             text=True, timeout=600)
+    assert refused.returncode == 2 and "resume with --scan-layers" in refused.stderr, refused.stderr[-2000:]
+    resumed = subprocess.run(_command(killed, "--resume"), env=ENV, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resumed from" in resumed.stdout and "layers: scanned (" in resumed.stdout
+    want, got = _losses(tmp_path / "full"), _losses(killed)
+    assert list(got) == list(range(1, 9))
+    assert got == want  # bit-equal floats

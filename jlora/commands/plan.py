@@ -56,6 +56,9 @@ def register(sub):
                    help="compiles a suggestion (or --max-seq-len) may spend checking itself")
     p.add_argument("--kernels", choices=["pallas", "xla", "auto"],
                    help="compile the step with the fused kernels (jlora train --kernels); pallas: Mosaic kernels")
+    p.add_argument("--scan-layers", action=argparse.BooleanOptionalAction, default=True,
+                   help="compile the decoder layers as one scanned layer (compile time flat in depth, as jlora "
+                        "train runs them); --no-scan-layers compiles the layer loop")
     p.add_argument("--no-suggest", action="store_true", help="do not search for a setting that fits")
     p.add_argument("--json", action="store_true", help="print one JSON object (fits, bytes_per_chip, ...)")
     p.set_defaults(func=run)
@@ -82,7 +85,7 @@ def run(args) -> int:
                           grad_accum=args.grad_accum, effort=args.compile_effort, suggest=not args.no_suggest,
                           max_compiles=args.max_compiles, kernels=args.kernels, attention=args.attention,
                           loss_chunk_tokens=args.loss_chunk_tokens or None, max_seq_len=args.max_seq_len,
-                          seq_len_multiple=args.seq_len_multiple)
+                          seq_len_multiple=args.seq_len_multiple, scan_layers=args.scan_layers)
     log = (lambda *a: None) if args.json else (lambda *a: print(*a, file=sys.stderr, flush=True))
     try:
         result = plan(request, log=log)

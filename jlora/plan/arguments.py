@@ -151,6 +151,17 @@ class ArraySizes:
     def total(self) -> dict[str, int]:
         return self.per_device({"data": 1, "fsdp": 1, "tensor": 1})
 
+    def counts(self) -> tuple[int, int]:
+        """(trainable, total) parameters; an NF4 weight counts its logical shape, times the layers when it is
+        a scanned stack (its codes then have a leading layer axis; `shape` is one layer's)."""
+        trainable = sum(math.prod(v.shape) for v in self.params.values())
+
+        def count(v):
+            if isinstance(v, NF4Tensor):
+                return math.prod(v.shape) * (v.codes.shape[0] if len(v.codes.shape) == 2 else 1)
+            return math.prod(v.shape)
+        return trainable, trainable + sum(count(v) for _, v in self.frozen)
+
     def __post_init__(self):
         self._cache = {}
 

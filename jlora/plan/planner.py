@@ -24,18 +24,20 @@ did not until they are one `seq_len_multiple` apart or `max_compiles` are spent.
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import contextlib
 
 import jax
 
 from jlora.attention import check_backend, use_attention
+from jlora.models.stacked import is_stacked, stack_layers
 from jlora.plan.arguments import ArraySizes, abstract_step
 from jlora.plan.compile_step import EFFORTS, compile_step
 from jlora.plan.estimate import ActivationModel, estimate_bytes_per_device
+from jlora.convert.mesh_rules import MeshError
 from jlora.plan.flops import flops_per_token, forward_flops_per_token
 from jlora.plan.hardware import Topology, parse_topology, tpu_devices
+from jlora.plan.load import LoadPlan, plan_load
 from jlora.plan.model import (PlanError, abstract_lora_model, checkpoint_quantization, lora_config,
                               model_config)
 from jlora.plan.roofline import Roofline, roofline
@@ -45,6 +47,8 @@ from jlora.train.sharding import AXES, parse_mesh
 
 REMAT = {"auto": AUTO_ORDER, **{p: (p,) for p in POLICIES}}
 SKIP_FACTOR = 2.0  # estimate over this many HBMs: not worth a compile
+# Loop model only: scanned, the offloaded layer inputs are one stacked residual, which both efforts put in host
+# memory whole (measured: 4 layers, 2.0 MiB host per chip at fast and at default effort).
 OFFLOAD_FAST_NOTE = ("remat offload under --compile-effort fast: libtpu's quick schedule moved only one layer input "
                      "to host memory (measured; the default effort moves every layer's), so host bytes read low and "
                      "HBM high; --compile-effort default shows the offload as jlora train compiles it")
@@ -72,6 +76,7 @@ class PlanRequest:
     loss_chunk_tokens: int | None = DEFAULT_CHUNK_TOKENS  # None: the whole logits at once
     seq_len_multiple: int = 1024  # --max-seq-len: answers are multiples of this
     max_seq_len: bool = False   # search the largest seq_len that fits (jlora.plan.seq_len); seq_len seeds it
+    scan_layers: bool = True    # compile the decoder layers as one scanned layer (jlora.models.stacked)
 
 
 @dataclasses.dataclass
@@ -94,6 +99,7 @@ class Attempt:
     note: str = ""
     host_bytes_per_chip: int = 0      # pinned host memory (remat offload), apart from HBM
     seq_len: int = 0
+    lower_seconds: float = 0.0        # of compile_seconds, tracing and lowering (the rest: XLA/libtpu)
 
 
 @dataclasses.dataclass
@@ -114,10 +120,17 @@ class Plan:
     notes: list = dataclasses.field(default_factory=list)
     attention: str = "auto"       # the backend the step was planned with
     max_seq_len: object = None    # SeqLenSearch, with --max-seq-len
+    load: object = None           # jlora.plan.load.LoadPlan: the sharded load onto the chosen mesh (per device)
+    scan_layers: bool = True      # the step was compiled with the decoder layers scanned
+
+    @property
+    def load_fits(self) -> bool:
+        return self.load is None or self.load.fits(self.topology.chip.hbm_bytes // self.devices_per_chip)
 
     @property
     def fits(self) -> bool:
-        return self.chosen.fits
+        """The step fits HBM and so does the checkpoint's load onto the mesh."""
+        return self.chosen.fits and self.load_fits
 
     @property
     def bytes_per_chip(self) -> int:
@@ -156,9 +169,10 @@ class Planner:
         self.config = model_config(request.model)
         self.quantize = request.quantize or checkpoint_quantization(request.model)
         self.lora = lora_config(request.r, request.lora_alpha, request.targets)
-        self.model = self.build(self.config)
+        self.model = self.build(self.config, scan=request.scan_layers)
         self.sizes = ArraySizes.of(self.model)
         self._activations = {}
+        self._loads = {}
         self.activations = self.activations_at(request.seq_len)
         if self.topology.is_tpu:
             self.devices = tpu_devices(self.topology)
@@ -183,8 +197,12 @@ class Planner:
         # cuDNN cannot be traced on this host; blockwise saves the same (output and log-sum-exp).
         return name, "blockwise" if name == "cudnn" else name
 
-    def build(self, config):
+    def build(self, config, *, scan: bool = False):
+        """The abstract LoRA model; scan: its layers stacked and scanned, as the compiled step runs them (the
+        estimate traces the loop model, whose residuals it reads layer by layer: the same arrays)."""
         model = abstract_lora_model(config, lora=self.lora, dtype=self.request.dtype, quantize=self.quantize)
+        if scan:
+            model = stack_layers(model)
         return use_attention(model, self.traced_attention)
 
     def activations_at(self, seq_len: int) -> ActivationModel:
@@ -272,12 +290,15 @@ class Planner:
             return Attempt(fits=False, bytes_per_chip=total, source="refused by the compiler", exact=False,
                            memory=memory, compile_seconds=seconds, **base,
                            note=f"XLA: {result.error}; temporaries are as XLA rounds them")
-        # cost_analysis counts the micro-batch loop's body once, not once per trip.
+        # cost_analysis counts the micro-batch loop's body once, not once per trip; so too the scanned
+        # layers' body: under scan FLOPs and traffic are counted from the architecture (roofline_of).
         scale = dpc * grad_accum
+        counted = not is_stacked(self.model)
         return Attempt(fits=total <= self.topology.chip.hbm_bytes, bytes_per_chip=total, source="compiled",
                        exact=True, memory=memory, compile_seconds=seconds, kernel_calls=result.kernel_calls,
-                       flops_per_chip=(result.flops or 0.0) * scale,
-                       bytes_accessed_per_chip=(result.bytes_accessed or 0.0) * scale, **base)
+                       flops_per_chip=(result.flops or 0.0) * scale if counted else None,
+                       bytes_accessed_per_chip=(result.bytes_accessed or 0.0) * scale if counted else None,
+                       lower_seconds=result.lower_seconds, **base)
 
     # -- the whole plan ------------------------------------------------------------------------------
     def mesh_sizes(self) -> dict:
@@ -293,7 +314,28 @@ class Planner:
         if r.batch_size % rows:
             raise PlanError(f"--batch-size {r.batch_size} must be a multiple of data x fsdp = {rows} "
                             f"(mesh {mesh_text(sizes)})")
+        try:
+            self.load_at(sizes)  # the loader refuses a mesh axis that does not divide a tensor: so does the plan
+        except MeshError as e:
+            raise PlanError(str(e) if r.mesh else f"{e} (the default mesh {mesh_text(sizes)}; pass --mesh)") from None
         return sizes
+
+    def load_at(self, sizes: dict) -> LoadPlan:
+        """The sharded streaming load of the checkpoint onto a mesh of these sizes (jlora.plan.load); raises
+        the loader's MeshError where it would refuse the mesh."""
+        key = tuple(sizes[a] for a in AXES)
+        if key not in self._loads:
+            self._loads[key] = plan_load(self.config, sizes, dtype=self.request.dtype, quantize=self.quantize,
+                                         devices_per_host=self.n_devices // self.hosts,
+                                         scan_layers=self.request.scan_layers)
+        return self._loads[key]
+
+    def loadable(self, sizes: dict) -> bool:
+        try:
+            self.load_at(sizes)
+        except MeshError:
+            return False
+        return True
 
     def roofline_of(self, attempt: Attempt) -> Roofline:
         seq_len = attempt.seq_len or self.request.seq_len
@@ -331,13 +373,12 @@ class Planner:
             if attempts[-1].fits or attempts[-1].source == "arguments alone":
                 break
         chosen = next((a for a in attempts if a.fits), attempts[-1])
-        trainable = sum(math.prod(v.shape) for v in self.sizes.params.values())
-        total = trainable + sum(math.prod(v.shape) for _, v in self.sizes.frozen)  # NF4: its logical shape
+        trainable, total = self.sizes.counts()
         plan = Plan(request=r, topology=self.topology, quantize=self.quantize, devices=self.n_devices,
                     devices_per_chip=self.devices_per_chip, total_params=total, trainable_params=trainable,
                     attempts=attempts, chosen=chosen, roofline=self.roofline_of(chosen),
                     tokens_per_step=r.batch_size * r.grad_accum * r.seq_len, estimate=not self.topology.is_tpu,
-                    attention=self.attention)
+                    attention=self.attention, load=self.load_at(chosen.mesh), scan_layers=r.scan_layers)
         if self.devices_per_chip > 1:
             plan.notes.append(f"libtpu describes {self.topology.chip.name} as {self.devices_per_chip} devices per "
                               f"chip (one per TensorCore): the mesh spans {self.n_devices} devices; memory is per chip")
@@ -350,12 +391,14 @@ class Planner:
         if self.request.attention == "cudnn" or (self.request.attention == "auto" and not self.topology.is_tpu):
             plan.notes.append("attention cudnn: estimated with blockwise attention, which saves the same "
                               "(output and log-sum-exp per query)")
-        if chosen.remat == "offload" and chosen.source == "compiled" and r.effort == "fast":
+        if chosen.remat == "offload" and chosen.source == "compiled" and r.effort == "fast" and not r.scan_layers:
             plan.notes.append(OFFLOAD_FAST_NOTE)
         if chosen.remat == "none" and chosen.mesh["fsdp"] > 1 and chosen.source == "compiled":
             plan.notes.append("without remat XLA keeps each layer's all-gathered weights from the forward to the "
                               "backward pass (it reuses the gather), so fsdp shrinks the arguments but not the "
                               "temporaries; with --remat the gather is redone layer by layer")
+        if not plan.load_fits:
+            plan.notes.append(f"the checkpoint's load does not fit: {plan.load.peak_tensor} in flight")
         if not chosen.fits and r.suggest:
             from jlora.plan.suggest import suggest
             plan.suggestion = suggest(self, attempts)
@@ -371,13 +414,13 @@ class Planner:
                                                     seq_len=max(search.estimate, r.seq_len_multiple),
                                                     compile_over_estimate=False)]
         chosen = next((a for a in attempts if a.fits and a.seq_len == search.answer), attempts[-1])
-        trainable = sum(math.prod(v.shape) for v in self.sizes.params.values())
-        total = trainable + sum(math.prod(v.shape) for _, v in self.sizes.frozen)
+        trainable, total = self.sizes.counts()
         return Plan(request=r, topology=self.topology, quantize=self.quantize, devices=self.n_devices,
                     devices_per_chip=self.devices_per_chip, total_params=total, trainable_params=trainable,
                     attempts=attempts, chosen=chosen, roofline=self.roofline_of(chosen),
                     tokens_per_step=chosen.batch_size * chosen.grad_accum * chosen.seq_len,
-                    estimate=not self.topology.is_tpu, attention=self.attention, max_seq_len=search)
+                    estimate=not self.topology.is_tpu, attention=self.attention, max_seq_len=search,
+                    load=self.load_at(chosen.mesh), scan_layers=r.scan_layers)
 
 
 def plan(request: PlanRequest, *, log=lambda *_: None) -> Plan:

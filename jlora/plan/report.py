@@ -84,6 +84,11 @@ def format_text(plan: Plan) -> str:
     lines.append(f"  total        {gib(a.bytes_per_chip):>11}  of {gib(hbm)}: "
                  + (f"FITS ({gib(free)} free)" if a.fits else f"DOES NOT FIT (over by {gib(-free)})"
                     if free < 0 else "DOES NOT FIT"))
+    lines += _load_lines(plan)
+    if a.source in ("compiled", "refused by the compiler"):
+        lines.append(f"compile time of the step: {seconds(a.compile_seconds)} (trace and lower "
+                     f"{seconds(a.lower_seconds)}, libtpu {seconds(a.compile_seconds - a.lower_seconds)}; effort "
+                     f"{r.effort}, decoder layers {'scanned' if plan.scan_layers else 'as a loop'})")
     rf = plan.roofline
     if a.fits or a.flops_per_chip:
         how = "compiler cost analysis" if a.flops_per_chip else "counted from the architecture (estimate)"
@@ -116,11 +121,29 @@ def format_text(plan: Plan) -> str:
     return "\n".join(lines)
 
 
+def _load_lines(plan: Plan) -> list[str]:
+    """The checkpoint's sharded load onto the chosen mesh (jlora.plan.load), per chip and per host."""
+    load = plan.load
+    if load is None:
+        return []
+    dpc, hbm = plan.devices_per_chip, plan.hbm_bytes_per_chip
+    lines = [f"load (load_hf onto mesh {mesh_text(plan.chosen.mesh)}, each device only its shards): "
+             f"{gib(load.device_bytes * dpc)} per chip once loaded, peak {gib(load.device_peak_bytes * dpc)} "
+             f"with {load.peak_tensor} in flight: " + ("fits" if plan.load_fits else f"DOES NOT FIT {gib(hbm)}"),
+             f"  each host's {load.devices_per_host} devices receive {gib(load.host_share_bytes)}; host memory in "
+             f"flight ~{gib(load.host_inflight_bytes)} (one shard at a time; the largest: {load.inflight_tensor}); "
+             f"devices in host memory (CPU): peak ~{gib(load.host_peak_bytes_cpu)}"]
+    if load.replicated:
+        lines.append(f"  {len(load.replicated)} NF4 projections do not split into whole blocks over fsdp x tensor: "
+                     f"held whole on every device (e.g. {load.replicated[0]})")
+    return lines
+
+
 def to_json(plan: Plan) -> dict:
     r, t, a, rf = plan.request, plan.topology, plan.chosen, plan.roofline
     known = a.fits or a.flops_per_chip
     return {
-        "fits": bool(a.fits),
+        "fits": bool(plan.fits),
         "bytes_per_chip": int(a.bytes_per_chip),
         "hbm_bytes_per_chip": int(plan.hbm_bytes_per_chip),
         "estimate": plan.estimate or not a.exact,
@@ -139,6 +162,10 @@ def to_json(plan: Plan) -> dict:
         "tokens_per_second": plan.tokens_per_step / rf.step_seconds if known else None,
         "mfu": rf.mfu if known else None,
         "bound": rf.bound if known else None,
+        "compile_seconds": a.compile_seconds if a.source != "estimate" and a.source != "arguments alone" else None,
+        "scan_layers": plan.scan_layers,
+        "load": None if plan.load is None else {**dataclasses.asdict(plan.load), "fits": plan.load_fits,
+                                                "host_peak_bytes_cpu": plan.load.host_peak_bytes_cpu},
         "attempts": [dataclasses.asdict(x) for x in plan.attempts],
         "suggestion": None if plan.suggestion is None else {**dataclasses.asdict(plan.suggestion),
                                                              "flags": plan.suggestion.flags()},

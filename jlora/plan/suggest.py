@@ -70,6 +70,8 @@ def candidates(planner, devices: int, batch_size: int, grad_accum: int):
         shards = sizes["data"] * sizes["fsdp"]
         if devices > per_host and sizes["tensor"] > per_host:
             continue
+        if not planner.loadable(sizes):  # the loader would refuse it (an axis that does not divide a tensor)
+            continue
         b = batch_size
         while b >= shards:
             if b % shards == 0 and rows_total % b == 0:

@@ -80,6 +80,15 @@ def classify(name: str, instrs, comps) -> str:
     return op
 
 
+def source_of(base: str, instrs) -> str:
+    """The op_name metadata of an instruction without the step's outer scopes: where in jlora it came from."""
+    m = re.search(r'op_name="([^"]*)"', instrs[base][2]) if base in instrs else None
+    if not m:
+        return "(no op_name: layout copy)"
+    src = re.sub(r"^jit\(step\)/(while/body/)?(closed_call/)?", "", m.group(1))
+    return re.sub(r"\d+", "", src)[-90:]
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--config", default="135m")
@@ -162,6 +171,13 @@ def main():
     print("| class | ms/step | share |\n| --- | ---: | ---: |")
     for cls, ms in per_class.most_common():
         print(f"| {cls} | {ms:.1f} | {100 * ms / total:.1f}% |")
+    per_source = collections.Counter()
+    for name, ms in per_instr.items():
+        per_source[(source_of(name.split(":")[0].strip(), instrs), classify(name, instrs, comps))] += ms
+    print(f"\nby source op (jit/transform path of the op, numbers dropped) and class, top {args.top}:\n"
+          "| source op | class | ms/step | share |\n| --- | --- | ---: | ---: |")
+    for (src, cls), ms in per_source.most_common(args.top):
+        print(f"| {src} | {cls} | {ms:.1f} | {100 * ms / total:.1f}% |")
     print(f"\ntop {args.top} instructions:\n| instruction | class | result | ms/step | source op |\n"
           "| --- | --- | --- | ---: | --- |")
     for name, ms in per_instr.most_common(args.top):

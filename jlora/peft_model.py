@@ -16,7 +16,7 @@ from jlora.models.fused import fused_targets
 from jlora.models.stacked import on_loop_model
 from jlora.module_patterns import list_entry_matches
 from jlora.nf4_weight import NF4Weight
-from jlora.trainable_tokens import add_trainable_embeddings
+from jlora.trainable_tokens import ModulesToSave, add_trainable_embeddings
 
 
 def linear_modules(model: LlamaForCausalLM) -> Iterator[tuple[str, Linear]]:
@@ -84,11 +84,14 @@ def get_peft_model(model: LlamaForCausalLM, config: LoraConfig, *, rngs: nnx.Rng
 def trainable_parameters(model: nnx.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts as PEFT's `get_nb_trainable_parameters` gives them.
 
-    trainable = LoRA A and B (and DoRA magnitudes); total = every Param plus the NF4 weights, each counted
-    as PEFT counts a bitsandbytes `Params4bit`: twice its packed uint8 bytes (2 * ceil(out * in / 2)).
+    trainable = LoRA A and B (and DoRA magnitudes, trained embedding/head copies and token rows); total =
+    every Param plus the NF4 weights, each counted as PEFT counts a bitsandbytes `Params4bit`: twice its packed
+    uint8 bytes (2 * ceil(out * in / 2)). A `modules_to_save` copy counts twice in the total, as in PEFT, which
+    keeps the original module beside its trained copy.
     """
     trainable = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, LoRAParam)))
     total = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    total += sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, ModulesToSave)))
     quantized = nnx.state(model, NF4Weight)
     total += sum(2 * int(np.prod(v.get_value().codes.shape)) for _, v in nnx.to_flat_state(quantized))
     return trainable, total

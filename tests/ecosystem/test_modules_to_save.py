@@ -165,3 +165,15 @@ def test_vllm_check_says_to_serve_the_merged_model(checkpoint, tmp_path):
     with pytest.raises(ValueError, match=r"modules_to_save=\['lm_head'\]: vLLM only accepts classifier/score; "
                                          r"serve the merged model"):
         check_vllm_adapter(tmp_path, max_lora_rank=8)
+
+
+@pytest.mark.parametrize("family", ["llama", "llama-tied"])
+def test_parameter_counts_equal_peft(family, checkpoint):
+    path = checkpoint(family)
+    for ours, theirs in ((dict(modules_to_save=["embed_tokens", "lm_head"]),
+                          dict(modules_to_save=["embed_tokens", "lm_head"], ensure_weight_tying=family == "llama-tied")),
+                         (dict(trainable_token_indices=[3, 7]), dict(trainable_token_indices=[3, 7]))):
+        model = jlora.get_peft_model(jlora.load_hf(path), jlora.LoraConfig(r=4, target_modules=["q_proj"], **ours),
+                                     rngs=nnx.Rngs(0))
+        ref = peft.get_peft_model(transformers_model(path), peft.LoraConfig(r=4, target_modules=["q_proj"], **theirs))
+        assert jlora.trainable_parameters(model) == tuple(ref.get_nb_trainable_parameters()), (family, ours)

@@ -71,6 +71,9 @@ class Linear(nnx.Module):
     - None: the plain jnp path, `x @ kernel + bias + lora(x)` by ordinary autodiff: the reference.
     Each rounds `frozen + low-rank` to the compute dtype once; the low-rank part is computed in the
     adapters' dtype (float32), as PEFT does (the Pallas/Triton kernels: in the compute dtype).
+    A DoRA adapter (`lora.magnitude` set, jlora/dora.py) takes the same path and rescales its output
+    by m / ||W + s A B|| (`_dora`; on the fused paths the op's output is rounded to the compute dtype
+    before the float32 rescale, one rounding more than PEFT in 16-bit).
     """
 
     def __init__(self, in_features: int, out_features: int, *, use_bias: bool, dtype: Dtype,

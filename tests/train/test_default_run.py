@@ -45,3 +45,10 @@ def test_second_run_into_same_dir_is_refused(demo_run, capsys):
     assert main(["train", "--out", str(demo_run), "--steps", "2", "--no-progress"]) == 2
     assert "holds another run" in capsys.readouterr().err
     assert (demo_run / "adapter" / "adapter_model.safetensors").exists()  # nothing lost
+
+
+def test_demo_samples_one_prompt_before_during_and_after(demo_run):
+    lines = [json.loads(x) for x in (demo_run / "samples.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == [0, 50, 100, 150]  # DEMO_SETTINGS sample_every=50, 150 steps
+    assert len({r["prompt"] for r in lines}) == 1 and lines[0]["prompt"].startswith("Q: ")
+    assert lines[0]["answer"] != lines[-1]["answer"]

@@ -12,19 +12,21 @@ import jlora
 from jlora.cli import main
 from jlora.convert.model_dir import load_tokenizer
 from jlora.data.jsonl import Record
-from jlora.train import samples
+from jlora.train import samples, scan_layers
 from jlora.train.config import TrainConfig
 from jlora.train.trainer import Trainer
 from tests.train.test_async_loop import _records, compile_once, small_data  # noqa: F401  (fixtures)
 
 SETTINGS = dict(steps=5, batch_size=4, seq_len=48, eval_every=0, save_every=2, log_every=1, progress=False,
                 dtype="float32", lr=3e-3, r=8, lora_alpha=16)
-if "scan_layers" in TrainConfig.__dataclass_fields__:  # one layout for every run (auto picks by the settings)
-    SETTINGS["scan_layers"] = False
+# One layout for both runs of a comparison (auto picks by the settings): the scanned model, the default, where
+# samples may scan (generation runs through the scan); the slow test takes the loop.
+SCAN = "sample_every" not in dict(scan_layers.LOOP_ONLY)
 
 
-def _run(out, base, data, **extra):
-    config = TrainConfig(out=str(out), model=str(base), data=str(data[0]), eval=str(data[1]), **SETTINGS, **extra)
+def _run(out, base, data, scan=False, **extra):
+    config = TrainConfig(out=str(out), model=str(base), data=str(data[0]), eval=str(data[1]), scan_layers=scan,
+                         **SETTINGS, **extra)
     return Trainer(config, log=lambda *a: None).run()
 
 
@@ -33,8 +35,8 @@ def _samples(out):
 
 
 def test_samples_change_no_number(tmp_path, default_base, small_data, compile_once):
-    _run(tmp_path / "plain", default_base, small_data)
-    _run(tmp_path / "sampled", default_base, small_data, sample_every=2)
+    _run(tmp_path / "plain", default_base, small_data, scan=SCAN)
+    _run(tmp_path / "sampled", default_base, small_data, scan=SCAN, sample_every=2)
     assert not (tmp_path / "plain" / "samples.jsonl").exists()
     assert _records(tmp_path / "sampled") == _records(tmp_path / "plain")  # floats compared exactly
     adapter = "adapter/adapter_model.safetensors"

@@ -20,7 +20,6 @@ through the frozen product and only `x rows^T` reaches the rows' gradient.
 """
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -110,13 +109,24 @@ def add_trainable_embeddings(model, config) -> None:
 
 
 def head_is_trainable(model) -> bool:
-    """Whether the output head has trained weights (a full copy or token rows): the chunked loss, which
-    treats the head as frozen, must then run the logits whole."""
+    """Whether the output head has trained weights (a full copy or token rows): the loss must then
+    differentiate the head's weights too (`trainable_head`)."""
     head = model.lm_head
     if head is None:
         emb = model.model.embed_tokens
         return isinstance(emb.weight, LoRAParam) or getattr(emb, "tokens", None) is not None
     return isinstance(head.kernel, LoRAParam) or getattr(head, "tokens", None) is not None
+
+
+def trainable_head(model):
+    """(head(params, hidden) -> logits, params): the output head as a function of its trained weights (the
+    tied embedding's or lm_head's copy or token rows), for a loss that differentiates it explicitly
+    (jlora.train.chunked_loss's `head_params`); None when the head has none."""
+    if not head_is_trainable(model):
+        return None
+    where = nnx.PathContains("embed_tokens" if model.lm_head is None else "lm_head")
+    graphdef, params, rest = nnx.split(model, nnx.All(LoRAParam, where), ...)
+    return (lambda p, h: nnx.merge(graphdef, p, rest).logits_from_hidden(h)), params
 
 
 def peft_tensors(model, prefix: str) -> dict[str, np.ndarray]:

@@ -14,8 +14,10 @@ and no logits are recomputed: memory O(T * hidden + chunk_tokens * vocab) instea
 the FLOPs of the plain computation. Chunks run along the sequence axis, so rows keep their sharding
 over (data, fsdp) and the vocabulary its sharding over tensor.
 
-The head is treated as frozen (jlora never adapts lm_head or embed_tokens): differentiating with
-respect to weights the head closes over is an error from JAX's custom_vjp, not a silent zero.
+The head's own weights are frozen unless passed as `head_params` (a trained embedding or head copy, trained
+token rows: jlora/trainable_tokens.py): then `head(head_params, h)` and each chunk's vjp also gives
+dL/dhead_params, summed over the chunks in float32. Differentiating with respect to weights the head closes
+over is an error from JAX's custom_vjp, not a silent zero.
 
 When the whole sequence fits in one chunk (every short run: the demo, the tests) this is the plain
 computation, no scan and no recompute, so small runs pay nothing for it.
@@ -44,20 +46,26 @@ def chunk_positions(rows: int, seq_len: int, chunk_tokens: int) -> int:
     return max(1, min(seq_len, chunk_tokens // max(rows, 1)))
 
 
-def chunked_cross_entropy_sum(head: Callable[[jnp.ndarray], jnp.ndarray], h: jnp.ndarray, targets: jnp.ndarray,
-                              mask: jnp.ndarray, *, chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> jnp.ndarray:
+def chunked_cross_entropy_sum(head: Callable[..., jnp.ndarray], h: jnp.ndarray, targets: jnp.ndarray,
+                              mask: jnp.ndarray, *, chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+                              head_params=None) -> jnp.ndarray:
     """sum_t mask_t * CE(head(h_t), target_t) in float32, with head's logits computed chunk by chunk.
 
-    head: hidden [rows, c, hidden] -> logits [rows, c, vocab] (the tied embedding or lm_head; frozen).
+    head: hidden [rows, c, hidden] -> logits [rows, c, vocab] (the tied embedding or lm_head; frozen), or with
+    `head_params` (a pytree of the head's trained weights) head(head_params, hidden), differentiable in both.
     h [rows, T, hidden]; targets, mask [rows, T]. chunk_tokens: about how many tokens' logits exist at once (>= 1).
     """
     if chunk_tokens < 1:
         raise ValueError(f"chunk_tokens must be >= 1 (tokens whose logits exist at once), got {chunk_tokens}")
+    if head_params is None:
+        frozen_head = head
+        head = lambda _, h: frozen_head(h)
+        head_params = ()
     rows, t = targets.shape
     mask = mask.astype(jnp.float32)
     c = chunk_positions(rows, t, chunk_tokens)
     if c >= t:
-        return _ce_sum(head(h), targets, mask)
+        return _ce_sum(head(head_params, h), targets, mask)
     pad = (-t) % c
     if pad:  # padded positions have mask 0: they add exact zeros
         h = jnp.pad(h, ((0, 0), (0, pad), (0, 0)))
@@ -67,23 +75,25 @@ def chunked_cross_entropy_sum(head: Callable[[jnp.ndarray], jnp.ndarray], h: jnp
     def chunks(a):  # [rows, n * c, ...] -> [n, rows, c, ...]
         return jnp.moveaxis(a.reshape(rows, n, c, *a.shape[2:]), 1, 0)
 
-    return _scanned_ce(head, chunks(h), chunks(targets), chunks(mask))
+    return _scanned_ce(head, head_params, chunks(h), chunks(targets), chunks(mask))
 
 
-def _scanned_ce(head, hs, ts, ms):
-    """sum over chunks of _ce_sum(head(hs[i]), ts[i], ms[i]), with the gradient of hs formed in the forward."""
+def _scanned_ce(head, params, hs, ts, ms):
+    """sum over chunks of _ce_sum(head(params, hs[i]), ts[i], ms[i]), with the gradients of hs and params
+    formed in the forward (those of params summed over the chunks in float32)."""
 
     @jax.custom_vjp
-    def total(hs, ts, ms):
+    def total(params, hs, ts, ms):
         def body(acc, xs):
             h_c, t_c, m_c = xs
-            return acc + _ce_sum(head(h_c), t_c, m_c), None
+            return acc + _ce_sum(head(params, h_c), t_c, m_c), None
         return jax.lax.scan(body, jnp.zeros((), jnp.float32), (hs, ts, ms))[0]
 
-    def fwd(hs, ts, ms):
-        def body(acc, xs):
+    def fwd(params, hs, ts, ms):
+        def body(carry, xs):
+            acc, dparams = carry
             h_c, t_c, m_c = xs
-            logits, head_vjp = jax.vjp(head, h_c)
+            logits, head_vjp = jax.vjp(head, params, h_c)
             z = logits.astype(jnp.float32)
             lse = jax.nn.logsumexp(z, axis=-1)
             picked = jnp.take_along_axis(z, t_c[..., None].astype(jnp.int32), axis=-1)[..., 0]
@@ -91,13 +101,17 @@ def _scanned_ce(head, hs, ts, ms):
             loss = jnp.sum(jnp.where(m_c > 0, (lse - picked) * m_c, 0.0))
             onehot = jax.nn.one_hot(t_c, z.shape[-1], dtype=jnp.float32)
             dz = (jnp.exp(z - lse[..., None]) - onehot) * weight[..., None]
-            (dh,) = head_vjp(dz.astype(logits.dtype))
-            return acc + loss, dh
-        value, dhs = jax.lax.scan(body, jnp.zeros((), jnp.float32), (hs, ts, ms))
-        return value, dhs
+            dp, dh = head_vjp(dz.astype(logits.dtype))
+            dparams = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), dparams, dp)
+            return (acc + loss, dparams), dh
+        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+        (value, dparams), dhs = jax.lax.scan(body, (jnp.zeros((), jnp.float32), zeros), (hs, ts, ms))
+        return value, (dparams, dhs)
 
-    def bwd(dhs, g):  # scaled in float32: a bf16 copy of g (e.g. 1 / target tokens) would bias every entry alike
-        return ((dhs.astype(jnp.float32) * g).astype(dhs.dtype), None, None)
+    def bwd(res, g):  # scaled in float32: a bf16 copy of g (e.g. 1 / target tokens) would bias every entry alike
+        dparams, dhs = res
+        dparams = jax.tree.map(lambda d, p: (d * g).astype(p.dtype), dparams, params)
+        return (dparams, (dhs.astype(jnp.float32) * g).astype(dhs.dtype), None, None)
 
     total.defvjp(fwd, bwd)
-    return total(hs, ts, ms)
+    return total(params, hs, ts, ms)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from jlora.train.chunked_loss import DEFAULT_CHUNK_TOKENS, chunked_cross_entropy_sum
-from jlora.trainable_tokens import head_is_trainable
+from jlora.trainable_tokens import trainable_head
 
 
 def _head_has_dropout(model) -> bool:
@@ -26,8 +26,14 @@ def token_loss_sum(model, batch, *, chunk_tokens: int | None = DEFAULT_CHUNK_TOK
                    ) -> tuple[jnp.ndarray, jnp.ndarray]:
     """(sum of masked token cross-entropies in float32, number of target tokens) for one micro-batch."""
     h = model.hidden_states(batch["inputs"], batch["positions"], batch["segment_ids"])
-    if chunk_tokens is None or _head_has_dropout(model) or head_is_trainable(model):
-        chunk_tokens = batch["targets"].size  # one chunk: the whole logits (the chunked path's head is frozen)
+    if chunk_tokens is None or _head_has_dropout(model):
+        chunk_tokens = batch["targets"].size  # one chunk: the whole logits
     mask = batch["loss_mask"].astype(jnp.float32)
-    total = chunked_cross_entropy_sum(model.logits_from_hidden, h, batch["targets"], mask, chunk_tokens=chunk_tokens)
+    trained = trainable_head(model)  # a trained embedding/head copy or token rows: differentiated explicitly
+    if trained is None:
+        total = chunked_cross_entropy_sum(model.logits_from_hidden, h, batch["targets"], mask,
+                                          chunk_tokens=chunk_tokens)
+    else:
+        total = chunked_cross_entropy_sum(trained[0], h, batch["targets"], mask, chunk_tokens=chunk_tokens,
+                                          head_params=trained[1])
     return total, jnp.sum(mask)

@@ -10,13 +10,18 @@ import peft
 import pytest
 import torch
 from flax import nnx
+from jlora.convert.safetensors_io import CheckpointError, tensor_shapes
 
 import jlora
-from jlora.convert.safetensors_io import CheckpointError, tensor_shapes
 from jlora.train.state import SplitModel
 from jlora.trainable_tokens import ModulesToSave
 from jlora.vllm_rules import check_vllm_adapter
-from tests.numerics import float32_close, rel_err, torch_logits32_and_64, transformers_model
+from tests.numerics import (
+    float32_close,
+    rel_err,
+    torch_logits32_and_64,
+    transformers_model,
+)
 from tests.peft_checks import jit_logits
 
 IDS = np.random.RandomState(3).randint(0, 96, (2, 12))
@@ -123,7 +128,7 @@ def test_trainer_split_steps_and_checkpoints_the_copies(checkpoint, tmp_path):
     opt_state = tx.init(params)
     batch = {"inputs": IDS[None, :, :-1], "targets": IDS[None, :, 1:], "loss_mask": np.ones((1, 2, 11), np.float32),
              "positions": np.broadcast_to(np.arange(11), (1, 2, 11)), "segment_ids": np.ones((1, 2, 11), np.int32)}
-    step = jax.jit(make_train_step(split, tx))
+    step = jax.jit(make_train_step(split, tx, loss_chunk_tokens=8))  # chunks: the head copy is differentiated
     new, opt_state, _ = step(params, opt_state, split.frozen, batch, jax.random.key(0), jnp.asarray(0))
     for name in ("model.embed_tokens.weight", "lm_head.kernel"):
         assert not np.array_equal(new[name], params[name]), f"{name} did not train"
@@ -171,7 +176,8 @@ def test_vllm_check_says_to_serve_the_merged_model(checkpoint, tmp_path):
 def test_parameter_counts_equal_peft(family, checkpoint):
     path = checkpoint(family)
     for ours, theirs in ((dict(modules_to_save=["embed_tokens", "lm_head"]),
-                          dict(modules_to_save=["embed_tokens", "lm_head"], ensure_weight_tying=family == "llama-tied")),
+                          dict(modules_to_save=["embed_tokens", "lm_head"],
+                               ensure_weight_tying=family == "llama-tied")),
                          (dict(trainable_token_indices=[3, 7]), dict(trainable_token_indices=[3, 7]))):
         model = jlora.get_peft_model(jlora.load_hf(path), jlora.LoraConfig(r=4, target_modules=["q_proj"], **ours),
                                      rngs=nnx.Rngs(0))

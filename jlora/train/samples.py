@@ -43,6 +43,16 @@ def from_file(path: str | Path) -> list[Prompt]:
     return [Prompt(value, chat) for _, value, chat in read_prompts(path)]
 
 
+def from_config(config) -> list[Prompt] | None:
+    """The --sample-prompts file's prompts (None when not given), read before the run starts."""
+    if not config.sample_prompts:
+        return None
+    if not config.sample_every:
+        raise ValueError(f"--sample-prompts {config.sample_prompts}: samples are taken with --sample-every N "
+                         "(steps between samples), which is 0 (never)")
+    return from_file(config.sample_prompts)
+
+
 def from_records(records: Sequence, count: int = DEFAULT_COUNT) -> list[Prompt]:
     """Prompts from the first `count` data records (jlora.data Records) that give one."""
     out = []

@@ -103,7 +103,7 @@ class Trainer:
         # Everything is checked before the run directory is touched: --out, --resume's settings, the mesh,
         # the data, the model (a typo must not cost the run that --overwrite would replace).
         run_dir.check(c, log=self.log)
-        sample_prompts = samples.from_file(c.sample_prompts) if c.sample_prompts else None  # a bad file fails now
+        sample_prompts = samples.from_config(c)  # --sample-prompts: a bad file fails now
         long_context.check_platform(c)  # --attention runs here
         scan, scan_note = scan_layers.decide(c)  # --scan-layers (auto: scan unless a setting needs the loop)
         if scan_note:

@@ -99,6 +99,9 @@ def test_bad_sample_prompts_file_is_one_line_before_the_run(tmp_path, default_ba
     bad.write_text('{"prompt": "Q: 2 + 2?\\nA:"}\n\n{"question": "no prompt here"}\n')
     err = train(bad)
     assert f'{bad} line 3: expected an object with "prompt" (a string) or "messages"' in err, err
+    assert main(["train", "--model", str(default_base), "--data", str(small_data[0]), "--out", str(tmp_path / "r"),
+                 "--sample-prompts", str(bad)]) == 2
+    assert "--sample-prompts" in capsys.readouterr().err and not (tmp_path / "r").exists()
 
 
 def test_default_prompts_from_each_record_kind():

@@ -17,6 +17,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Mapping, Sequence
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -24,6 +25,7 @@ from flax import nnx
 from jlora.convert.peft_adapter import load_adapter
 from jlora.models.layers import use_kernels
 from jlora.peft_model import adapted_modules, linear_modules
+from jlora.trainable_tokens import ModulesToSave, TrainableTokens
 
 
 class MultiLoRA(nnx.Module):
@@ -60,8 +62,13 @@ def build(base, adapters: Mapping[str, str | Path], *, allow_pickle: bool = Fals
                          "load the base again with jlora.load_hf")
     names = list(adapters)
     graphdef, state = nnx.split(base)
-    loaded = [dict(adapted_modules(load_adapter(nnx.merge(graphdef, state), adapters[n], allow_pickle=allow_pickle)))
-              for n in names]
+    models = [load_adapter(nnx.merge(graphdef, state), adapters[n], allow_pickle=allow_pickle) for n in names]
+    copies = [n for n, m in zip(names, models) if jax.tree.leaves(nnx.state(m, ModulesToSave, TrainableTokens))]
+    if copies:
+        raise ValueError(f"adapters {copies} also train the embedding or the head (modules_to_save / "
+                         "trainable_token_indices): multi-adapter generation gathers only LoRA A/B per row; "
+                         "generate with one of them alone (jlora.load_adapter)")
+    loaded = [dict(adapted_modules(m)) for m in models]
     dora = [n for n, found in zip(names, loaded) if any(m.lora.magnitude is not None for m in found.values())]
     if dora:
         raise ValueError(f"adapters {dora} are DoRA adapters (use_dora): multi-adapter generation runs plain LoRA "

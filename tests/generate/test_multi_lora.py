@@ -62,3 +62,14 @@ def test_generated_tokens_equal_each_adapter_alone(adapters):
     for row, name in enumerate(ROWS):
         single = jlora.load_hf(path) if name is None else jlora.load_adapter(jlora.load_hf(path), dirs[name])
         assert got[row] == generate_tokens(single, [prompts[row]], max_new_tokens=12)[0].token_ids, (row, name)
+
+
+def test_adapter_training_embedding_rows_is_refused_by_name(adapters, tmp_path):
+    """Its trained embedding rows would be dropped silently: only LoRA A/B are gathered per row."""
+    path, dirs = adapters
+    model = jlora.get_peft_model(jlora.load_hf(path), jlora.LoraConfig(r=2, target_modules="qv",
+                                                                       trainable_token_indices=[5, 7]),
+                                 rngs=nnx.Rngs(0))
+    jlora.save_pretrained(model, tmp_path / "tokens")
+    with pytest.raises(ValueError, match=r"adapters \['tokens'\] also train the embedding or the head"):
+        multi_lora.build(jlora.load_hf(path), {**dirs, "tokens": tmp_path / "tokens"})

@@ -17,8 +17,8 @@ then cast) and held more than "none" on a bf16 base (libtpu, v5e, a 4-layer hidd
 per chip against none's 395); the named outputs are bf16 there. XLA:CPU's compiled temporaries of a scanned
 bf16 model (tests/long_context/test_remat_memory.py; hidden 64, 2 x 256 tokens, per layer): none 3.2 MiB,
 dots 1.2, full 0.27; dots minus full is about 2x the named outputs' bytes (XLA holds the scan's stacked
-residuals twice). `--remat auto` still tries AUTO_ORDER (none, full, offload): "dots" joins it once a libtpu
-compile confirms none > dots on TPU (tests/long_context/test_remat_tpu.py checks the order).
+residuals twice). libtpu agrees: the v5e and v5p steps (LoRA and QLoRA) hold none > dots > full in temporaries
+(tests/long_context/test_remat_tpu.py), so `--remat auto` tries every policy in that order (AUTO_ORDER).
 
 Where offload runs: TPU and GPU move the named residuals to pinned host memory. The CPU backend accepts the
 same program (its "pinned_host" memory is the same RAM, so nothing is saved there), so every policy runs
@@ -34,7 +34,7 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 POLICIES = ("none", "dots", "full", "offload")  # lightest (least recompute) first
-AUTO_ORDER = ("none", "full", "offload")  # what --remat auto tries, first that fits (see the module docstring)
+AUTO_ORDER = POLICIES  # what --remat auto tries, first that fits (see the module docstring)
 LAYER_INPUT = "jlora_layer_input"  # checkpoint_name of each decoder layer's input (offloaded by "offload")
 PROJECTION = "jlora_projection"  # checkpoint_name of each projection's output, in the compute dtype ("dots" saves it)
 

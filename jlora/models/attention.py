@@ -58,7 +58,8 @@ class Attention(nnx.Module):
         """With `cache` (jlora.generate.cache.KVCache at this layer): writes k, v into it and returns (out, cache)."""
         b, t, _ = x.shape
         if self.fused:
-            q, k, v = split_qkv(projection_output(self.qkv_proj(x)), self.heads * self.head_dim, self.kv_heads * self.head_dim)
+            qkv = projection_output(self.qkv_proj(x))
+            q, k, v = split_qkv(qkv, self.heads * self.head_dim, self.kv_heads * self.head_dim)
         else:
             q, k, v = (projection_output(p(x)) for p in (self.q_proj, self.k_proj, self.v_proj))
         q = q.reshape(b, t, self.heads, self.head_dim)

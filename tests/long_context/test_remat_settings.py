@@ -97,17 +97,21 @@ def test_resume_compares_the_new_settings(tmp_path):
 
 def test_auto_remat_on_an_accelerator_takes_the_first_policy_the_estimate_fits():
     """jlora train --remat auto on TPU/GPU (jlora.plan.auto_remat): with a device too small for every saved
-    activation but big enough for the layer inputs, full; smaller than anything, offload (the last)."""
+    activation but big enough for the projections' outputs, dots; for the layer inputs only, full; smaller
+    than anything, offload (the last)."""
     from jlora.plan.auto_remat import lightest_fitting_remat
     model_config = LlamaConfig.from_hf_dict(TINY)
     sizes = {"data": 1, "fsdp": 1, "tensor": 1}
     config = TrainConfig(batch_size=4, seq_len=128, remat="auto", attention="blockwise", dtype="bfloat16")
     policy, est = lightest_fitting_remat(config, model_config, device_bytes=1, mesh_sizes=sizes)
-    assert policy == "offload" and list(est) == ["none", "full", "offload"]
-    assert est["none"] > est["full"] > est["offload"], est
-    between = (est["none"] + est["full"]) / 2 / 0.9
-    policy, est = lightest_fitting_remat(config, model_config, device_bytes=int(between), mesh_sizes=sizes)
-    assert policy == "full" and list(est) == ["none", "full"], est
+    assert policy == "offload" and list(est) == ["none", "dots", "full", "offload"]
+    assert est["none"] > est["dots"] > est["full"] > est["offload"], est
+    between = (est["none"] + est["dots"]) / 2 / 0.9
+    policy, est2 = lightest_fitting_remat(config, model_config, device_bytes=int(between), mesh_sizes=sizes)
+    assert policy == "dots" and list(est2) == ["none", "dots"], est2
+    between = (est["dots"] + est["full"]) / 2 / 0.9
+    policy, est2 = lightest_fitting_remat(config, model_config, device_bytes=int(between), mesh_sizes=sizes)
+    assert policy == "full" and list(est2) == ["none", "dots", "full"], est2
 
 
 def test_the_step_is_traced_under_the_mesh_only_for_splash_on_several_devices(monkeypatch):

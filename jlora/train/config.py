@@ -62,8 +62,8 @@ HELP = {
     "dtype": "compute and base-weight dtype: float32 | bfloat16 | float16 (adapters stay float32)",
     "remat": "what each layer's backward recomputes: none | dots (keep the projections' outputs) | full (keep "
              "only the layer input) | offload (the layer input in host memory; TPU/GPU) | auto (the first of "
-             "none, full, offload that fits, per jlora plan's estimate; none on CPU); a bare --remat means full",
-    "attention": "attention backend: auto | blockwise | reference | splash (TPU) | cudnn (GPU); auto: the best "
+             "none, dots, full, offload that fits, per jlora plan's estimate; none on CPU); a bare --remat means full",
+    "attention": "attention backend: auto | blockwise | reference | splash (TPU) | cudnn | flash (GPU); auto: the best "
                  "available here",
     "loss_chunk_tokens": "logits of about this many tokens exist at once in the loss (0: all at once)",
     "loraplus_lr_ratio": "LoRA+: lora_B (and 1-D adapters) learn at lr x this ratio; unset: plain AdamW",
@@ -147,7 +147,7 @@ class TrainConfig:
     packing: bool = False
     dtype: str = "bfloat16"           # compute and base-weight dtype; adapters stay float32
     remat: str = "none"               # none | dots | full | offload | auto (jlora.remat; True/False: full/none)
-    attention: str = "auto"           # auto | blockwise | reference | splash | cudnn (jlora.attention)
+    attention: str = "auto"           # auto | blockwise | reference | splash | cudnn | flash (jlora.attention)
     loss_chunk_tokens: int = LOSS_CHUNK_TOKENS  # 0: the whole logits at once (jlora.train.chunked_loss)
     quantize: str | None = None       # "nf4": QLoRA
     kernels: str | None = None        # fused LoRA kernels: auto | xla | pallas | triton; None: the default path

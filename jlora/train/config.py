@@ -70,7 +70,7 @@ HELP = {
     "quantize": "nf4: QLoRA (base weights in NF4)",
     "kernels": "fused LoRA kernels: auto | xla | pallas | triton; unset: the default path (custom VJP over XLA dots)",
     "scan_layers": "scan the decoder layers (stacked on a layer axis: one compiled layer for any depth); unset: "
-                   "auto, scan unless a setting needs the loop (--lora-dropout > 0, DoRA, modules_to_save, samples)",
+                   "auto, scan unless a setting needs the loop (--lora-dropout > 0)",
     "mesh": "device mesh, e.g. data=2,fsdp=2,tensor=2; unset: all devices on data",
     "seed": "seed of the adapter init, dropout and data order",
     "log_every": "write metrics.jsonl every N steps",

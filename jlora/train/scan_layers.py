@@ -5,8 +5,9 @@ program size), and trains to the loop model's numbers (float32 rel <= 1e-5: test
 So a run scans by default, unless it uses something the scanned model refuses or that is not proven on it:
 
     lora_dropout > 0                  refused by the scan (per-layer RNG counters would not advance in it)
-    use_dora, modules_to_save,        not yet checked against the loop on a scanned model: the loop
-    trainable_token_indices
+    LOOP_ONLY settings                none today: DoRA, modules_to_save and trainable tokens give the loop's
+                                      gradients on a scanned model (tests/train/test_scan_train.py), samples
+                                      during a run generate through the scan (jlora.generate)
     per-layer ranks that do not repeat  no period to scan (stacked.structural_period): compiled as the loop
 
     auto  (scan_layers unset)  scan unless one of the above; a one-line note names what made it loop
@@ -20,9 +21,10 @@ from __future__ import annotations
 
 from jlora.train.config import ConfigError, flag
 
-# (TrainConfig field, its value when unused): settings not yet proven on a scanned model. Fields that other
-# parts of jlora add later are read with getattr, so this list may name them before they exist.
-LOOP_ONLY = (("use_dora", False), ("modules_to_save", None), ("trainable_token_indices", None))
+# (TrainConfig field, its value when unused): settings not yet proven on a scanned model (a new feature goes
+# here until a test shows the scan gives the loop's numbers with it). Read with getattr: it may name a field
+# before it exists.
+LOOP_ONLY: tuple[tuple[str, object], ...] = ()
 
 
 def loop_reasons(config) -> list[str]:

@@ -4,7 +4,8 @@
   within float32 rel 1e-5 (the same operations per layer, in the same order), tiny Llama (period 1) and
   a 5-layer Gemma 2 (period 2 plus a looped tail layer; slow);
 - auto (unset) scans, and loops with a one-line note where a setting needs the loop; `--scan-layers`
-  with such a setting is an error naming both;
+  with such a setting is an error naming both; DoRA, modules_to_save and trainable tokens give the loop's
+  gradients on a scanned model (so auto scans with them; slow);
 - a checkpoint of one layout resumed in the other is refused naming the flag;
 - SIGKILL + `--resume` of a scanned run is bit-equal to the uninterrupted run (slow; the loop's own
   resume test, with dropout, is tests/train/test_resume.py).
@@ -74,6 +75,44 @@ def test_scanned_run_writes_the_loop_runs_metrics(family, base, tmp_path):
     if family == "gemma2":
         assert "2 scanned groups of 2 + 1 looped" in scan_log
     _assert_same_metrics(scan, loop)
+
+
+FEATURES = {"dora": dict(use_dora=True), "modules_to_save": dict(modules_to_save=["embed_tokens", "lm_head"]),
+            "trainable_tokens": dict(trainable_token_indices=[1, 5, 7])}
+
+
+@pytest.mark.slow  # three loop/scan pairs of jitted gradients (~30 s each under load)
+@pytest.mark.parametrize("feature", list(FEATURES))
+def test_feature_on_a_scanned_model_gives_the_loops_gradients(feature, checkpoint):
+    """Why auto scans with DoRA and trainable embeddings: every trainable parameter's gradient on the scanned
+    model equals the loop model's (whose gradients equal PEFT's: tests/ecosystem), float32 rel <= 1e-5."""
+    import jax
+    from flax import nnx
+
+    import jlora
+    from jlora.models.stacked import is_stacked, unstack_layers
+    from jlora.train.loss import token_loss_sum
+    ids = np.random.RandomState(8).randint(0, 96, (2, 12))
+    rng = np.random.RandomState(9)
+    batch = dict(inputs=ids, targets=rng.randint(0, 96, ids.shape), loss_mask=(rng.rand(*ids.shape) > 0.3) * 1.0,
+                 segment_ids=np.ones_like(ids), positions=np.broadcast_to(np.arange(12), ids.shape))
+
+    def grads(model):
+        graph, params, rest = nnx.split(model, nnx.LoRAParam, ...)
+        g = jax.jit(jax.grad(lambda p: token_loss_sum(nnx.merge(graph, p, rest), batch, chunk_tokens=None)[0]))(params)
+        nnx.update(model, g)
+        unstack_layers(model)  # read by the loop's names
+        return {k: np.asarray(v.get_value()) for k, v in nnx.to_flat_state(nnx.state(model, nnx.LoRAParam))}
+
+    config = jlora.LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, **FEATURES[feature])
+    loop = jlora.get_peft_model(jlora.load_hf(checkpoint("llama")), config, rngs=nnx.Rngs(3))
+    scanned = jlora.get_peft_model(jlora.load_hf(checkpoint("llama"), scan_layers=True), config, rngs=nnx.Rngs(3))
+    assert is_stacked(scanned)
+    want, got = grads(loop), grads(scanned)
+    assert want.keys() == got.keys()
+    for k in want:
+        assert np.abs(want[k]).max() > 0, k
+        assert np.abs(got[k] - want[k]).max() <= 1e-5 * np.abs(want[k]).max(), k
 
 
 def test_auto_loops_with_a_note_where_a_setting_needs_it():

@@ -14,7 +14,8 @@ What maps to what:
 The kernel needs every block to be a multiple of 128 and to divide the row: the row is padded to a
 multiple of the blocks with segment id -1 (padded keys follow every real query, so causality hides
 them; padded queries see only padded keys and are sliced off). Default blocks: 512 for q and kv in
-forward and backward (MaxText's), capped at the row rounded up to 128.
+forward and backward (MaxText's base.yml), capped at the row rounded up to 128; rows of LONG_ROW
+tokens or more on a known TPU generation take that generation's blocks (GENERATION_BLOCKS).
 
 Where it runs: on TPU the Mosaic kernel; on CPU the same kernel in Pallas interpret mode (slow: for
 tests). Both are lowered from one trace by `lax.platform_dependent`, so a step traced on a CPU host
@@ -22,7 +23,12 @@ and compiled for a TPU topology (jlora plan) gets the Mosaic kernel.
 
 On a device mesh (`mesh`, or the one set by `jax.set_mesh`) the kernel runs per device under
 `shard_map`: rows over (data, fsdp), kv heads over tensor where they divide; a Mosaic kernel is an
-opaque custom call that XLA cannot partition by itself.
+opaque custom call that XLA cannot partition by itself. Meshes that split rows the same number of ways get
+the same per-device kernel: on the 8-layer plan model (tests/plan/tiny_plans.py, 8 x 128 tokens, v5e:2x2,
+remat full) libtpu held 11.5 MB of temporaries with fsdp=4 and 11.8 MB with data=2,fsdp=2 at its default
+effort, 31.6 vs 27.7 MB at the fast effort `jlora plan` uses (exec_time_optimization_effort=-1); the 18 MB
+once seen (57.7 vs 39.9 MB, loop layers, fast effort) came from that quick schedule, not from this wrapper
+(blockwise attention shows the same kind of spread: 10.2 vs 10.3 MB default effort).
 """
 from __future__ import annotations
 
@@ -40,6 +46,31 @@ from jlora.attention.masks import check_inputs
 
 LANES = 128
 DEFAULT_BLOCK = 512
+LONG_ROW = 8192
+
+# Blocks per TPU generation for rows of LONG_ROW tokens or more. Source: MaxText's tuned Llama runs
+# (github.com/AI-Hypercomputer/maxtext at e591f30, benchmarks/): maxtext_v5e_model_configs.py
+# llama3_1-8b-8192-v5e-256, maxtext_v5p_model_configs.py llama3-1-405b-8192-v5p-1024,
+# maxtext_trillium_model_configs.py llama3_1-8b-8192 and llama3_1_70b_131072 (v6e) set every sa_block_* to
+# 2048 (with sa_use_fused_bwd_kernel on v5e and v6e); base.yml's default is 512 everywhere. Those runs also
+# raise libtpu's scoped VMEM limit (--xla_tpu_scoped_vmem_limit_kib=98304: xla_flags_library.py
+# DENSE_VMEM_LIMIT_FLAG), which jlora does not set. Compiled here (libtpu 0.10.2, no TPU; splash forward +
+# backward, T 8192, 32 query heads / 8 kv heads of 128, bf16; under load):
+#   2048 everywhere                    v5e: CompileTimeScopedVmemOom (compiles with the raised limit)
+#   2048 q/kv, 512-key compute blocks  v5e, v5p: CompileTimeScopedVmemOom; v6e (more VMEM): compiles
+#   1024 q/kv, 512-key compute blocks  v5e, v5p: compile (v5e temporaries 147 MB, as with 512 blocks)
+#   fused backward (1024, raised limit) v5e: 711 MB of temporaries against 282 MB unfused
+# So jlora takes MaxText's larger DMA tiles as far as the default limit allows (2048-token q and kv blocks on
+# v6e, 1024 on v5e and v5p; 512-key compute sub-blocks) and keeps the unfused backward (the fused one holds
+# per-head dq partials: 2.5x the temporaries). tests/long_context/test_splash_blocks.py (slow) compiles each.
+def _long_blocks(block: int) -> dict:
+    return dict(block_q=block, block_kv=block, block_kv_compute=512, block_q_dkv=block, block_kv_dkv=block,
+                block_kv_dkv_compute=512, block_q_dq=block, block_kv_dq=512)
+
+
+GENERATION_BLOCKS = {"v5e": _long_blocks(1024), "v5p": _long_blocks(1024), "v6e": _long_blocks(2048)}
+_DEVICE_KINDS = {"TPU v5 lite": "v5e", "TPU v5e": "v5e", "TPU v5": "v5p", "TPU v5p": "v5p", "TPU v6 lite": "v6e",
+                 "TPU v6e": "v6e"}
 
 
 def _splash():
@@ -47,13 +78,30 @@ def _splash():
     return splash_attention
 
 
-def splash_block_sizes(seq_len: int, block_sizes=None):
+def tpu_generation(mesh=None) -> str | None:
+    """"v5e" | "v5p" | "v6e" for the TPU the step is traced for (the devices of `mesh`, of the mesh set by
+    jax.set_mesh, or this process's TPU), None when unknown (CPU tests, other generations)."""
+    kind = None
+    if isinstance(mesh, jax.sharding.Mesh):
+        kind = mesh.devices.flat[0].device_kind
+    for abstract in (mesh, jax.sharding.get_abstract_mesh()):
+        if kind is None and abstract is not None:
+            kind = getattr(getattr(abstract, "abstract_device", None), "device_kind", None)
+    if kind is None and jax.default_backend() == "tpu":
+        kind = jax.devices()[0].device_kind
+    return _DEVICE_KINDS.get(kind)
+
+
+def splash_block_sizes(seq_len: int, block_sizes=None, generation: str | None = None):
     """The splash BlockSizes for a row of `seq_len`: `block_sizes` as given (splash's own BlockSizes), a
-    jlora BlockSizes(q, k) applied to every phase, or None: DEFAULT_BLOCK capped at seq_len rounded up
-    to 128. Every block must be a multiple of 128 (the kernel's lane width)."""
+    jlora BlockSizes(q, k) applied to every phase, or None: GENERATION_BLOCKS[generation] when the row has
+    LONG_ROW tokens or more, else DEFAULT_BLOCK capped at seq_len rounded up to 128. Every block must be a
+    multiple of 128 (the kernel's lane width)."""
     sa = _splash()
     if isinstance(block_sizes, sa.BlockSizes):
         blocks = block_sizes
+    elif block_sizes is None and generation in GENERATION_BLOCKS and seq_len >= LONG_ROW:
+        blocks = sa.BlockSizes(**GENERATION_BLOCKS[generation])
     else:
         if block_sizes is None:
             bq = bk = min(DEFAULT_BLOCK, -(-seq_len // LANES) * LANES)
@@ -150,10 +198,10 @@ def splash_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, segment_ids
     b, t, kv, g, d = q.shape
     check_inputs("splash_attention", q, k, v, segment_ids, sliding_window=sliding_window,
                  logit_softcap=logit_softcap)
-    blocks = splash_block_sizes(t, block_sizes)
+    mesh = mesh if mesh is not None else _context_mesh()
+    blocks = splash_block_sizes(t, block_sizes, tpu_generation(mesh))
     cap = None if logit_softcap is None else float(logit_softcap)
     call = functools.partial(_per_device, window=sliding_window, scale=float(scale), cap=cap, blocks=blocks)
-    mesh = mesh if mesh is not None else _context_mesh()
     if mesh is None or mesh.size == 1:
         return call(q, k, v, segment_ids)
     return _sharded(call, mesh, q, k, v, segment_ids)

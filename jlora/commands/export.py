@@ -96,8 +96,21 @@ def run_gguf(args) -> int:
     return 0
 
 
+def merged_only_reason(config: dict) -> str | None:
+    """Why vLLM cannot serve this adapter at all (so the only export is the merged model), or None."""
+    if config.get("use_dora"):
+        return "a DoRA adapter (use_dora=true, lora_magnitude_vector weights)"
+    trained = {k: config[k] for k in ("modules_to_save", "trainable_token_indices") if config.get(k)}
+    heads = ("embed_tokens", "lm_head")
+    if trained and all(m.rsplit(".", 1)[-1] in heads for m in config.get("modules_to_save") or []):
+        shown = ", ".join(f"{k}={v}" for k, v in trained.items())
+        return f"an adapter with a trained embedding/head ({shown}; vLLM loads no such weights, nor added tokens)"
+    return None
+
+
 def run_dora(args, adapter) -> int:
-    """A DoRA adapter: vLLM refuses use_dora, so the only export is the merged model (--merge)."""
+    """A DoRA adapter, or one with a trained embedding/head: vLLM refuses it, so the only export is the merged
+    model (--merge)."""
     from jlora.atomic_files import atomic_directory, write_json
     from jlora.convert.safetensors_io import CheckpointError
     from jlora.ranks.export import REPORT_FILE
@@ -106,10 +119,10 @@ def run_dora(args, adapter) -> int:
         print(f"jlora export: error: {msg}", file=sys.stderr)
         return 2
 
+    reason = merged_only_reason(adapter.config)
     if not args.merge:
-        return fail(f"{adapter.path} is a DoRA adapter (use_dora=true, lora_magnitude_vector weights), which vLLM "
-                    f"cannot serve: export the merged model instead with --merge (OUT/merged, vllm serve OUT/merged), "
-                    f"or --gguf TYPE for llama.cpp")
+        return fail(f"{adapter.path} is {reason}, which vLLM cannot serve: export the merged model instead with "
+                    f"--merge (OUT/merged, vllm serve OUT/merged), or --gguf TYPE for llama.cpp")
     out = Path(args.out)
     try:
         base_dir, note = _base_dir(args, adapter)
@@ -122,18 +135,19 @@ def run_dora(args, adapter) -> int:
         return fail(problem)
     import jlora
     dtype = merge_dtype(args, base_dir)
-    print(f"merging the DoRA adapter {adapter.path} into {base_dir} ({dtype}) ...", flush=True)
+    print(f"merging {adapter.path} into {base_dir} ({dtype}) ...", flush=True)
     try:
         with atomic_directory(out) as tmp:
             model = jlora.load_adapter(jlora.load_hf(base_dir, dtype=dtype), adapter.path,
                                        allow_pickle=args.allow_pickle)
             jlora.save_merged(model, tmp / "merged", dtype=dtype)
             write_json(tmp / REPORT_FILE, {"written_by": "jlora export", "source": str(adapter.path),
-                                           "base": str(base_dir), "use_dora": True, "merged_dtype": dtype,
-                                           "adapter": "not written: vLLM does not serve DoRA", "modules": []})
+                                           "base": str(base_dir), "use_dora": bool(adapter.config.get("use_dora")),
+                                           "merged_dtype": dtype,
+                                           "adapter": f"not written: vLLM does not serve {reason}", "modules": []})
     except (CheckpointError, ValueError, OSError) as e:
         return fail(f"{e} (nothing written: {out} is as it was)")
-    print(f"DoRA adapter: vLLM cannot serve it, so no adapter was written\n"
+    print(f"{reason[0].upper()}{reason[1:]}: vLLM cannot serve it, so no adapter was written\n"
           f"merged checkpoint ({dtype}): {out / 'merged'}\nServe it with:\n  vllm serve {(out / 'merged').resolve()}")
     return 0
 
@@ -205,7 +219,7 @@ def run(args) -> int:
     threshold = DRIFT_THRESHOLD if args.max_drift is None else args.max_drift / 100
     try:
         adapter = read_adapter(args.source, allow_pickle=args.allow_pickle)
-        if adapter.config.get("use_dora"):
+        if merged_only_reason(adapter.config):  # DoRA, a trained embedding/head: only the merged model
             return run_dora(args, adapter)
         export = build_export(adapter, args.max_lora_rank)
     except (CheckpointError, ValueError) as e:

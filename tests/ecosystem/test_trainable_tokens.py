@@ -175,3 +175,21 @@ def test_bad_input_is_one_line(resized, tmp_path):
     jlora.save_pretrained(model, tmp_path)
     with pytest.raises(ValueError, match="trainable_token_indices: vLLM loads no trained token rows"):
         check_vllm_adapter(tmp_path, max_lora_rank=8)
+
+
+def test_export_offers_only_the_merged_model(resized, tmp_path, capsys):
+    from jlora.cli import main
+    from tests.numerics import rel_err
+
+    path = resized(True)
+    model = perturbed(jlora_model(path, NEW), TrainableTokens)
+    jlora.save_pretrained(model, tmp_path / "adapter")
+    capsys.readouterr()  # the fixture's transformers progress bars
+    assert main(["export", str(tmp_path / "adapter"), "--out", str(tmp_path / "a")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "trained embedding/head" in err and "--merge" in err and not (tmp_path / "a").exists()
+    assert main(["export", str(tmp_path / "adapter"), "--out", str(tmp_path / "b"), "--merge", "--base", str(path),
+                 "--dtype", "float32"]) == 0
+    merged = transformers_model(tmp_path / "b" / "merged")
+    with torch.no_grad():
+        assert rel_err(merged(torch.tensor(IDS)).logits.numpy(), jit_logits(model, IDS)) < 1e-5

@@ -18,16 +18,16 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jlora.convert.safetensors_io import CheckpointError, iter_tensors, write_atomic
 
 from jlora.atomic_files import write_text
 from jlora.dora import MAGNITUDE_KEY
-from jlora.convert.safetensors_io import CheckpointError, iter_tensors, write_atomic
 from jlora.llama import LlamaForCausalLM
 from jlora.lora_config import LoraConfig
 from jlora.models.stacked import on_loop_model
 from jlora.module_patterns import PatternError
 from jlora.peft_model import adapted_modules, get_peft_model, linear_modules
-from jlora.trainable_tokens import load_peft_tensors, peft_tensors
+from jlora.trainable_tokens import load_peft_tensors, peft_tensors, untie_head
 
 PREFIX = "base_model.model."
 CONFIG_FILE = "adapter_config.json"
@@ -89,9 +89,9 @@ def adapter_tensors(model: LlamaForCausalLM) -> dict[str, np.ndarray]:
     for name, m in adapted_modules(model):
         out[f"{PREFIX}{name}.lora_A.weight"] = np.asarray(m.lora.a[...], np.float32).T
         out[f"{PREFIX}{name}.lora_B.weight"] = np.asarray(m.lora.b[...], np.float32).T
-    out.update(peft_tensors(model, PREFIX))  # trained embedding/head copies and token rows
         if m.lora.magnitude is not None:
             out[f"{PREFIX}{name}.{MAGNITUDE_KEY}"] = np.asarray(m.lora.magnitude[...], np.float32)
+    out.update(peft_tensors(model, PREFIX))  # trained embedding/head copies and token rows
     return out
 
 
@@ -165,6 +165,16 @@ def read_adapter_weights(adapter_dir: Path, allow_pickle: bool = False) -> dict[
     raise CheckpointError(f"{adapter_dir}: no {WEIGHTS_FILE}")
 
 
+def _trained_apart(config: LoraConfig, d: dict) -> bool:
+    """Whether PEFT trains a tied base's embed_tokens and lm_head apart for this adapter: modules_to_save
+    without ensure_weight_tying (PEFT's default), or token rows given per module with different indices."""
+    if d.get("ensure_weight_tying"):
+        return False
+    rows = config.trainable_token_indices
+    different_rows = isinstance(rows, dict) and len(rows) == 2 and len(set(map(tuple, rows.values()))) == 2
+    return bool(config.modules_to_save) or different_rows
+
+
 def normalise_key(key: str) -> str:
     """PEFT key -> `<HF module>.lora_A.weight`: the `base_model.model.` prefix dropped, and PEFT's in-memory
     adapter name removed after a LoRA part (`.lora_A.default.weight`, `.lora_embedding_A.default`); a DoRA
@@ -187,11 +197,8 @@ def load_adapter(model: LlamaForCausalLM, adapter_dir, *, allow_pickle: bool = F
         config.check_patterns(n for n, _ in linear_modules(model))
     except (PatternError, ValueError) as e:  # also bad modules_to_save / trainable_token_indices
         raise CheckpointError(f"{adapter_dir / CONFIG_FILE}: {e}") from None
-    saved = set(config.modules_to_save or ())
-    if model.lm_head is None and saved == {"embed_tokens"} and not d.get("ensure_weight_tying"):
-        raise CheckpointError(f"{adapter_dir / CONFIG_FILE}: modules_to_save=['embed_tokens'] on a base with tied "
-                              f"embeddings, without ensure_weight_tying: PEFT trained the input embedding apart from "
-                              f"the head (which kept the base's); jlora keeps them tied and cannot load it")
+    if model.lm_head is None and _trained_apart(config, d):
+        untie_head(model)  # PEFT trained the tied embedding and head apart: so does the model that loads it
     try:
         model = get_peft_model(model, config, rngs=rngs or nnx.Rngs(0))
     except ValueError as e:  # a token index past the vocabulary

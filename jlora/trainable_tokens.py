@@ -108,6 +108,25 @@ def add_trainable_embeddings(model, config) -> None:
             model.lm_head.tokens = TokenRows(jnp.take(model.lm_head.kernel[...], rows, axis=1).T, idx)
 
 
+def untie_head(model) -> None:
+    """Gives a model with tied embeddings its own frozen lm_head, a copy of the embedding (its config then says
+    tie_word_embeddings=false, so a merged export writes lm_head.weight). PEFT's modules_to_save on a tied base
+    without ensure_weight_tying trains embed_tokens and lm_head apart (or one of them, the other keeping the
+    base's weight): jlora loads such an adapter on the untied model."""
+    import dataclasses
+    import json
+
+    from jlora.models.layers import Linear
+
+    c, emb = model.config, model.model.embed_tokens
+    head = nnx.eval_shape(lambda: Linear(c.hidden_size, c.vocab_size, use_bias=False, dtype=model.dtype,
+                                         param_dtype=emb.weight[...].dtype, init_std=0.0, rngs=nnx.Rngs(0)))
+    head.kernel = nnx.Param(jnp.asarray(emb.weight[...]).T)
+    model.lm_head = head
+    hf = {**c.hf_config, "tie_word_embeddings": False}
+    model.config = dataclasses.replace(c, tie_word_embeddings=False, hf_config_json=json.dumps(hf))
+
+
 def head_is_trainable(model) -> bool:
     """Whether the output head has trained weights (a full copy or token rows): the loss must then
     differentiate the head's weights too (`trainable_head`)."""

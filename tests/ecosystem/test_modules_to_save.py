@@ -154,15 +154,41 @@ def test_bad_input_is_one_line(checkpoint, tmp_path):
         TrainConfig(modules_to_save="embed,lm_head")
     with pytest.raises(ValueError, match="in modules_to_save and trainable_token_indices"):
         jlora.LoraConfig(modules_to_save=["embed_tokens"], trainable_token_indices=[3])
-    # PEFT's default on a tied base (no ensure_weight_tying): the embedding trains apart from the head
+    # a tied copy that differs from the embedding's, with ensure_weight_tying: no model PEFT would build
     path = checkpoint("llama-tied")
-    with pytest.warns(UserWarning, match="ensure_weight_tying"):  # PEFT warns about this setup itself
-        ref = peft.get_peft_model(transformers_model(path), peft.LoraConfig(
-            r=2, target_modules=["q_proj"], modules_to_save=["embed_tokens"], task_type="CAUSAL_LM"))
-    ref.save_pretrained(tmp_path)
-    with pytest.raises(CheckpointError, match="without ensure_weight_tying") as e:
+    model = perturbed(jlora_model(path, modules_to_save=["embed_tokens"]))
+    jlora.save_pretrained(model, tmp_path)
+    from safetensors.numpy import load_file, save_file
+    tensors = load_file(tmp_path / "adapter_model.safetensors")
+    tensors[f"{PREFIX}lm_head.weight"] = tensors[f"{PREFIX}lm_head.weight"] + 1.0
+    save_file(tensors, tmp_path / "adapter_model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match="lm_head.weight differs from model.embed_tokens.weight") as e:
         jlora.load_adapter(jlora.load_hf(path), tmp_path)
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("saved", [["embed_tokens"], pytest.param(["embed_tokens", "lm_head"], marks=pytest.mark.slow)])
+def test_peft_untied_training_on_a_tied_base_loads_untied(saved, checkpoint, tmp_path):
+    """PEFT's default on a tied base (no ensure_weight_tying) trains the embedding apart from the head (which keeps
+    the base's weight, or trains its own copy): jlora loads it on an untied model, and the merged export says so."""
+    path = checkpoint("llama-tied")
+    torch.manual_seed(0)
+    with pytest.warns(UserWarning, match="ensure_weight_tying"):  # PEFT warns about this setup itself
+        ref = peft.get_peft_model(transformers_model(path), peft.LoraConfig(
+            r=2, target_modules=["q_proj"], modules_to_save=saved, init_lora_weights=False, task_type="CAUSAL_LM"))
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            if "modules_to_save" in name:
+                p.add_(0.5 * p.std() * torch.randn_like(p))
+    ref.eval().save_pretrained(tmp_path / "adapter")
+    want, want64 = torch_logits32_and_64(ref, IDS)
+    model = jlora.load_adapter(jlora.load_hf(path), tmp_path / "adapter")
+    assert model.lm_head is not None and not model.config.tie_word_embeddings
+    ours = jit_logits(model, IDS)
+    float32_close(ours, want, want64, what=f"peft (untied on a tied base) -> jlora {saved}")
+    jlora.save_merged(model, tmp_path / "merged")
+    assert json.loads((tmp_path / "merged" / "config.json").read_text())["tie_word_embeddings"] is False
+    float32_close(ours, *torch_logits32_and_64(transformers_model(tmp_path / "merged"), IDS), what="merged, untied")
 
 
 def test_vllm_check_says_to_serve_the_merged_model(checkpoint, tmp_path):

@@ -130,15 +130,15 @@ def test_lora_grads_equal_reference_path(family, checkpoint):
 
 def test_auto_is_reference_within_one_block():
     """auto on CPU: the materialized path while one block covers the row (same memory), blockwise beyond it;
-    splash on TPU; cudnn on a GPU where it can express the call (bf16/fp16, no soft cap), else blockwise."""
+    splash on TPU; cudnn on a GPU where it can express the call (bf16/fp16, no soft cap), else flash."""
     from jlora.attention.backends import resolve
     assert resolve("auto", 256, on="cpu") == "reference" and resolve("auto", 257, on="cpu") == "blockwise"
     assert resolve("auto", 64, BlockSizes(32, 64), on="cpu") == "blockwise"
     assert resolve("reference", 10_000) == "reference" and resolve("blockwise", 8) == "blockwise"
     assert resolve("auto", 8, on="tpu") == "splash" and resolve("auto", 100_000, on="tpu") == "splash"
     assert resolve("auto", 4096, dtype=jnp.bfloat16, head_dim=128, on="gpu") == "cudnn"
-    assert resolve("auto", 4096, dtype=jnp.float32, head_dim=128, on="gpu") == "blockwise"
-    assert resolve("auto", 4096, dtype=jnp.bfloat16, head_dim=128, logit_softcap=50.0, on="gpu") == "blockwise"
+    assert resolve("auto", 4096, dtype=jnp.float32, head_dim=128, on="gpu") == "flash"
+    assert resolve("auto", 4096, dtype=jnp.bfloat16, head_dim=128, logit_softcap=50.0, on="gpu") == "flash"
 
 
 def test_blockwise_bfloat16_against_float64():

@@ -17,7 +17,7 @@ EPS32 = 2.0 ** -23
 gpu = pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a CUDA GPU (Pallas Triton lowering)")
 
 
-def _check(t, window, cap, blocks, dtype, d=8, interpret=None):
+def _check(t, window, cap, blocks, dtype, d=8):
     """Row 0 packs two examples and ends in padding (segment 0); row 1 is one example; 2 kv heads x 3 queries.
     float32: float32 rounding over the head and key reductions; bf16: a few bf16 roundings (2^-8) of the
     float64 attention of the same bf16-rounded inputs."""
@@ -75,5 +75,5 @@ def test_auto_uses_flash_on_gpu_where_cudnn_cannot():
 @gpu
 @pytest.mark.parametrize("window, cap", [(None, None), (100, 30.0)])
 def test_flash_equals_float64_on_gpu(window, cap):
-    """The Triton-lowered kernels, bf16, head_dim 64, T 256 (4 blocks of 64)."""
-    _check(256, window, cap, None, jnp.bfloat16, d=64, interpret=False)
+    """The Triton-lowered kernels (attend picks them on a GPU), bf16, head_dim 64, T 256 (4 blocks of 64)."""
+    _check(256, window, cap, None, jnp.bfloat16, d=64)

@@ -18,6 +18,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from jlora.convert.safetensors_io import CheckpointError
+from jlora.train import layer_layout
 
 
 class Checkpoints:
@@ -43,10 +44,16 @@ class Checkpoints:
                                   f"({_first_line(e)}); the previous checkpoint is kept") from e
 
     def restore(self, step: int, like: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-        """Restores into the structure, dtypes and shardings of `like`."""
+        """Restores into the structure, dtypes and shardings of `like`. A checkpoint saved in the other
+        layer layout (scanned vs loop: jlora/train/layer_layout.py) is restored in its own and mapped."""
         where = self.directory / str(step)
-        _check_matches(where, self._saved_shapes(step), like)
+        saved = self._saved_shapes(step)
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
+        wanted = [jax.tree_util.keystr(k, simple=True, separator=".")
+                  for k, _ in jax.tree_util.tree_flatten_with_path(like)[0]]
+        if saved is not None and layer_layout.is_scanned(saved) != layer_layout.is_scanned(wanted):
+            return self._restore_other_layout(step, where, saved, abstract)
+        _check_matches(where, saved, like)
         try:
             with _orbax_quiet():
                 out = self.manager.restore(step, args=ocp.args.Composite(
@@ -54,6 +61,29 @@ class Checkpoints:
         except Exception as e:  # noqa: BLE001 - orbax's messages run to many lines
             raise CheckpointError(f"{where}: cannot restore the checkpoint ({_first_line(e)})") from e
         return out["state"], out["meta"]
+
+    def _restore_other_layout(self, step: int, where: Path, saved: dict, abstract: dict):
+        """The checkpoint restored in the layout it was saved in, then its layer names mapped to this run's."""
+        L = layer_layout
+        if L.is_scanned(saved):  # this run loops
+            p, groups = L.period_and_groups(saved)
+            as_saved = L.map_name_dicts(abstract, lambda d: L.to_scanned(d, p, groups, L.abstract_stack))
+            back = lambda d: L.to_loop(d, p, groups, L.value_row)  # noqa: E731
+        else:  # this run scans
+            p, groups = L.period_and_groups({jax.tree_util.keystr(k, simple=True, separator="."): tuple(v.shape)
+                                             for k, v in jax.tree_util.tree_flatten_with_path(abstract)[0]})
+            as_saved = L.map_name_dicts(abstract, lambda d: L.to_loop(d, p, groups, L.abstract_row))
+            back = lambda d: L.to_scanned(d, p, groups, L.value_stack)  # noqa: E731
+        _check_matches(where, saved, as_saved)
+        try:
+            with _orbax_quiet():
+                out = self.manager.restore(step, args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(as_saved), meta=ocp.args.JsonRestore()))
+        except Exception as e:  # noqa: BLE001
+            raise CheckpointError(f"{where}: cannot restore the checkpoint ({_first_line(e)})") from e
+        state = L.map_name_dicts(out["state"], back)
+        state = jax.tree.map(lambda x, a: jax.device_put(x, a.sharding), state, abstract)
+        return state, out["meta"]
 
     def _saved_shapes(self, step: int) -> dict[str, tuple] | None:
         """{"params.<path>": shape} of the saved train state, or None when orbax cannot say."""
@@ -142,13 +172,6 @@ def _check_matches(where: Path, saved: dict[str, tuple] | None, like: dict[str, 
     wanted = {jax.tree_util.keystr(k, simple=True, separator="."): tuple(v.shape)
               for k, v in jax.tree_util.tree_flatten_with_path(like)[0]}
     hint = "it was saved with other LoRA settings (r, targets); resume with those or start a new --out"
-    stacked_saved = any(".layers.group." in n for n in saved)
-    stacked_wanted = any(".layers.group." in n for n in wanted)
-    if stacked_saved != stacked_wanted:  # same adapters, other layout (jlora/train/scan_layers.py)
-        raise CheckpointError(
-            f"{where}: the checkpoint was saved with {'scanned' if stacked_saved else 'loop'} layers, this run "
-            f"{'scans' if stacked_wanted else 'loops over'} them: resume with "
-            f"{'--scan-layers' if stacked_saved else '--no-scan-layers'} (the setting the run was saved with)")
     for name in sorted(set(saved) | set(wanted), key=lambda n: (not n.startswith("params"), n)):
         if name not in saved:
             raise CheckpointError(f"{where}: the checkpoint has no {name}, which this run trains: {hint}")

@@ -15,7 +15,7 @@ So a run scans by default, unless it uses something the scanned model refuses or
     False (--no-scan-layers)   the loop
 
 Checkpoints keep the layout's parameter names (`model.layers.group.0...` stacked, `model.layers.3...` per
-layer): a run resumes in the layout it was saved in (jlora/train/checkpoints.py names the setting otherwise).
+layer); a run resumed with the other setting maps them exactly (jlora/train/layer_layout.py).
 """
 from __future__ import annotations
 

@@ -6,7 +6,7 @@
 - auto (unset) scans, and loops with a one-line note where a setting needs the loop; `--scan-layers`
   with such a setting is an error naming both; DoRA, modules_to_save and trainable tokens give the loop's
   gradients on a scanned model (so auto scans with them; slow);
-- a checkpoint of one layout resumed in the other is refused naming the flag;
+- a checkpoint of one layout resumes in the other exactly (adapters and AdamW moments mapped row by row);
 - SIGKILL + `--resume` of a scanned run is bit-equal to the uninterrupted run (slow; the loop's own
   resume test, with dropout, is tests/train/test_resume.py).
 """
@@ -125,23 +125,40 @@ def test_auto_loops_with_a_note_where_a_setting_needs_it():
         decide(TrainConfig(scan_layers=True, lora_dropout=0.1))
 
 
-def test_other_layout_checkpoint_is_refused_naming_the_flag(tmp_path):
-    import jax.numpy as jnp
-    from jlora.convert.safetensors_io import CheckpointError
+def test_checkpoint_resumes_in_the_other_layout_exactly(tmp_path):
+    """A scanned run's train state (adapters + AdamW moments, period 2, 5 layers: 2 groups and a tail)
+    restored into a loop run's structure is the same numbers row by row, and back."""
+    import jax
+    import optax
     from jlora.train.checkpoints import Checkpoints
-    scanned = {"params": {"model.layers.group.0.self_attn.q_proj.lora.a": jnp.zeros((2, 8, 4))}}
-    loop = {"params": {f"model.layers.{i}.self_attn.q_proj.lora.a": jnp.zeros((8, 4)) for i in range(2)}}
+    rng = np.random.RandomState(0)
+    scanned = {"model.layers.group.0.mlp.up_proj.lora.a": rng.randn(2, 8, 4), "model.layers.group.1.mlp.up_proj.lora.a":
+               rng.randn(2, 8, 4), "model.layers.tail.0.mlp.up_proj.lora.a": rng.randn(8, 4),
+               "lm_head.lora.b": rng.randn(4, 6)}
+    scanned = {k: jax.numpy.asarray(v, jax.numpy.float32) for k, v in scanned.items()}
+    tx = optax.adamw(1e-2)
+    opt = tx.update(scanned, tx.init(scanned), scanned)[1]  # non-zero moments
+    loop_name = {0: ("group.0", 0), 1: ("group.1", 0), 2: ("group.0", 1), 3: ("group.1", 1), 4: ("tail.0", None)}
+
+    def row(tree, i):
+        where, g = loop_name[i]
+        x = tree[f"model.layers.{where}.mlp.up_proj.lora.a"]
+        return x if g is None else x[g]
+    loop = {f"model.layers.{i}.mlp.up_proj.lora.a": row(scanned, i) for i in range(5)} | {"lm_head.lora.b": scanned["lm_head.lora.b"]}
+    loop_opt = tx.init(loop)
     ckpt = Checkpoints(tmp_path / "ckpt")
-    ckpt.save(1, scanned, {"step": 1})
-    with pytest.raises(CheckpointError, match=r"saved with scanned layers, this run loops over them: resume with "
-                                              r"--scan-layers"):
-        ckpt.restore(1, loop)
-    ckpt.save(2, loop, {"step": 2})
-    with pytest.raises(CheckpointError, match="saved with loop layers, this run scans them: resume with "
-                                              "--no-scan-layers"):
-        ckpt.restore(2, scanned)
-    restored, _ = ckpt.restore(2, loop)  # its own layout restores
-    assert restored["params"].keys() == loop["params"].keys()
+    ckpt.save(1, {"params": scanned, "opt_state": opt}, {"step": 1})
+    got, meta = ckpt.restore(1, {"params": loop, "opt_state": loop_opt})
+    assert meta["step"] == 1 and got["params"].keys() == loop.keys()
+    mu = got["opt_state"][0].mu
+    for i in range(5):
+        name = f"model.layers.{i}.mlp.up_proj.lora.a"
+        assert np.array_equal(got["params"][name], row(scanned, i)), name
+        assert np.array_equal(mu[name], row(opt[0].mu, i)) and np.abs(mu[name]).max() > 0, name
+    ckpt.save(2, {"params": loop, "opt_state": got["opt_state"]}, {"step": 2})
+    back, _ = ckpt.restore(2, {"params": scanned, "opt_state": opt})
+    for a, b in zip(jax.tree.leaves(back), jax.tree.leaves({"params": scanned, "opt_state": opt})):
+        assert np.array_equal(a, b)
     ckpt.close()
 
 
@@ -168,9 +185,6 @@ def test_sigkill_then_resume_of_a_scanned_run_is_bit_equal(tmp_path, run_until_c
     [(rc, _, err)] = run_until_checkpoint([_command(killed)], [ENV], killed / "checkpoints" / "4")
     assert rc == -signal.SIGKILL, err[-2000:]
     assert not (killed / "adapter").exists()
-    refused = subprocess.run(_command(killed, "--resume", "--no-scan-layers"), env=ENV, capture_output=True,
-                             text=True, timeout=600)
-    assert refused.returncode == 2 and "resume with --scan-layers" in refused.stderr, refused.stderr[-2000:]
     resumed = subprocess.run(_command(killed, "--resume"), env=ENV, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resumed from" in resumed.stdout and "layers: scanned (" in resumed.stdout

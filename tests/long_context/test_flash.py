@@ -77,3 +77,21 @@ def test_auto_uses_flash_on_gpu_where_cudnn_cannot():
 def test_flash_equals_float64_on_gpu(window, cap):
     """The Triton-lowered kernels (attend picks them on a GPU), bf16, head_dim 64, T 256 (4 blocks of 64)."""
     _check(256, window, cap, None, jnp.bfloat16, d=64)
+
+
+@pytest.mark.slow  # the interpret-mode kernels traced through every layer of a model
+def test_packed_logits_equal_transformers(checkpoint, hf_model, close32, logits32_and_64, packed_row):
+    """Mistral (window 8) with backend "flash": each packed example's logits equal transformers' on it alone."""
+    import jlora
+    from jlora.attention import use_attention
+
+    path = checkpoint("mistral")
+    examples, row, seg, pos = packed_row(pad=3)
+    ref = hf_model(path)
+    model = use_attention(jlora.load_hf(path), "flash", block_sizes=BlockSizes(16, 16))
+    packed = np.asarray(jax.jit(lambda r, p, s: model(r, positions=p, segment_ids=s))(row, pos, seg))
+    start = 0
+    for ex in examples:
+        want, want64 = logits32_and_64(ref, ex[None])
+        close32(packed[0, start:start + len(ex)], want[0], want64[0], what=f"flash example at {start}")
+        start += len(ex)

@@ -23,8 +23,11 @@ Blocks: `BlockSizes(q, k)` (jlora.attention.BlockSizes), powers of two >= 16; de
 head_dim 256 in shared memory; not tuned: no GPU was lent to this work).
 
 Where it runs: on a CUDA GPU the Triton lowering; everywhere else Pallas interpret mode (`interpret=True`,
-slow: for tests). Only interpret mode has been exercised (tests/long_context/test_flash.py against the
-float64 reference); the GPU lowering was not, and tests that need it skip without a GPU.
+slow: for tests). What has been exercised (tests/long_context/test_flash.py): interpret mode against the
+float64 reference (values and gradients; packed, window, soft cap, GQA, padded head_dim) and through a
+whole model against transformers; the Pallas -> Triton lowering of all three kernels for CUDA, done on a
+CPU host (`lowering_platforms=("cuda",)`). Compiling that Triton IR and running it needs a GPU, which this
+work did not have: the GPU tests skip without one, and block sizes / warps are untuned.
 """
 from __future__ import annotations
 

@@ -95,3 +95,23 @@ def test_packed_logits_equal_transformers(checkpoint, hf_model, close32, logits3
         want, want64 = logits32_and_64(ref, ex[None])
         close32(packed[0, start:start + len(ex)], want[0], want64[0], what=f"flash example at {start}")
         start += len(ex)
+
+
+def test_kernels_lower_to_triton_for_cuda():
+    """The GPU path (interpret=False) lowers for CUDA on this CPU host: the forward, dkv and dq kernels become
+    Triton calls (Pallas -> Triton IR; compiling that IR to PTX and running it needs a GPU). A padded row that
+    is not a power of two (330 -> 384) and head_dim 96 (padded to 128) included."""
+    from jlora.attention.flash import flash_attention
+
+    b, t, kv, g, d = 2, 330, 2, 2, 96
+    q, k = jax.ShapeDtypeStruct((b, t, kv, g, d), jnp.bfloat16), jax.ShapeDtypeStruct((b, t, kv, d), jnp.bfloat16)
+
+    def step(q, k, v, seg, dout):
+        f = lambda q, k, v: flash_attention(q, k, v, seg, scale=0.1, sliding_window=100, logit_softcap=30.0,
+                                            interpret=False)
+        out, vjp = jax.vjp(f, q, k, v)
+        return out, vjp(dout)
+
+    seg = jax.ShapeDtypeStruct((b, t), jnp.int32)
+    text = jax.jit(step).trace(q, k, k, seg, q).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("__gpu$xla.gpu.triton") == 3

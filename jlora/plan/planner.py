@@ -17,6 +17,12 @@ runs its own rows and heads); for GPUs the estimate traces blockwise attention, 
 flash attention saves (the output and its log-sum-exp). The loss is chunked as jlora train chunks it
 (`loss_chunk_tokens`, None: whole logits).
 
+The step is compiled with the decoder layers scanned (`scan_layers`, as jlora train runs them), so its compile
+time does not grow with depth; the estimate traces the loop model (the same residuals, layer by layer). Under
+scan the roofline counts FLOPs and HBM bytes from the architecture: XLA's cost analysis counts a loop body once.
+The checkpoint's sharded load onto the mesh is planned too (jlora.plan.load): a mesh the loader would refuse is
+refused with its error, and `fits` needs the load to fit as well as the step.
+
 `max_seq_len()` (jlora plan --max-seq-len) finds the largest sequence length that fits: a bisection over
 the estimate (cheap), then compiles from the estimate's answer, bisecting between what fitted and what
 did not until they are one `seq_len_multiple` apart or `max_compiles` are spent.

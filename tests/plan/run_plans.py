@@ -31,7 +31,7 @@ def jobs(out: Path) -> dict[str, list[str]]:
         "kernels": [sys.executable, str(HERE / "kernel_plans.py"), str(two_layers)],
         "8b": plan + ["--model", "llama-3.1-8b", "--r", "16", "--batch-size", "8", "--seq-len", "2048"],
         "8b-nf4": plan + ["--model", "llama-3.1-8b", "--quantize", "nf4", "--r", "16", "--batch-size", "8",
-                          "--seq-len", "2048", "--no-suggest"],
+                          "--seq-len", "2048", "--remat", "full", "--no-suggest"],
     }
 
 

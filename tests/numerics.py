@@ -41,3 +41,15 @@ def transformers_model(path):
     import torch
     import transformers
     return transformers.AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32).eval()
+
+
+def packed_row_matches_examples(model, ref, examples, row, positions, segment_ids, *, what: str = "") -> None:
+    """jlora's logits of one packed row (`model`, jitted) equal the torch reference `ref` run on each example
+    alone (float32_close against its float64 copy): packing leaks nothing between examples."""
+    import jax
+    packed = np.asarray(jax.jit(lambda r, p, s: model(r, positions=p, segment_ids=s))(row, positions, segment_ids))
+    start = 0
+    for ex in examples:
+        want, want64 = torch_logits32_and_64(ref, ex[None])
+        float32_close(packed[0, start:start + len(ex)], want[0], want64[0], what=f"{what} example at {start}")
+        start += len(ex)

@@ -45,11 +45,17 @@ def jlora_adapter_loads_in_peft(path, lora_kwargs: dict, ids, out_dir, *, seed: 
 
 
 def peft_adapter_loads_in_jlora(path, peft_config, ids, out_dir, *, torch_seed: int = 0, forward=None,
-                                what: str = "peft -> jlora"):
+                                perturb: str | None = None, what: str = "peft -> jlora"):
     """PEFT's adapter (`peft_config`, init from `torch_seed`) saved to `out_dir`, loaded by jlora.load_adapter:
-    jlora's logits equal PEFT's."""
+    jlora's logits equal PEFT's. `perturb`: parameters whose name holds it get noise of half their std first
+    (PEFT starts trained copies equal to the base and token deltas at zero, which would prove nothing)."""
     torch.manual_seed(torch_seed)
     ref = peft.get_peft_model(transformers_model(path), peft_config).eval()
+    if perturb:
+        with torch.no_grad():
+            for name, p in ref.named_parameters():
+                if perturb in name:
+                    p.add_(0.5 * p.std() * torch.randn_like(p))
     ref.save_pretrained(out_dir)
     want, want64 = torch_logits32_and_64(ref, ids)
     model = jlora.load_adapter(jlora.load_hf(path), out_dir)

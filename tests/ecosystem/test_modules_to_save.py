@@ -22,7 +22,7 @@ from tests.numerics import (
     torch_logits32_and_64,
     transformers_model,
 )
-from tests.peft_checks import jit_logits
+from tests.peft_checks import jit_logits, peft_adapter_loads_in_jlora
 
 IDS = np.random.RandomState(3).randint(0, 96, (2, 12))
 PREFIX = "base_model.model."
@@ -90,18 +90,10 @@ def _without_copies(adapter_dir, config):
 def test_peft_adapter_loads_in_jlora(family, checkpoint, tmp_path):
     path = checkpoint(family)
     tied = family == "llama-tied"
-    torch.manual_seed(0)
     cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False,
                           modules_to_save=["embed_tokens", "lm_head"], ensure_weight_tying=tied, task_type="CAUSAL_LM")
-    ref = peft.get_peft_model(transformers_model(path), cfg).eval()
-    with torch.no_grad():
-        for name, p in ref.named_parameters():
-            if "modules_to_save" in name:
-                p.add_(0.5 * p.std() * torch.randn_like(p))
-    ref.save_pretrained(tmp_path)
-    want, want64 = torch_logits32_and_64(ref, IDS)
-    model = jlora.load_adapter(jlora.load_hf(path), tmp_path)
-    float32_close(jit_logits(model, IDS), want, want64, what=f"peft -> jlora {family} modules_to_save")
+    peft_adapter_loads_in_jlora(path, cfg, IDS, tmp_path, forward=jit_logits, perturb="modules_to_save",
+                                what=f"peft -> jlora {family} modules_to_save")
 
 
 @pytest.mark.slow

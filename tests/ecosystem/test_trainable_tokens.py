@@ -22,7 +22,7 @@ from jlora.trainable_tokens import TrainableTokens
 from jlora.vllm_rules import check_vllm_adapter
 from tests.ecosystem.test_modules_to_save import perturbed
 from tests.numerics import float32_close, torch_logits32_and_64, transformers_model
-from tests.peft_checks import jit_logits
+from tests.peft_checks import jit_logits, peft_adapter_loads_in_jlora
 
 VOCAB = 96
 NEW = [VOCAB, VOCAB + 1]  # the two added special tokens
@@ -84,19 +84,10 @@ def test_jlora_export_loads_in_peft(tied, indices, resized, tmp_path):
                                           # tied, other rows for the head: PEFT unties them, so does jlora
                                           pytest.param(True, CASES[2][1], marks=pytest.mark.slow)])
 def test_peft_adapter_loads_in_jlora(tied, indices, resized, tmp_path):
-    path = resized(tied)
-    torch.manual_seed(0)
-    ref = peft.get_peft_model(transformers_model(path), peft.LoraConfig(
-        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False,
-        trainable_token_indices=indices, task_type="CAUSAL_LM")).eval()
-    with torch.no_grad():
-        for name, p in ref.named_parameters():
-            if "trainable_tokens_delta" in name:
-                p.add_(0.5 * p.std() * torch.randn_like(p))
-    ref.save_pretrained(tmp_path)
-    want32, want64 = torch_logits32_and_64(ref, IDS)
-    model = jlora.load_adapter(jlora.load_hf(path), tmp_path)
-    float32_close(jit_logits(model, IDS), want32, want64, what=f"peft -> jlora tied={tied} {indices}")
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False,
+                          trainable_token_indices=indices, task_type="CAUSAL_LM")
+    peft_adapter_loads_in_jlora(resized(tied), cfg, IDS, tmp_path, forward=jit_logits, perturb="trainable_tokens_delta",
+                                what=f"peft -> jlora tied={tied} {indices}")
 
 
 def _batch(ids):

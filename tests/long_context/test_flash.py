@@ -12,6 +12,7 @@ from jlora.attention.backends import available_backends, resolve
 from jlora.attention.flash import flash_block
 
 from tests.long_context.attention_float64 import numpy_attention
+from tests.numerics import packed_row_matches_examples
 
 EPS32 = 2.0 ** -23
 gpu = pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a CUDA GPU (Pallas Triton lowering)")
@@ -80,7 +81,7 @@ def test_flash_equals_float64_on_gpu(window, cap):
 
 
 @pytest.mark.slow  # the interpret-mode kernels traced through every layer of a model
-def test_packed_logits_equal_transformers(checkpoint, hf_model, close32, logits32_and_64, packed_row):
+def test_packed_logits_equal_transformers(checkpoint, hf_model, packed_row):
     """Mistral (window 8) with backend "flash": each packed example's logits equal transformers' on it alone."""
     import jlora
     from jlora.attention import use_attention
@@ -89,12 +90,7 @@ def test_packed_logits_equal_transformers(checkpoint, hf_model, close32, logits3
     examples, row, seg, pos = packed_row(pad=3)
     ref = hf_model(path)
     model = use_attention(jlora.load_hf(path), "flash", block_sizes=BlockSizes(16, 16))
-    packed = np.asarray(jax.jit(lambda r, p, s: model(r, positions=p, segment_ids=s))(row, pos, seg))
-    start = 0
-    for ex in examples:
-        want, want64 = logits32_and_64(ref, ex[None])
-        close32(packed[0, start:start + len(ex)], want[0], want64[0], what=f"flash example at {start}")
-        start += len(ex)
+    packed_row_matches_examples(model, ref, examples, row, pos, seg, what="flash")
 
 
 def test_kernels_lower_to_triton_for_cuda():

@@ -10,6 +10,7 @@ import jlora
 from jlora.attention import BlockSizes, attend, use_attention
 
 from tests.long_context.attention_float64 import numpy_attention
+from tests.numerics import packed_row_matches_examples
 
 EPS32 = 2.0 ** -23
 
@@ -51,18 +52,13 @@ def test_splash_blocks_must_be_lane_multiples():
 
 
 @pytest.mark.slow  # ~22 s on the shared 2-core box: the interpret-mode kernel traced per layer
-def test_packed_logits_equal_transformers(checkpoint, hf_model, close32, logits32_and_64, packed_row):
+def test_packed_logits_equal_transformers(checkpoint, hf_model, packed_row):
     """Mistral (window 8) with backend "splash": each packed example's logits equal transformers' on it alone."""
     path = checkpoint("mistral")
     examples, row, seg, pos = packed_row(pad=3)
     ref = hf_model(path)
     model = use_attention(jlora.load_hf(path), "splash")
-    packed = np.asarray(jax.jit(lambda r, p, s: model(r, positions=p, segment_ids=s))(row, pos, seg))
-    start = 0
-    for ex in examples:
-        want, want64 = logits32_and_64(ref, ex[None])
-        close32(packed[0, start:start + len(ex)], want[0], want64[0], what=f"splash example at {start}")
-        start += len(ex)
+    packed_row_matches_examples(model, ref, examples, row, pos, seg, what="splash")
 
 
 @pytest.mark.slow  # ~40 s: interpret-mode kernels traced through the whole model's forward and backward

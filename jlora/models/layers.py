@@ -109,10 +109,7 @@ class Linear(nnx.Module):
 
     def _unfused(self, x: jnp.ndarray, kernel, dense_matmul) -> jnp.ndarray:
         """y = x W + b + lora(x) as separate ops; `dense_matmul(x, W)` is the product for a dense kernel."""
-        if isinstance(kernel, NF4Tensor):
-            y = nf4_matmul(x, kernel)
-        else:
-            y = dense_matmul(x, kernel)
+        y = self._frozen(x, kernel, dense_matmul)
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         if self.lora is not None:

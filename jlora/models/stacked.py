@@ -146,12 +146,16 @@ def _stack(modules: list[nnx.Module]) -> nnx.Module:
     graphdef, templates = _templates(modules[0])
     items = []
     for path, template in templates:
-        rows = [_get(m, path) for m in modules]
-        stacked = jax.tree.map(_stack_leaves, *[v.get_value() for v in rows])
-        for v in rows:
-            _release(v)
-        items.append((path, template.replace(stacked)))
+        items.append((path, template.replace(_stack_rows([_get(m, path) for m in modules]))))
     return nnx.merge(graphdef, nnx.from_flat_state(items))
+
+
+def _stack_rows(rows: list) -> object:
+    """The variables' values stacked on a new axis 0; each row is released once the stack exists."""
+    stacked = jax.tree.map(_stack_leaves, *[v.get_value() for v in rows])
+    for v in rows:
+        _release(v)
+    return stacked
 
 
 def _stack_leaves(*xs):
@@ -316,18 +320,17 @@ class LayerStackBuilder:
 
     def placed(self, path: tuple) -> None:
         """`path` (an attribute path from the model, as hf_names.Entry.path) now holds its loaded value."""
-        key = self._key(path)
-        if key is None or key[0] in self._buffers or key[0] in self._stacked:
-            return  # not stacked, or written by `take`
-        i, rest = path[2], tuple(path[3:])
-        key = (i % self.period, rest)
+        found = self._key(path)
+        if found is None:
+            return  # not stacked
+        key, g = found
+        if key in self._buffers or key in self._stacked:
+            return  # written by `take`
+        j, rest = key
         rows = self._rows.setdefault(key, set())
-        rows.add(i // self.period)
+        rows.add(g)
         if len(rows) == self.groups:
-            variables = [_get(self.layers[key[0] + g * self.period], rest) for g in range(self.groups)]
-            self._stacked[key] = jax.tree.map(_stack_leaves, *[v.get_value() for v in variables])
-            for v in variables:
-                _release(v)
+            self._stacked[key] = _stack_rows([_get(self.layers[j + r * self.period], rest) for r in range(self.groups)])
 
     def finish(self):
         """Installs the ScannedLayers (every stacked variable must have been placed) and returns the model."""

@@ -127,23 +127,16 @@ class ArraySizes:
         split = SplitModel.of(model)
         return cls(split.params(), [(path_name(p), v.get_value()) for p, v in nnx.to_flat_state(split.frozen)])
 
-    @staticmethod
-    def _bytes(x, spec, sizes) -> int:
-        spec = tuple(spec) + (None,) * len(x.shape)
-        shape = [d // math.prod(sizes[a] for a in (ax if isinstance(ax, tuple) else (ax,))) if ax else d
-                 for d, ax in zip(x.shape, spec)]
-        return math.prod(shape) * np.dtype(x.dtype).itemsize
-
     def per_device(self, sizes: dict[str, int]) -> dict[str, int]:
         """{"params", "opt_state" (AdamW mu and nu), "frozen"} bytes on one device of a (data, fsdp, tensor) mesh."""
         key = tuple(sizes[a] for a in ("data", "fsdp", "tensor"))
         if key not in self._cache:
-            mesh = _MeshShape(dict(sizes))
-            params = sum(self._bytes(v, param_spec(k, v.shape, mesh), sizes) for k, v in self.params.items())
+            mesh = MeshShape(dict(sizes))
+            params = sum(spec_bytes(v, param_spec(k, v.shape, mesh), sizes) for k, v in self.params.items())
             frozen = 0
             for name, value in self.frozen:
                 specs = frozen_specs(name, value, mesh)
-                frozen += sum(self._bytes(x, s, sizes) for x, s in zip(jax.tree.leaves(value),
+                frozen += sum(spec_bytes(x, s, sizes) for x, s in zip(jax.tree.leaves(value),
                                                                          jax.tree.leaves(specs, is_leaf=_is_spec)))
             self._cache[key] = {"params": params, "opt_state": 2 * params, "frozen": frozen}
         return self._cache[key]
@@ -166,11 +159,20 @@ class ArraySizes:
         self._cache = {}
 
 
+def spec_bytes(x, spec, sizes: dict) -> int:
+    """Bytes of one device's shard of array `x` (anything with shape and dtype) placed by PartitionSpec `spec`
+    on a mesh of these axis sizes."""
+    spec = tuple(spec) + (None,) * len(x.shape)
+    shape = [d // math.prod(sizes[a] for a in (ax if isinstance(ax, tuple) else (ax,))) if ax else d
+             for d, ax in zip(x.shape, spec)]
+    return math.prod(shape) * np.dtype(x.dtype).itemsize
+
+
 def _is_spec(x) -> bool:
     return isinstance(x, P)
 
 
 @dataclasses.dataclass(frozen=True)
-class _MeshShape:
+class MeshShape:
     """What param_spec and nf4_specs read of a Mesh (its axis sizes), for meshes without devices here."""
     shape: dict

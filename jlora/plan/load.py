@@ -43,6 +43,7 @@ from jlora.convert.hf_names import tensor_map, variable_at
 from jlora.convert.mesh_rules import checked_spec, nf4_specs, nf4_splits
 from jlora.llama import abstract_model
 from jlora.models.stacked import structural_period
+from jlora.plan.arguments import MeshShape, spec_bytes
 from jlora.qlora import nf4_config
 
 
@@ -66,23 +67,6 @@ class LoadPlan:
         return self.host_share_bytes + self.host_inflight_bytes
 
 
-@dataclasses.dataclass(frozen=True)
-class _Mesh:
-    """What checked_spec / nf4_specs read of a Mesh (axis sizes), for a mesh without devices here."""
-    shape: dict
-
-
-def _axes(axis) -> tuple:
-    return () if axis is None else axis if isinstance(axis, tuple) else (axis,)
-
-
-def shard_bytes(shape: tuple, dtype, spec: P, sizes: dict) -> int:
-    """Bytes of one device's shard of an array of `shape` placed by `spec` on a mesh of these axis sizes."""
-    spec = tuple(spec) + (None,) * (len(shape) - len(tuple(spec)))
-    dims = [d // math.prod(sizes[a] for a in _axes(ax)) for d, ax in zip(shape, spec)]
-    return math.prod(dims) * np.dtype(dtype).itemsize
-
-
 @functools.lru_cache(maxsize=8)
 def _base(config, dtype: str):
     return abstract_model(config, dtype=dtype)
@@ -92,7 +76,7 @@ def plan_load(config, sizes: dict, *, dtype: str = "bfloat16", quantize: str | N
               devices_per_host: int | None = None, scan_layers: bool = False) -> LoadPlan:
     """The load of a `config` checkpoint in `dtype` (NF4 projections with quantize="nf4") onto a
     (data, fsdp, tensor) mesh of these sizes; see the module docstring. Raises the loader's MeshError."""
-    mesh = _Mesh(dict(sizes))
+    mesh = MeshShape(dict(sizes))
     n_devices = math.prod(sizes.values())
     per_host = devices_per_host or n_devices
     model = _base(config, dtype)
@@ -109,7 +93,7 @@ def plan_load(config, sizes: dict, *, dtype: str = "bfloat16", quantize: str | N
                                                  double_quant=nf4_cfg.double_quant),
                                jax.ShapeDtypeStruct(hf_shape, var.dtype))
             specs = nf4_specs(q, mesh)
-            held = sum(shard_bytes(x.shape, x.dtype, s, sizes)
+            held = sum(spec_bytes(x, s, sizes)
                        for x, s in zip(jax.tree.leaves(q), jax.tree.leaves(specs, is_leaf=lambda s: isinstance(s, P))))
             n = math.prod(hf_shape)
             if nf4_splits(q, mesh):
@@ -123,7 +107,7 @@ def plan_load(config, sizes: dict, *, dtype: str = "bfloat16", quantize: str | N
                 read = n * item
         else:
             spec = checked_spec(".".join(map(str, entry.path)), var.shape, mesh, tensor=name)
-            held = shard_bytes(var.shape, var.dtype, spec, sizes)
+            held = spec_bytes(var, spec, sizes)
             extra = held if entry.transpose else 0
             read = held
         total += held

@@ -29,11 +29,7 @@ def token_loss_sum(model, batch, *, chunk_tokens: int | None = DEFAULT_CHUNK_TOK
     if chunk_tokens is None or _head_has_dropout(model):
         chunk_tokens = batch["targets"].size  # one chunk: the whole logits
     mask = batch["loss_mask"].astype(jnp.float32)
-    trained = trainable_head(model)  # a trained embedding/head copy or token rows: differentiated explicitly
-    if trained is None:
-        total = chunked_cross_entropy_sum(model.logits_from_hidden, h, batch["targets"], mask,
-                                          chunk_tokens=chunk_tokens)
-    else:
-        total = chunked_cross_entropy_sum(trained[0], h, batch["targets"], mask, chunk_tokens=chunk_tokens,
-                                          head_params=trained[1])
+    # a trained embedding/head copy or token rows: (head, its params), differentiated explicitly
+    head, params = trainable_head(model) or (model.logits_from_hidden, None)
+    total = chunked_cross_entropy_sum(head, h, batch["targets"], mask, chunk_tokens=chunk_tokens, head_params=params)
     return total, jnp.sum(mask)

@@ -1,7 +1,15 @@
 """The preallocated key/value cache of a left-padded batch, and attention over it.
 
-    k, v   [layers, batch, max_len, kv_heads, head_dim]   (2 x layers x kv_heads x head_dim x max_len x bytes
-                                                            per row: nothing else grows with the length)
+    k      [layers, batch, kv_heads, head_dim, max_len]   (2 x layers x kv_heads x head_dim x max_len x bytes
+    v      [layers, batch, kv_heads, max_len, head_dim]    per row: nothing else grows with the length)
+           stacked for a scanned model (its scan reads layer i's slice by a traced index), or tuples of
+           `layers` arrays [batch, ...] for a loop model (`per_layer=True`): the decode attention's dots then
+           read a layer's keys in place, where a slice of the stack is a copy (4 MB a step for the 4-layer
+           benchmark model at batch 8: a quarter of its decode step)
+
+The layout is the decode dots' own: (batch, kv_heads) lead as their batch axes, and keys are stored
+transposed so both dots are plain [rows, d] x [d, max_len] and [rows, max_len] x [max_len, d] products
+(XLA:CPU ran the decode attention 4x faster so than with [max_len, kv_heads, d] slots).
     index  int32 scalar: slots [0, index) are written; the next chunk goes to [index, index + t)
     start  int32 [batch]: row b's first real slot (its left padding fills [0, start_b))
 
@@ -19,7 +27,7 @@ place, see jlora.models.stacked.ScannedLayers): it writes this chunk's k and v a
 attention output with the updated cache. A chunk of t > 1 is a prefill from slot 0 (index must be 0):
 its attention is the model's own backend on the chunk (the left padding is segment 0), so the prompt
 runs as in training. A chunk of t == 1 is a decode step: one masked softmax over all max_len slots
-(scores [batch, kv_heads, group, 1, max_len] in float32). After the model call the caller advances the
+(scores [batch, kv_heads, group, max_len] in float32). After the model call the caller advances the
 index by t (`advanced`): the layers all write the same slots.
 """
 from __future__ import annotations
@@ -39,34 +47,58 @@ class KVCache:
     v: jax.Array
     index: jax.Array
     start: jax.Array
-    layer: jax.Array  # int32 scalar: which layer's slice `attend` reads and writes (traced in a scan)
+    layer: jax.Array  # int32 scalar: which layer's slice `attend` reads and writes (traced in a scan; a
+    #                   Python int when k, v are per-layer tuples)
 
     @classmethod
-    def create(cls, config, batch: int, max_len: int, start, *, dtype=jnp.float32) -> "KVCache":
-        """An empty cache for `config` (a jlora ModelConfig): zeros, index 0, `start` [batch] (left padding)."""
-        shape = (config.num_hidden_layers, batch, max_len, config.num_key_value_heads, config.head_dim)
+    def create(cls, config, batch: int, max_len: int, start, *, dtype=jnp.float32,
+               per_layer: bool = False) -> "KVCache":
+        """An empty cache for `config` (a jlora ModelConfig): zeros, index 0, `start` [batch] (left padding);
+        k, v one stacked array, or a tuple of per-layer arrays when `per_layer` (loop models)."""
+        k_shape = (batch, config.num_key_value_heads, config.head_dim, max_len)
+        v_shape = (batch, config.num_key_value_heads, max_len, config.head_dim)
         start = jnp.asarray(start, jnp.int32)
         if start.shape != (batch,):
             raise ValueError(f"KVCache.create: start must have shape ({batch},), found {start.shape}")
-        zero = jnp.zeros((), jnp.int32)
-        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), zero, start, zero)
+        zero, layers = jnp.zeros((), jnp.int32), config.num_hidden_layers
+        if per_layer:
+            k, v = (tuple(jnp.zeros(shape, dtype) for _ in range(layers)) for shape in (k_shape, v_shape))
+            return cls(k, v, zero, start, 0)
+        return cls(jnp.zeros((layers,) + k_shape, dtype), jnp.zeros((layers,) + v_shape, dtype), zero, start, zero)
+
+    @property
+    def per_layer(self) -> bool:
+        return isinstance(self.k, tuple)
 
     @property
     def max_len(self) -> int:
-        return self.k.shape[2]
+        return self.v[0].shape[2] if self.per_layer else self.v.shape[3]
 
     @property
     def nbytes(self) -> int:
         """Bytes of k and v: 2 x layers x batch x max_len x kv_heads x head_dim x itemsize."""
-        return self.k.nbytes + self.v.nbytes
+        return sum(x.nbytes for x in jax.tree.leaves((self.k, self.v)))
 
     def at_layer(self, layer) -> "KVCache":
-        """This cache addressed at `layer` (a Python int, or a traced int32 inside a scan over layers)."""
+        """This cache addressed at `layer` (a Python int, or a traced int32 inside a scan over layers; per-layer
+        arrays need the int)."""
+        if self.per_layer:
+            if isinstance(layer, jax.core.Tracer):
+                raise ValueError("KVCache.at_layer: a per-layer cache needs a Python int layer (a scanned model "
+                                 "needs the stacked cache: KVCache.create(..., per_layer=False))")
+            return dataclasses.replace(self, layer=int(layer))
         return dataclasses.replace(self, layer=jnp.asarray(layer, jnp.int32))
+
+    def layer_kv(self) -> tuple[jax.Array, jax.Array]:
+        """This layer's keys [batch, kv_heads, head_dim, max_len] and values [batch, kv_heads, max_len, head_dim]."""
+        if self.per_layer:
+            return self.k[self.layer], self.v[self.layer]
+        return (jax.lax.dynamic_index_in_dim(self.k, self.layer, keepdims=False),
+                jax.lax.dynamic_index_in_dim(self.v, self.layer, keepdims=False))
 
     def advanced(self, t: int) -> "KVCache":
         """The cache after every layer wrote a chunk of t tokens."""
-        return dataclasses.replace(self, index=self.index + t, layer=jnp.zeros((), jnp.int32))
+        return dataclasses.replace(self, index=self.index + t, layer=0 if self.per_layer else jnp.zeros((), jnp.int32))
 
     def positions(self, t: int) -> jax.Array:
         """Rotary positions [batch, t] of the next chunk of t tokens (0 at each row's first real slot)."""
@@ -75,9 +107,19 @@ class KVCache:
 
     def write(self, k: jax.Array, v: jax.Array) -> "KVCache":
         """This layer's k, v [batch, t, kv_heads, head_dim] written at slots [index, index + t)."""
-        at = (self.layer, 0, self.index, 0, 0)
-        return dataclasses.replace(self, k=jax.lax.dynamic_update_slice(self.k, k[None].astype(self.k.dtype), at),
-                                   v=jax.lax.dynamic_update_slice(self.v, v[None].astype(self.v.dtype), at))
+        k, v = k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3)  # [b, kv_heads, d, t], [b, kv_heads, t, d]
+        k_at, v_at = (0, 0, 0, self.index), (0, 0, self.index, 0)
+        if self.per_layer:
+            i = self.layer
+
+            def put(arrays, new, at):
+                new = jax.lax.dynamic_update_slice(arrays[i], new.astype(arrays[i].dtype), at)
+                return arrays[:i] + (new,) + arrays[i + 1:]
+            return dataclasses.replace(self, k=put(self.k, k, k_at), v=put(self.v, v, v_at))
+
+        def put_stacked(stack, new, at):
+            return jax.lax.dynamic_update_slice(stack, new[None].astype(stack.dtype), (self.layer,) + at)
+        return dataclasses.replace(self, k=put_stacked(self.k, k, k_at), v=put_stacked(self.v, v, v_at))
 
     def attend(self, q, k, v, segment_ids, *, sliding_window: int | None, scale: float,
                logit_softcap: float | None = None, backend: str = "auto", block_sizes=None):
@@ -98,16 +140,20 @@ class KVCache:
     def attend_cached(self, q, *, sliding_window: int | None, scale: float, logit_softcap: float | None = None):
         """softmax(softcap(q K^T * scale) + mask) V over this layer's cached slots (q [b, t, kv_heads, group, d])."""
         b, t = q.shape[:2]
-        keys = jax.lax.dynamic_index_in_dim(self.k, self.layer, keepdims=False)
-        values = jax.lax.dynamic_index_in_dim(self.v, self.layer, keepdims=False)
+        keys, values = self.layer_kv()
         q_idx = self.index + jnp.arange(t, dtype=jnp.int32)
         mask = visible(q_idx, jnp.arange(self.max_len, dtype=jnp.int32), jnp.ones((b, t), jnp.int32),
-                       self.valid(t), sliding_window)[:, None, None]           # [b, 1, 1, t, max_len]
-        scores = jnp.einsum("btkgd,bskd->bkgts", q, keys.astype(q.dtype), preferred_element_type=jnp.float32)
-        scores = softcap(scores * jnp.float32(scale), logit_softcap)
+                       self.valid(t), sliding_window)[:, None, :, None]        # [b, 1, t, 1, max_len]
+        k_heads, group, d = q.shape[2:]
+        # (t, group) folded into one row axis: with t == 1 a bitcast, and the dots see [b, kv_heads] batches of
+        # [rows, d] x [d, max_len] (a unit axis between the batch and row axes made XLA:CPU's dots 2.4x slower)
+        rows = jnp.swapaxes(q, 1, 2).reshape(b, k_heads, t * group, d)
+        scores = jnp.einsum("bkrd,bkds->bkrs", rows, keys.astype(q.dtype), preferred_element_type=jnp.float32)
+        scores = softcap(scores * jnp.float32(scale), logit_softcap).reshape(b, k_heads, t, group, -1)
         scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
-        return jnp.einsum("bkgts,bskd->btkgd", probs, values.astype(q.dtype))
+        probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype).reshape(b, k_heads, t * group, -1)
+        out = jnp.einsum("bkrs,bksd->bkrd", probs, values.astype(q.dtype))
+        return jnp.swapaxes(out.reshape(b, k_heads, t, group, d), 1, 2)
 
 
 jax.tree_util.register_dataclass(KVCache, data_fields=["k", "v", "index", "start", "layer"], meta_fields=[])

@@ -27,6 +27,7 @@ from flax import nnx
 
 from jlora.generate.cache import KVCache
 from jlora.generate.sampler import SamplingConfig, next_tokens
+from jlora.models.stacked import is_stacked
 
 MIN_BUCKET = 64  # short prompts share one prefill shape (and the chat turns of a conversation)
 CACHE_MULTIPLE = 64
@@ -77,7 +78,7 @@ def _prefill(graphdef, state, ids, start, filler, seed, *, max_len: int, samplin
     """Fills slots [0, P) from the left-padded prompts and picks token 0 (filler rows start done)."""
     model = nnx.merge(graphdef, state)
     b, t = ids.shape
-    cache = KVCache.create(model.config, b, max_len, start, dtype=model.dtype)
+    cache = KVCache.create(model.config, b, max_len, start, dtype=model.dtype, per_layer=not is_stacked(model))
     segments = cache.valid(t)[:, :t]
     h, cache = model.hidden_states(ids, cache.positions(t), segments, cache=cache)
     cache = cache.advanced(t)

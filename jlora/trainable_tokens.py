@@ -20,6 +20,8 @@ through the frozen product and only `x rows^T` reaches the rows' gradient.
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -127,14 +129,35 @@ def untie_head(model) -> None:
     model.config = dataclasses.replace(c, tie_word_embeddings=False, hf_config_json=json.dumps(hf))
 
 
+class Trained(NamedTuple):
+    """One trained embedding/head variable: its PEFT key (without the `base_model.model.` prefix), the
+    variable, the module it trains (EMBED or HEAD) and whether the variable is the torch tensor transposed
+    (lm_head.kernel is [hidden, vocab], PEFT's lm_head.weight [vocab, hidden])."""
+    key: str
+    var: nnx.Variable
+    module: str
+    transposed: bool = False
+
+
+def trained_variables(model) -> list[Trained]:
+    """The model's trained embedding/head variables: full copies (modules_to_save) of embed_tokens.weight and
+    lm_head.kernel, then the token rows (trainable_token_indices) of each. The one table `head_is_trainable`,
+    `peft_tensors` and `load_peft_tensors` read."""
+    emb, head = model.model.embed_tokens, model.lm_head
+    modules = [(EMBED, "model.embed_tokens", emb, "weight")]
+    if head is not None:
+        modules.append((HEAD, "lm_head", head, "kernel"))
+    out = [Trained(f"{path}.weight", getattr(m, w), name, transposed=name == HEAD)
+           for name, path, m, w in modules if isinstance(getattr(m, w), ModulesToSave)]
+    return out + [Trained(f"{path}.{DELTA_KEY}", m.tokens.rows, name)
+                  for name, path, m, _ in modules if getattr(m, "tokens", None) is not None]
+
+
 def head_is_trainable(model) -> bool:
     """Whether the output head has trained weights (a full copy or token rows): the loss must then
-    differentiate the head's weights too (`trainable_head`)."""
-    head = model.lm_head
-    if head is None:
-        emb = model.model.embed_tokens
-        return isinstance(emb.weight, LoRAParam) or getattr(emb, "tokens", None) is not None
-    return isinstance(head.kernel, LoRAParam) or getattr(head, "tokens", None) is not None
+    differentiate the head's weights too (`trainable_head`). A tied head is the embedding."""
+    head = EMBED if model.lm_head is None else HEAD
+    return any(t.module == head for t in trained_variables(model))
 
 
 def trainable_head(model):
@@ -148,22 +171,26 @@ def trainable_head(model):
     return (lambda p, h: nnx.merge(graphdef, p, rest).logits_from_hidden(h)), params
 
 
+_EMBED_COPY, _TIED_HEAD_KEY = "model.embed_tokens.weight", "lm_head.weight"  # a tied copy is saved under both
+
+
+def _tied_copy(model, table: list[Trained]) -> bool:
+    """Whether the model ties its head to a trained full copy of the embedding (saved under both keys)."""
+    return model.lm_head is None and any(t.key == _EMBED_COPY for t in table)
+
+
 def peft_tensors(model, prefix: str) -> dict[str, np.ndarray]:
     """PEFT key -> float32 array (torch orientation) of the trained embedding and head weights.
 
     A tied full copy is written under both keys, as PEFT's ensure_weight_tying save does."""
+    table = trained_variables(model)
+    tied = _tied_copy(model, table)
     out = {}
-    emb, head = model.model.embed_tokens, model.lm_head
-    if isinstance(emb.weight, ModulesToSave):
-        out[f"{prefix}model.embed_tokens.weight"] = np.asarray(emb.weight[...], np.float32)
-        if head is None:
-            out[f"{prefix}lm_head.weight"] = out[f"{prefix}model.embed_tokens.weight"]
-    if head is not None and isinstance(head.kernel, ModulesToSave):
-        out[f"{prefix}lm_head.weight"] = np.asarray(head.kernel[...], np.float32).T
-    if getattr(emb, "tokens", None) is not None:
-        out[f"{prefix}model.embed_tokens.{DELTA_KEY}"] = np.asarray(emb.tokens.rows[...], np.float32)
-    if head is not None and getattr(head, "tokens", None) is not None:
-        out[f"{prefix}lm_head.{DELTA_KEY}"] = np.asarray(head.tokens.rows[...], np.float32)
+    for t in table:
+        value = np.asarray(t.var[...], np.float32)
+        out[f"{prefix}{t.key}"] = value.T if t.transposed else value
+        if tied and t.key == _EMBED_COPY:
+            out[f"{prefix}{_TIED_HEAD_KEY}"] = value
     return out
 
 
@@ -171,32 +198,27 @@ def load_peft_tensors(model, tensors: dict[str, np.ndarray], where: str) -> set[
     """Sets the trained embedding/head weights from PEFT tensors keyed without the `base_model.model.`
     prefix; returns the keys used. A tied model takes one copy: a head copy that differs from the
     embedding's is PEFT's untied training (ensure_weight_tying=false), which jlora cannot represent."""
-    emb, head = model.model.embed_tokens, model.lm_head
-    want = {k[len("X."):]: v for k, v in peft_tensors(model, "X.").items()}
-    tied_head = head is None and "lm_head.weight" in want
-    if tied_head and "lm_head.weight" in tensors and not np.array_equal(
-            tensors["lm_head.weight"], tensors.get("model.embed_tokens.weight")):
-        raise ValueError(f"{where}: lm_head.weight differs from model.embed_tokens.weight, but the base ties them: "
-                         f"PEFT trained them apart (ensure_weight_tying=false); jlora keeps them tied")
-    for key, current in want.items():
+    table = trained_variables(model)
+    want = {t.key: tuple(t.var.shape[::-1] if t.transposed else t.var.shape) for t in table}
+    tied_head = _tied_copy(model, table)
+    if tied_head:
+        want[_TIED_HEAD_KEY] = want[_EMBED_COPY]
+        if _TIED_HEAD_KEY in tensors and not np.array_equal(tensors[_TIED_HEAD_KEY], tensors.get(_EMBED_COPY)):
+            raise ValueError(f"{where}: lm_head.weight differs from model.embed_tokens.weight, but the base ties "
+                             f"them: PEFT trained them apart (ensure_weight_tying=false); jlora keeps them tied")
+    for key, need in want.items():
         if key not in tensors:
-            if key == "lm_head.weight" and tied_head:
+            if key == _TIED_HEAD_KEY and tied_head:
                 continue
             raise ValueError(f"{where}: adapter lacks {key}, which its config trains")
         shape = tuple(np.shape(tensors[key]))
-        if shape != current.shape:
-            raise ValueError(f"{where}: {key} has shape {shape}, the model needs {current.shape}; was it "
+        if shape != need:
+            raise ValueError(f"{where}: {key} has shape {shape}, the model needs {need}; was it "
                              f"trained on another base model (or before resizing the vocabulary)?")
-    values = {k: jnp.asarray(np.asarray(tensors[k], np.float32)) for k in want if k in tensors}
-    if isinstance(emb.weight, ModulesToSave):
-        emb.weight.set_value(values["model.embed_tokens.weight"])
-    if head is not None and isinstance(head.kernel, ModulesToSave):
-        head.kernel.set_value(values["lm_head.weight"].T)
-    if getattr(emb, "tokens", None) is not None:
-        emb.tokens.rows.set_value(values[f"model.embed_tokens.{DELTA_KEY}"])
-    if head is not None and getattr(head, "tokens", None) is not None:
-        head.tokens.rows.set_value(values[f"lm_head.{DELTA_KEY}"])
-    return set(values)
+    for t in table:
+        value = jnp.asarray(np.asarray(tensors[t.key], np.float32))
+        t.var.set_value(value.T if t.transposed else value)
+    return {k for k in want if k in tensors}
 
 
 def merged_rows(model, hf_name: str, value: np.ndarray) -> np.ndarray:

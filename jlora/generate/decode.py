@@ -9,7 +9,7 @@ loop, stopping each row at its first end-of-sequence token.
 
 Static shapes: the prefill compiles once per (batch, P, max_len) and the decode loop once per (batch,
 max_len) and sampling settings, with the batch a power of two (filler rows start done and are dropped),
-P a power of two >= 64 and max_len (the cache length) P + N - 1 rounded up to a multiple of 64, so batch
+P a power of two >= 16 and max_len (the cache length) P + N - 1 rounded up to a multiple of 64, so batch
 sizes, prompt lengths and token budgets reuse a few compilations. The
 sampling settings (jlora.generate.sampler) are static, the seed and the step bound are traced (a new seed
 or streaming token by token reuse the compiled loop); logits are processed in float32.
@@ -29,7 +29,7 @@ from jlora.generate.cache import KVCache
 from jlora.generate.sampler import SamplingConfig, next_tokens
 from jlora.models.stacked import is_stacked
 
-MIN_BUCKET = 64  # short prompts share one prefill shape (and the chat turns of a conversation)
+MIN_BUCKET = 16  # short prompts share one prefill shape; buckets double after it (a padded slot costs a token of prefill)
 CACHE_MULTIPLE = 64
 
 

@@ -25,7 +25,7 @@ from jlora.dora import MAGNITUDE_KEY
 from jlora.llama import LlamaForCausalLM
 from jlora.lora_config import LoraConfig
 from jlora.models.stacked import on_loop_model
-from jlora.module_patterns import PatternError
+from jlora.module_patterns import HEAD_MODULES, PatternError, head_module
 from jlora.peft_model import adapted_modules, get_peft_model, linear_modules
 from jlora.trainable_tokens import load_peft_tensors, peft_tensors, untie_head
 
@@ -69,7 +69,7 @@ def adapter_config(model: LlamaForCausalLM, base_model_name_or_path: str | None 
     if cfg.modules_to_save:
         out["modules_to_save"] = list(cfg.modules_to_save)
         if model.lm_head is None:  # one copy serves both: PEFT ties them when told; a PEFT without that field
-            out["modules_to_save"] = ["embed_tokens", "lm_head"]  # loads two equal copies (both keys are saved)
+            out["modules_to_save"] = list(HEAD_MODULES)  # loads two equal copies (both keys are saved)
             out["ensure_weight_tying"] = True
     if cfg.trainable_token_indices is not None:  # PEFT >= 0.15
         out["trainable_token_indices"] = cfg.trainable_token_indices
@@ -115,7 +115,7 @@ def _read_adapter_config(adapter_dir: Path) -> dict:
         problems.append(f"peft_type={d.get('peft_type')!r} (only LORA is supported)")
     if d.get("bias", "none") != "none":
         problems.append(f"bias={d['bias']!r} (only 'none')")
-    unknown = [m for m in d.get("modules_to_save") or [] if m.rsplit(".", 1)[-1] not in ("embed_tokens", "lm_head")]
+    unknown = [m for m in d.get("modules_to_save") or [] if head_module(m) is None]
     if unknown:
         problems.append(f"modules_to_save={unknown} (jlora trains full copies of embed_tokens and lm_head only)")
     if d.get("layers_to_transform") is not None:

@@ -82,15 +82,12 @@ class LoraConfig:
         return lora_scaling(self.rank_for(module_name), self.alpha_for(module_name), self.use_rslora)
 
 
-TRAINABLE_MODULES = ("embed_tokens", "lm_head")  # what modules_to_save / trainable_token_indices may name
-
-
 def _module_name(name, field: str) -> str:
-    """`embed_tokens`, `model.embed_tokens` (as PEFT writes it) -> embed_tokens; anything else is an error."""
-    leaf = name.rsplit(".", 1)[-1] if isinstance(name, str) else None
-    if leaf not in TRAINABLE_MODULES:
+    """head_module(name), or an error naming the field."""
+    leaf = module_patterns.head_module(name)
+    if leaf is None:
         raise ValueError(f"{field}: {name!r} is not a module jlora can train; expected one of "
-                         f"{list(TRAINABLE_MODULES)}")
+                         f"{list(module_patterns.HEAD_MODULES)}")
     return leaf
 
 

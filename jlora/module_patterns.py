@@ -28,6 +28,18 @@ BUDGET_S = 0.25            # CPU seconds per field, over all module names it is 
 MAX_PATTERN_CHARS = 10_000
 
 
+# The embedding and the output head (transformers' module names): what modules_to_save / trainable_token_indices
+# may name, and the non-linear modules vLLM knows (jlora.vllm_rules). The one spelling of the pair.
+HEAD_MODULES = ("embed_tokens", "lm_head")
+
+
+def head_module(name) -> str | None:
+    """`embed_tokens`, `model.embed_tokens` (as PEFT writes modules_to_save) -> embed_tokens (or lm_head); None
+    for any other name (or a non-string)."""
+    leaf = name.rsplit(".", 1)[-1] if isinstance(name, str) else None
+    return leaf if leaf in HEAD_MODULES else None
+
+
 class PatternError(ValueError):
     """A `target_modules` / `rank_pattern` / `alpha_pattern` entry that is invalid or too costly to match."""
 

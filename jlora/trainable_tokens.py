@@ -28,9 +28,9 @@ from flax import nnx
 
 from jlora.kernels.mixed_dot import linear as mixed_linear
 from jlora.lora_layer import LoRAParam
+from jlora.module_patterns import HEAD_MODULES
 
-EMBED, HEAD = "embed_tokens", "lm_head"
-TRAINABLE_MODULES = (EMBED, HEAD)
+EMBED, HEAD = HEAD_MODULES
 DELTA_KEY = "token_adapter.trainable_tokens_delta"
 
 

@@ -17,10 +17,10 @@ import re
 from pathlib import Path
 
 from jlora.convert.safetensors_io import tensor_shapes
+from jlora.module_patterns import HEAD_MODULES, head_module
 from jlora.models.family import ALL_LINEAR
 
 MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
-HEAD_MODULES = ("embed_tokens", "lm_head")
 KNOWN_MODULES = frozenset(ALL_LINEAR + HEAD_MODULES)  # Llama-style models (and any model_type jlora does not know)
 REJECTED_INITS = {"pissa", "olora", "corda", "loftq"}
 WEIGHT_KEY = re.compile(r"^(?P<module>.+)\.(lora_A\.weight|lora_B\.weight|lora_embedding_A|lora_embedding_B)$")
@@ -41,6 +41,17 @@ def vllm_modules(model_type: str | None = None) -> frozenset[str]:
     embed_tokens and lm_head (None, or a model_type jlora does not know: Llama's names)."""
     family = _families().get(model_type)
     return KNOWN_MODULES if family is None else frozenset(family.target_modules + HEAD_MODULES)
+
+
+def merged_only_fields(config: dict) -> dict:
+    """The adapter config's fields for which vLLM refuses it outright while its merged model serves (the rules
+    below whose advice is "serve the merged model"): {"use_dora": True} for DoRA; else the trained embedding/head
+    fields set ({"modules_to_save": [...], "trainable_token_indices": ...}) when modules_to_save names only
+    embed_tokens/lm_head; else {}."""
+    if config.get("use_dora"):
+        return {"use_dora": True}
+    trained = {k: config[k] for k in ("modules_to_save", "trainable_token_indices") if config.get(k)}
+    return trained if all(head_module(m) for m in config.get("modules_to_save") or []) else {}
 
 
 def vllm_violations(config: dict, tensor_names, max_lora_rank: int = 16,
@@ -66,7 +77,7 @@ def vllm_violations(config: dict, tensor_names, max_lora_rank: int = 16,
     if bad_mts:
         v.append(f"modules_to_save={bad_mts}: vLLM only accepts classifier/score"
                  + ("; serve the merged model instead (jlora train --merge, or jlora.save_merged)"
-                    if set(m.rsplit(".", 1)[-1] for m in bad_mts) <= set(HEAD_MODULES) else ""))
+                    if all(head_module(m) for m in bad_mts) else ""))
     if config.get("trainable_token_indices"):
         v.append("trainable_token_indices: vLLM loads no trained token rows (token_adapter weights), and since "
                  "late 2025 an adapter cannot add tokens (vllm#28382 removed LoRA extra vocabulary); serve the "

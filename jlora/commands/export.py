@@ -97,13 +97,15 @@ def run_gguf(args) -> int:
 
 
 def merged_only_reason(config: dict) -> str | None:
-    """Why vLLM cannot serve this adapter at all (so the only export is the merged model), or None."""
-    if config.get("use_dora"):
+    """Why vLLM cannot serve this adapter at all (so the only export is the merged model), or None: the
+    fields jlora.vllm_rules.merged_only_fields finds, in words."""
+    from jlora.vllm_rules import merged_only_fields
+
+    fields = merged_only_fields(config)
+    if "use_dora" in fields:
         return "a DoRA adapter (use_dora=true, lora_magnitude_vector weights)"
-    trained = {k: config[k] for k in ("modules_to_save", "trainable_token_indices") if config.get(k)}
-    heads = ("embed_tokens", "lm_head")
-    if trained and all(m.rsplit(".", 1)[-1] in heads for m in config.get("modules_to_save") or []):
-        shown = ", ".join(f"{k}={v}" for k, v in trained.items())
+    if fields:
+        shown = ", ".join(f"{k}={v}" for k, v in fields.items())
         return f"an adapter with a trained embedding/head ({shown}; vLLM loads no such weights, nor added tokens)"
     return None
 
@@ -200,7 +202,7 @@ def _out_problem(out: Path, adapter_dir: Path, base_dir: Path | None, overwrite:
 def run(args) -> int:
     from jlora.atomic_files import atomic_directory, write_json
     from jlora.convert.safetensors_io import CheckpointError
-    from jlora.ranks.adapter import CONFIG_FILE, read_adapter
+    from jlora.ranks.adapter import read_adapter
     from jlora.ranks.export import (REPORT_FILE, VLLM_DEFAULT_MAX_LORA_RANK, build_export, export_violations,
                                     write_export)
     from jlora.ranks.verdict import DRIFT_THRESHOLD, recommend_max_lora_rank, verdict, verdict_lines

@@ -14,6 +14,8 @@ from typing import Any
 
 import yaml
 
+from jlora.module_patterns import HEAD_MODULES, head_module
+
 
 # Settings of the embedded-default demo (tiny random base, bundled data) unless the user chose otherwise:
 # a higher learning rate and alpha = 2r so the loss falls to well under half in ~1 minute on a CPU.
@@ -311,15 +313,12 @@ def _show(value) -> str:
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
-_EMBEDDING_MODULES = ("embed_tokens", "lm_head")
-
-
 def modules_to_save_setting(text: str) -> list[str]:
     """'embed_tokens,lm_head' -> ['embed_tokens', 'lm_head'] (LoraConfig.modules_to_save)."""
     names = [t.strip() for t in text.split(",") if t.strip()]
-    bad = [n for n in names if n.rsplit(".", 1)[-1] not in _EMBEDDING_MODULES]
+    bad = [n for n in names if head_module(n) is None]
     if bad or not names:
-        raise ConfigError(f"expected a comma list of {', '.join(_EMBEDDING_MODULES)}; found {bad or text!r}")
+        raise ConfigError(f"expected a comma list of {', '.join(HEAD_MODULES)}; found {bad or text!r}")
     return names
 
 
@@ -346,9 +345,9 @@ def token_indices_setting(text: str) -> list[int] | dict[str, list[int]]:
     out = {}
     for module, ids in pairs.items():
         module = module.strip()
-        if module.rsplit(".", 1)[-1] not in _EMBEDDING_MODULES:
+        if head_module(module) is None:
             raise ConfigError(f"{module!r} is not a module whose rows can train; expected "
-                              f"{', '.join(_EMBEDDING_MODULES)}")
+                              f"{', '.join(HEAD_MODULES)}")
         out[module] = _ids(ids, f" for {module}")
     return out
 

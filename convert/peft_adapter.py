@@ -207,29 +207,29 @@ def load_adapter(model: LlamaForCausalLM, adapter_dir, *, allow_pickle: bool = F
         used = load_peft_tensors(model, tensors, str(adapter_dir))
     except ValueError as e:
         raise CheckpointError(str(e)) from None
+
+    def take(var, key: str, want: tuple, lacks: str, detail: str = "") -> None:
+        """var <- tensors[key] (float32, torch orientation -> jlora's: .T, a no-op on a 1-D magnitude), once the
+        key is there (else `lacks`) with the shape `want`."""
+        if key not in tensors:
+            raise CheckpointError(f"{adapter_dir}: {lacks}")
+        t = tensors[key]
+        if tuple(t.shape) != want:
+            raise CheckpointError(f"{adapter_dir}: {PREFIX}{key} has shape {tuple(t.shape)}, the model needs "
+                                  f"{want}{detail}; was it trained on another base model?")
+        var.set_value(jnp.asarray(np.asarray(t, np.float32).T))
+        used.add(key)
+
     for name, m in adapted_modules(model):
         for part, var, want in (("lora_A", m.lora.a, (m.lora.r, m.in_features)),
                                 ("lora_B", m.lora.b, (m.out_features, m.lora.r))):
             key = f"{name}.{part}.weight"
-            if key not in tensors:
-                raise CheckpointError(f"{adapter_dir}: adapter lacks {PREFIX}{key} that its config targets")
-            t = tensors[key]
-            if tuple(t.shape) != want:
-                raise CheckpointError(f"{adapter_dir}: {PREFIX}{key} has shape {tuple(t.shape)}, the model "
-                                      f"needs {want} (r={m.lora.r}, in={m.in_features}, out={m.out_features}); "
-                                      f"was it trained on another base model?")
-            var.set_value(jnp.asarray(np.asarray(t, np.float32).T))
-            used.add(key)
+            take(var, key, want, f"adapter lacks {PREFIX}{key} that its config targets",
+                 f" (r={m.lora.r}, in={m.in_features}, out={m.out_features})")
         if m.lora.magnitude is not None:
             key = f"{name}.{MAGNITUDE_KEY}"
-            if key not in tensors:
-                raise CheckpointError(f"{adapter_dir}: the config says use_dora=true but the adapter lacks "
-                                      f"{PREFIX}{key} (DoRA's magnitude vector)")
-            if tuple(tensors[key].shape) != (m.out_features,):
-                raise CheckpointError(f"{adapter_dir}: {PREFIX}{key} has shape {tuple(tensors[key].shape)}, the "
-                                      f"model needs ({m.out_features},); was it trained on another base model?")
-            m.lora.magnitude.set_value(jnp.asarray(np.asarray(tensors[key], np.float32)))
-            used.add(key)
+            take(m.lora.magnitude, key, (m.out_features,),
+                 f"the config says use_dora=true but the adapter lacks {PREFIX}{key} (DoRA's magnitude vector)")
     extra = sorted(set(tensors) - used)
     if extra:
         raise CheckpointError(f"{adapter_dir}: tensors this model has no place for: {extra[:10]}"

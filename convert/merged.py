@@ -26,11 +26,11 @@ from typing import Iterable
 import jax.numpy as jnp
 import numpy as np
 
-from jlora import nf4
 from jlora.convert.hf_names import tensor_map, variable_at
 from jlora.atomic_files import atomic_directory, write_json, write_text
 from jlora.convert.safetensors_io import write_atomic
 from jlora.convert.tokenizer_files import MODEL_SIDE_FILES
+from jlora.dora import dense_weight
 from jlora.llama import LlamaForCausalLM
 from jlora.qlora import NF4Weight
 from jlora.trainable_tokens import merged_rows
@@ -53,11 +53,10 @@ def merged_tensors(model: LlamaForCausalLM, dtype=None):
         var = variable_at(model, entry.path)
         linear = variable_at(model, entry.path[:-1]) if entry.path[-1] == "kernel" else None
         if isinstance(var, NF4Weight):
-            q = var.get_value()
-            w = np.asarray(nf4.dequantize(q, jnp.dtype(q.dtype)).astype(jnp.float32))  # [out, in]
+            w = dense_weight(var.get_value())  # float32 kernel [in, out], dequantized as bitsandbytes does
             if linear.lora is not None:
-                w = np.asarray(linear.lora.merge_into(w.T)).T
-            yield name, w.astype(jnp.dtype(dtype or model.dtype))
+                w = linear.lora.merge_into(w)
+            yield name, np.asarray(w).T.astype(jnp.dtype(dtype or model.dtype))
             continue
         value = np.asarray(var[...])
         out_dtype = jnp.dtype(dtype or value.dtype)

@@ -76,15 +76,15 @@ def blockwise_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, segment_
     return out[:, :t]
 
 
-def _k_range(i, bq, bk, nk, window):
-    """Key blocks [lo, hi) that query block i can see."""
+def key_blocks(i, bq, bk, nk, window):
+    """Key blocks [lo, hi) that query block i can see (also jlora.attention.flash's kernels')."""
     hi = jnp.minimum(nk, ((i + 1) * bq - 1) // bk + 1)
     lo = 0 if window is None else jnp.maximum(0, (i * bq - window + 1) // bk)
     return lo, hi
 
 
-def _q_range(j, bq, bk, nq, window):
-    """Query blocks [lo, hi) that see key block j."""
+def query_blocks(j, bq, bk, nq, window):
+    """Query blocks [lo, hi) that see key block j (also jlora.attention.flash's kernels')."""
     lo = (j * bk) // bq
     hi = nq if window is None else jnp.minimum(nq, ((j + 1) * bk + window - 2) // bq + 1)
     return lo, hi
@@ -139,7 +139,7 @@ def _forward(q, k, v, seg, window, scale, bq, bk, cap):
 
         init = (jnp.full((b, kv, g, bq), _MIN, jnp.float32), jnp.zeros((b, kv, g, bq), jnp.float32),
                 jnp.zeros((b, kv, g, bq, d), jnp.float32))
-        lo, hi = _k_range(i, bq, bk, nk, window)
+        lo, hi = key_blocks(i, bq, bk, nk, window)
         m, l, acc = jax.lax.fori_loop(lo, hi, body, init)
         l = jnp.maximum(l, jnp.finfo(jnp.float32).tiny)  # every row sees its own key: l >= 1
         out = (acc / l[..., None]).astype(q.dtype)
@@ -197,7 +197,7 @@ def _flash_bwd(window, scale, bq, bk, cap, res, dout):
             return _if_visible(mask, update, inner)
 
         zeros = jnp.zeros((b, bk, kv, d), jnp.float32)
-        lo, hi = _q_range(j, bq, bk, nq, window)
+        lo, hi = query_blocks(j, bq, bk, nq, window)
         dq, dk_j, dv_j = jax.lax.fori_loop(lo, hi, body, (dq, zeros, zeros))
         dk = jax.lax.dynamic_update_slice_in_dim(dk, dk_j, j * bk, axis=1)
         dv = jax.lax.dynamic_update_slice_in_dim(dv, dv_j, j * bk, axis=1)

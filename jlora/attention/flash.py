@@ -32,15 +32,14 @@ work did not have: the GPU tests skip without one, and block sizes / warps are u
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from jlora.attention.blockwise import BlockSizes
-from jlora.attention.masks import check_inputs
+from jlora.attention.blockwise import BlockSizes, key_blocks, query_blocks
+from jlora.attention.masks import check_inputs, visible
 
 DEFAULT_BLOCK = 64
 _MIN = float(jnp.finfo(jnp.float32).min)
@@ -103,22 +102,8 @@ def _scores(q, k, q_pos, k_pos, seg_q, seg_k, st: _Static):
     if st.cap is not None:
         tanh = jnp.tanh(s / st.cap)
         s = st.cap * tanh
-    mask = (k_pos[None, :] <= q_pos[:, None]) & (seg_q[:, None] == seg_k[None, :])
-    if st.window is not None:
-        mask = mask & (q_pos[:, None] - k_pos[None, :] < st.window)
+    mask = visible(q_pos, k_pos, seg_q, seg_k, st.window)
     return jnp.where(mask, s, _MIN), tanh, mask
-
-
-def _key_blocks(i, nk, st: _Static):
-    """Key blocks [lo, hi) that query block i can see (blocks are square)."""
-    lo = 0 if st.window is None else jnp.maximum(0, lax.div(i * st.block - st.window + 1, st.block))
-    return lo, jnp.minimum(nk, i + 1)
-
-
-def _query_blocks(j, nq, st: _Static):
-    """Query blocks [lo, hi) that see key block j."""
-    hi = nq if st.window is None else jnp.minimum(nq, lax.div((j + 1) * st.block + st.window - 2, st.block) + 1)
-    return j, hi
 
 
 def _forward_kernel(q_ref, k_ref, v_ref, segq_ref, segk_ref, o_ref, lse_ref, *, st: _Static):
@@ -139,7 +124,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, segq_ref, segk_ref, o_ref, lse_ref, *, 
         return acc, m_new, alpha * l + p.sum(axis=-1)
 
     init = (jnp.zeros(q.shape, jnp.float32), jnp.full((bs,), _MIN, jnp.float32), jnp.zeros((bs,), jnp.float32))
-    lo, hi = _key_blocks(i, nk, st)
+    lo, hi = key_blocks(i, st.block, st.block, nk, st.window)
     acc, m, l = lax.fori_loop(lo, hi, body, init)
     l = jnp.maximum(l, jnp.finfo(jnp.float32).tiny)  # every row sees its own key: l >= 1
     o_ref[...] = (acc / l[:, None]).astype(o_ref.dtype)
@@ -190,7 +175,7 @@ def _dkv_kernel(q_ref, do_ref, lse_ref, delta_ref, segq_ref, k_ref, v_ref, segk_
         return dk, dv
 
     zeros = jnp.zeros(k.shape, jnp.float32)
-    lo, hi = _query_blocks(j, nq, st)
+    lo, hi = query_blocks(j, st.block, st.block, nq, st.window)
     dk, dv = lax.fori_loop(lo, hi, body, (zeros, zeros))
     dk_ref[...], dv_ref[...] = dk, dv
 
@@ -211,7 +196,7 @@ def _dq_kernel(q_ref, do_ref, lse_ref, delta_ref, segq_ref, k_ref, v_ref, segk_r
             ds = ds * (1.0 - tanh * tanh)
         return dq + pl.dot((ds * st.scale).astype(k.dtype), k)
 
-    lo, hi = _key_blocks(i, nk, st)
+    lo, hi = key_blocks(i, st.block, st.block, nk, st.window)
     dq_ref[...] = lax.fori_loop(lo, hi, body, jnp.zeros(q.shape, jnp.float32)).astype(dq_ref.dtype)
 
 

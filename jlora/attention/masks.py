@@ -13,11 +13,12 @@ import jax.numpy as jnp
 
 def visible(q_idx: jnp.ndarray, k_idx: jnp.ndarray, q_seg: jnp.ndarray, k_seg: jnp.ndarray,
             sliding_window: int | None) -> jnp.ndarray:
-    """bool [batch, q, k] for query indices [q] and key indices [k], segment ids [batch, q] and [batch, k]."""
+    """bool [batch, q, k] for query indices [q] and key indices [k], segment ids [batch, q] and [batch, k]
+    ([q, k] for segment ids [q] and [k]: one row, as a kernel body sees it)."""
     mask = k_idx[None, :] <= q_idx[:, None]
     if sliding_window is not None:
         mask = mask & (q_idx[:, None] - k_idx[None, :] < sliding_window)
-    return mask[None] & (q_seg[:, :, None] == k_seg[:, None, :])
+    return mask & (q_seg[..., :, None] == k_seg[..., None, :])
 
 
 def attention_mask(segment_ids: jnp.ndarray, sliding_window: int | None) -> jnp.ndarray:

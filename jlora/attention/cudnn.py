@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from jlora.attention.blockwise import blockwise_attention
-from jlora.attention.masks import check_softcap
+from jlora.attention.masks import check_inputs
 
 _CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
 
@@ -72,9 +72,8 @@ def cudnn_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, segment_ids:
 
     `block_sizes` are the blockwise fallback's (module docstring); flash uses its own."""
     b, t, kv, g, d = q.shape
-    if sliding_window is not None and sliding_window < 1:
-        raise ValueError(f"sliding_window must be >= 1 or None, got {sliding_window}")
-    check_softcap(logit_softcap)
+    check_inputs("cudnn_attention", q, k, v, segment_ids, sliding_window=sliding_window,
+                 logit_softcap=logit_softcap)
     name, fallback = _fallback(sliding_window, scale, logit_softcap, block_sizes)
     reason = static_fallback_reason(q.dtype, d, logit_softcap)
     if reason is not None:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from jlora.atomic_files import write_text
 from jlora.train import reporters
+from jlora.train.jsonl_resume import cut_to_step
 
 
 class MetricsLog:
@@ -18,12 +19,9 @@ class MetricsLog:
     def __init__(self, path: Path, *, resume_from_step: int | None = None, report_to: str | None = None,
                  run_config: dict | None = None):
         self.path = Path(path)
-        if resume_from_step is not None and self.path.exists():
-            # Drop what was logged after the checkpoint we resume from: those steps run again.
-            lines = [line for line in self.path.read_text().splitlines() if line.strip()]
-            keep = [line for i, line in enumerate(lines) if _step(line, last=i == len(lines) - 1) <= resume_from_step]
-            write_text(self.path, "".join(line + "\n" for line in keep))
-        elif resume_from_step is None:
+        if resume_from_step is not None:  # those steps run again (a torn last line goes too: jsonl_resume)
+            cut_to_step(self.path, resume_from_step)
+        else:
             write_text(self.path, "")
         resumed = resume_from_step is not None
         self.reporters = reporters.open_reporters(report_to, self.path.parent, resumed=resumed, config=run_config,
@@ -43,16 +41,6 @@ class MetricsLog:
 
     def records(self) -> list[dict]:
         return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
-
-
-def _step(line: str, *, last: bool) -> float:
-    """The step of a metrics line; a last line cut short by a killed run counts as not yet written."""
-    try:
-        return json.loads(line).get("step", 0)
-    except ValueError:
-        if last:
-            return float("inf")
-        raise
 
 
 def plot_losses(records: list[dict], out_png: Path, title: str = "jlora training") -> Path:

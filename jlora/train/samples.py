@@ -24,6 +24,7 @@ from typing import Any, Sequence
 
 from jlora.atomic_files import write_text
 from jlora.data.formats import record_format
+from jlora.train.jsonl_resume import cut_to_step
 
 DEFAULT_COUNT = 3        # default prompts (the first eval records)
 MAX_NEW_TOKENS = 32      # per prompt and sampled step: samples show the trend, they are not the eval
@@ -91,12 +92,9 @@ class Samples:
                  resume_from: int | None = None, max_new_tokens: int = MAX_NEW_TOKENS):
         self.path = Path(out) / FILE
         self.prompts, self.every, self.last_step, self.max_new_tokens = prompts, every, last_step, max_new_tokens
-        self.lines: list[str] = []
-        if resume_from is not None and self.path.exists():
-            self.lines = [line for line in self.path.read_text(encoding="utf-8").splitlines()
-                          if _step(line) is not None and _step(line) <= resume_from]
-            write_text(self.path, "".join(line + "\n" for line in self.lines))
-        self.done = {_step(line) for line in self.lines}
+        kept = [] if resume_from is None else cut_to_step(self.path, resume_from)  # jlora.train.jsonl_resume
+        self.lines: list[str] = [line for _, line in kept]
+        self.done = {step for step, _ in kept}
 
     def due(self, step: int) -> bool:
         """Whether `step` (optimizer steps done: 0 before the first) is sampled and not yet in the file."""
@@ -144,11 +142,3 @@ def _short(value, width: int) -> str:
         value = value[-1].get("content", "") if value else ""
     text = json.dumps(value, ensure_ascii=False)
     return text if len(text) <= width else text[:width - 4] + '..."'
-
-
-def _step(line: str) -> int | None:
-    """The step of a samples line; None for a line that is not JSON (cannot happen with atomic writes)."""
-    try:
-        return int(json.loads(line)["step"])
-    except (ValueError, KeyError, TypeError):
-        return None

@@ -49,11 +49,15 @@ class Checkpoints:
         where = self.directory / str(step)
         saved = self._saved_shapes(step)
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
-        wanted = [jax.tree_util.keystr(k, simple=True, separator=".")
-                  for k, _ in jax.tree_util.tree_flatten_with_path(like)[0]]
+        wanted = _shapes(like)
         if saved is not None and layer_layout.is_scanned(saved) != layer_layout.is_scanned(wanted):
-            return self._restore_other_layout(step, where, saved, abstract)
-        _check_matches(where, saved, like)
+            return self._restore_other_layout(step, where, saved, abstract, wanted)
+        return self._restore_as(step, where, saved, abstract, wanted)
+
+    def _restore_as(self, step: int, where: Path, saved: dict | None, abstract, shapes: dict[str, tuple]):
+        """(state, meta) of `step` restored into `abstract` (whose `_shapes` are `shapes`), once every array's
+        presence and shape match the checkpoint's (`saved`); orbax's errors in one line."""
+        _check_matches(where, saved, shapes)
         try:
             with _orbax_quiet():
                 out = self.manager.restore(step, args=ocp.args.Composite(
@@ -62,7 +66,7 @@ class Checkpoints:
             raise CheckpointError(f"{where}: cannot restore the checkpoint ({_first_line(e)})") from e
         return out["state"], out["meta"]
 
-    def _restore_other_layout(self, step: int, where: Path, saved: dict, abstract: dict):
+    def _restore_other_layout(self, step: int, where: Path, saved: dict, abstract: dict, wanted: dict):
         """The checkpoint restored in the layout it was saved in, then its layer names mapped to this run's."""
         L = layer_layout
         if L.is_scanned(saved):  # this run loops
@@ -70,20 +74,13 @@ class Checkpoints:
             as_saved = L.map_name_dicts(abstract, lambda d: L.to_scanned(d, p, groups, L.abstract_stack))
             back = lambda d: L.to_loop(d, p, groups, L.value_row)  # noqa: E731
         else:  # this run scans
-            p, groups = L.period_and_groups({jax.tree_util.keystr(k, simple=True, separator="."): tuple(v.shape)
-                                             for k, v in jax.tree_util.tree_flatten_with_path(abstract)[0]})
+            p, groups = L.period_and_groups(wanted)
             as_saved = L.map_name_dicts(abstract, lambda d: L.to_loop(d, p, groups, L.abstract_row))
             back = lambda d: L.to_scanned(d, p, groups, L.value_stack)  # noqa: E731
-        _check_matches(where, saved, as_saved)
-        try:
-            with _orbax_quiet():
-                out = self.manager.restore(step, args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(as_saved), meta=ocp.args.JsonRestore()))
-        except Exception as e:  # noqa: BLE001
-            raise CheckpointError(f"{where}: cannot restore the checkpoint ({_first_line(e)})") from e
-        state = L.map_name_dicts(out["state"], back)
+        state, meta = self._restore_as(step, where, saved, as_saved, _shapes(as_saved))
+        state = L.map_name_dicts(state, back)
         state = jax.tree.map(lambda x, a: jax.device_put(x, a.sharding), state, abstract)
-        return state, out["meta"]
+        return state, meta
 
     def _saved_shapes(self, step: int) -> dict[str, tuple] | None:
         """{"params.<path>": shape} of the saved train state, or None when orbax cannot say."""
@@ -93,8 +90,7 @@ class Checkpoints:
             handler.close()
         except Exception:  # noqa: BLE001 - then the restore itself reports what is wrong
             return None
-        return {jax.tree_util.keystr(k, simple=True, separator="."): tuple(v.shape)
-                for k, v in jax.tree_util.tree_flatten_with_path(tree)[0] if hasattr(v, "shape")}
+        return _shapes(tree)
 
     def delete(self, step: int) -> None:
         self.manager.delete(step)
@@ -165,12 +161,17 @@ def _orbax_quiet():
         logger.setLevel(level)
 
 
-def _check_matches(where: Path, saved: dict[str, tuple] | None, like: dict[str, Any]) -> None:
-    """One line naming the first array whose presence or shape differs between checkpoint and run."""
+def _shapes(tree) -> dict[str, tuple]:
+    """{"params.<path>": shape} of every array in a train-state pytree (arrays, abstract ones, orbax metadata)."""
+    return {jax.tree_util.keystr(k, simple=True, separator="."): tuple(v.shape)
+            for k, v in jax.tree_util.tree_flatten_with_path(tree)[0] if hasattr(v, "shape")}
+
+
+def _check_matches(where: Path, saved: dict[str, tuple] | None, wanted: dict[str, tuple]) -> None:
+    """One line naming the first array whose presence or shape differs between checkpoint (`saved`) and run
+    (`wanted`), both `_shapes`."""
     if saved is None:
         return
-    wanted = {jax.tree_util.keystr(k, simple=True, separator="."): tuple(v.shape)
-              for k, v in jax.tree_util.tree_flatten_with_path(like)[0]}
     hint = "it was saved with other LoRA settings (r, targets); resume with those or start a new --out"
     for name in sorted(set(saved) | set(wanted), key=lambda n: (not n.startswith("params"), n)):
         if name not in saved:

@@ -149,7 +149,7 @@ def _lowered_size(layers: int, scan: bool) -> int:
 
 def test_program_size_does_not_grow_with_depth():
     """Property of scanning: the lowered program (forward, remat "full" per layer) of 8 layers is within 1.3x
-    of 2 layers'; the loop's grows with depth. (Compile times for v5e: benchmarks/scan_compile.py.)"""
+    of 2 layers'; the loop's grows with depth. (Compile times for v5e: benchmarks/compile_time.py.)"""
     scan2, scan8 = _lowered_size(2, True), _lowered_size(8, True)
     loop2, loop8 = _lowered_size(2, False), _lowered_size(8, False)
     assert scan8 / scan2 < 1.3, (scan2, scan8)

@@ -172,7 +172,6 @@ def test_bad_input_is_one_line(resized, tmp_path):
 
 def test_export_offers_only_the_merged_model(resized, tmp_path, capsys):
     from jlora.cli import main
-    from tests.numerics import rel_err
 
     path = resized(True)
     model = perturbed(jlora_model(path, NEW), TrainableTokens)
@@ -183,6 +182,5 @@ def test_export_offers_only_the_merged_model(resized, tmp_path, capsys):
     assert "\n" not in err and "trained embedding/head" in err and "--merge" in err and not (tmp_path / "a").exists()
     assert main(["export", str(tmp_path / "adapter"), "--out", str(tmp_path / "b"), "--merge", "--base", str(path),
                  "--dtype", "float32"]) == 0
-    merged = transformers_model(tmp_path / "b" / "merged")
-    with torch.no_grad():
-        assert rel_err(merged(torch.tensor(IDS)).logits.numpy(), jit_logits(model, IDS)) < 1e-5
+    merged, merged64 = torch_logits32_and_64(transformers_model(tmp_path / "b" / "merged"), IDS)
+    float32_close(jit_logits(model, IDS), merged, merged64, what="jlora export --merge with trained token rows")

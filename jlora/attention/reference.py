@@ -22,8 +22,11 @@ def reference_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, segment_
     check_softcap(logit_softcap)
     dtype = q.dtype
     mask = attention_mask(segment_ids, sliding_window)
-    scores = mixed_einsum("btkgd,bskd->bkgts", q, k) * jnp.asarray(scale, dtype)
+    # head-major operands ([b, k, g, t, d], [b, k, s, d]): every dot of the forward and backward then has its
+    # batch axes leading and (g, t) in one order, so XLA moves q, k, v once instead of the [.., T, T] scores
+    q, k, v = q.transpose(0, 2, 3, 1, 4), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+    scores = mixed_einsum("bkgtd,bksd->bkgts", q, k) * jnp.asarray(scale, dtype)
     scores = softcap(scores.astype(jnp.float32), logit_softcap)
     scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
-    return mixed_einsum("bkgts,bskd->btkgd", probs, v)
+    return mixed_einsum("bkgts,bksd->bkgtd", probs, v).transpose(0, 3, 1, 2, 4)

@@ -72,8 +72,12 @@ def blockwise_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, segment_
         q, k, v = (jnp.pad(a, ((0, 0), (0, pad)) + ((0, 0),) * (a.ndim - 2)) for a in (q, k, v))
         seg = jnp.pad(seg, ((0, 0), (0, pad)), constant_values=-1)
     cap = None if logit_softcap is None else float(logit_softcap)
+    # head-major inside ([b, kv, g, t, d] queries, [b, kv, s, d] keys/values): every block dot of the forward and
+    # backward has its batch axes leading and one (g, q) order, so XLA transposes q, k, v once per call instead
+    # of each block's scores
+    q, k, v = q.transpose(0, 2, 3, 1, 4), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
     out = _flash(q, k, v, seg, sliding_window, float(scale), bq, bk, cap)
-    return out[:, :t]
+    return out.transpose(0, 3, 1, 2, 4)[:, :t]
 
 
 def key_blocks(i, bq, bk, nk, window):
@@ -90,8 +94,10 @@ def query_blocks(j, bq, bk, nq, window):
     return lo, hi
 
 
-def _block(a, i, size):
-    return jax.lax.dynamic_slice_in_dim(a, i * size, size, axis=1)
+def _block(a, i, size, axis=1):
+    """Block i of `size` positions along `axis` (1: segment ids [b, t]; 2: keys/values [b, kv, s, d]; 3: queries
+    [b, kv, g, t, d])."""
+    return jax.lax.dynamic_slice_in_dim(a, i * size, size, axis=axis)
 
 
 def _mask(seg_q, seg_k, i, j, bq, bk, window):
@@ -101,7 +107,7 @@ def _mask(seg_q, seg_k, i, j, bq, bk, window):
 
 def _scores(q_i, k_j, mask, scale, cap):
     """Masked float32 scores [b, kv, g, bq, bk] and tanh(s / cap) (None without a cap) for the backward."""
-    s = jnp.einsum("bqkgd,bskd->bkgqs", q_i, k_j, preferred_element_type=jnp.float32) * scale
+    s = jnp.einsum("bkgqd,bksd->bkgqs", q_i, k_j, preferred_element_type=jnp.float32) * scale
     tanh = None
     if cap is not None:
         tanh = jnp.tanh(s / cap)
@@ -116,23 +122,24 @@ def _if_visible(mask, update, carry):
 
 
 def _forward(q, k, v, seg, window, scale, bq, bk, cap):
-    b, t, kv, g, d = q.shape
+    """q [b, kv, g, t, d], k and v [b, kv, t, d] -> out like q, log-sum-exp [b, kv, g, t]."""
+    b, kv, g, t, d = q.shape
     nq, nk = t // bq, t // bk
 
     def q_block(i):
-        q_i, seg_q = _block(q, i, bq), _block(seg, i, bq)
+        q_i, seg_q = _block(q, i, bq, 3), _block(seg, i, bq)
 
         def body(j, carry):
             mask = _mask(seg_q, _block(seg, j, bk), i, j, bq, bk, window)
 
             def update(carry):
                 m, l, acc = carry
-                k_j, v_j = _block(k, j, bk), _block(v, j, bk)
+                k_j, v_j = _block(k, j, bk, 2), _block(v, j, bk, 2)
                 s, _ = _scores(q_i, k_j, mask, scale, cap)
                 m_new = jnp.maximum(m, s.max(-1))
                 alpha = jnp.exp(m - m_new)
                 p = jnp.where(mask, jnp.exp(s - m_new[..., None]), 0.0)
-                pv = jnp.einsum("bkgqs,bskd->bkgqd", p.astype(v.dtype), v_j, preferred_element_type=jnp.float32)
+                pv = jnp.einsum("bkgqs,bksd->bkgqd", p.astype(v.dtype), v_j, preferred_element_type=jnp.float32)
                 return m_new, alpha * l + p.sum(-1), alpha[..., None] * acc + pv
 
             return _if_visible(mask, update, carry)
@@ -143,10 +150,10 @@ def _forward(q, k, v, seg, window, scale, bq, bk, cap):
         m, l, acc = jax.lax.fori_loop(lo, hi, body, init)
         l = jnp.maximum(l, jnp.finfo(jnp.float32).tiny)  # every row sees its own key: l >= 1
         out = (acc / l[..., None]).astype(q.dtype)
-        return jnp.moveaxis(out, 3, 1), m + jnp.log(l)       # [b, bq, kv, g, d], [b, kv, g, bq]
+        return out, m + jnp.log(l)                           # [b, kv, g, bq, d], [b, kv, g, bq]
 
-    out, lse = jax.lax.map(q_block, jnp.arange(nq))          # [nq, b, bq, kv, g, d], [nq, b, kv, g, bq]
-    out = jnp.moveaxis(out, 0, 1).reshape(b, t, kv, g, d)
+    out, lse = jax.lax.map(q_block, jnp.arange(nq))          # [nq, b, kv, g, bq, d], [nq, b, kv, g, bq]
+    out = jnp.moveaxis(out, 0, 3).reshape(b, kv, g, t, d)
     lse = jnp.moveaxis(lse, 0, 3).reshape(b, kv, g, t)
     return out, lse
 
@@ -163,44 +170,44 @@ def _flash_fwd(q, k, v, seg, window, scale, bq, bk, cap):
 
 def _flash_bwd(window, scale, bq, bk, cap, res, dout):
     q, k, v, seg, out, lse = res
-    b, t, kv, g, d = q.shape
+    b, kv, g, t, d = q.shape
     nq, nk = t // bq, t // bk
     dout = dout.astype(q.dtype)
-    delta = jnp.einsum("bqkgd,bqkgd->bkgq", dout.astype(jnp.float32), out.astype(jnp.float32))
+    delta = jnp.einsum("bkgqd,bkgqd->bkgq", dout.astype(jnp.float32), out.astype(jnp.float32))
 
     def k_block(j, carry):
         dq, dk, dv = carry
-        k_j, v_j, seg_k = _block(k, j, bk), _block(v, j, bk), _block(seg, j, bk)
+        k_j, v_j, seg_k = _block(k, j, bk, 2), _block(v, j, bk, 2), _block(seg, j, bk)
 
         def body(i, inner):
             mask = _mask(_block(seg, i, bq), seg_k, i, j, bq, bk, window)
 
             def update(inner):
                 dq, dk_j, dv_j = inner
-                q_i, do_i = _block(q, i, bq), _block(dout, i, bq)
+                q_i, do_i = _block(q, i, bq, 3), _block(dout, i, bq, 3)
                 lse_i = jax.lax.dynamic_slice_in_dim(lse, i * bq, bq, axis=3)
                 delta_i = jax.lax.dynamic_slice_in_dim(delta, i * bq, bq, axis=3)
                 s, tanh = _scores(q_i, k_j, mask, scale, cap)
                 p = jnp.where(mask, jnp.exp(s - lse_i[..., None]), 0.0)
-                dv_j = dv_j + jnp.einsum("bkgqs,bqkgd->bskd", p.astype(q.dtype), do_i,
+                dv_j = dv_j + jnp.einsum("bkgqs,bkgqd->bksd", p.astype(q.dtype), do_i,
                                          preferred_element_type=jnp.float32)
-                dp = jnp.einsum("bqkgd,bskd->bkgqs", do_i, v_j, preferred_element_type=jnp.float32)
+                dp = jnp.einsum("bkgqd,bksd->bkgqs", do_i, v_j, preferred_element_type=jnp.float32)
                 ds = p * (dp - delta_i[..., None])
                 if tanh is not None:
                     ds = ds * (1.0 - tanh * tanh)
                 ds = (ds * scale).astype(q.dtype)
-                dq_i = jnp.einsum("bkgqs,bskd->bqkgd", ds, k_j, preferred_element_type=jnp.float32)
-                dq = jax.lax.dynamic_update_slice_in_dim(dq, _block(dq, i, bq) + dq_i, i * bq, axis=1)
-                dk_j = dk_j + jnp.einsum("bkgqs,bqkgd->bskd", ds, q_i, preferred_element_type=jnp.float32)
+                dq_i = jnp.einsum("bkgqs,bksd->bkgqd", ds, k_j, preferred_element_type=jnp.float32)
+                dq = jax.lax.dynamic_update_slice_in_dim(dq, _block(dq, i, bq, 3) + dq_i, i * bq, axis=3)
+                dk_j = dk_j + jnp.einsum("bkgqs,bkgqd->bksd", ds, q_i, preferred_element_type=jnp.float32)
                 return dq, dk_j, dv_j
 
             return _if_visible(mask, update, inner)
 
-        zeros = jnp.zeros((b, bk, kv, d), jnp.float32)
+        zeros = jnp.zeros((b, kv, bk, d), jnp.float32)
         lo, hi = query_blocks(j, bq, bk, nq, window)
         dq, dk_j, dv_j = jax.lax.fori_loop(lo, hi, body, (dq, zeros, zeros))
-        dk = jax.lax.dynamic_update_slice_in_dim(dk, dk_j, j * bk, axis=1)
-        dv = jax.lax.dynamic_update_slice_in_dim(dv, dv_j, j * bk, axis=1)
+        dk = jax.lax.dynamic_update_slice_in_dim(dk, dk_j, j * bk, axis=2)
+        dv = jax.lax.dynamic_update_slice_in_dim(dv, dv_j, j * bk, axis=2)
         return dq, dk, dv
 
     init = (jnp.zeros(q.shape, jnp.float32), jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))

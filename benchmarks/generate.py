@@ -47,6 +47,8 @@ def main(argv=None) -> int:
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=1, help="torch threads and XLA CPU intra-op threads (0: defaults)")
+    p.add_argument("--scan", action="store_true", help="jlora loads the layers scanned (load_hf(scan_layers=True)): "
+                   "the stacked cache path, as samples during a scanned training run take")
     args = p.parse_args(argv)
     if args.threads:
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false "
@@ -65,9 +67,10 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         build(tmp, args.layers)
         ref = transformers.AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32).eval()
-        model = jlora.load_hf(tmp)
+        model = jlora.load_hf(tmp, scan_layers=args.scan)
     print(f"device: {jax.devices()[0].device_kind} ({platform.processor() or platform.machine()}, "
-          f"{os.cpu_count()} cpus; torch threads {torch.get_num_threads()}); layers {args.layers}, "
+          f"{os.cpu_count()} cpus; torch threads {torch.get_num_threads()}); layers {args.layers}"
+          f"{' (jlora scanned)' if args.scan else ''}, "
           f"prompt {args.prompt}, new {args.new}, float32, greedy")
     print(f"{'batch':>5}  {'side':<12}  {'ttft ms':>8}  {'decode tok/s':>12}  {'compile s':>9}")
     for b in args.batches:

@@ -13,6 +13,11 @@ P a power of two >= 16 and max_len (the cache length) P + N - 1 rounded up to a 
 sizes, prompt lengths and token budgets reuse a few compilations. The
 sampling settings (jlora.generate.sampler) are static, the seed and the step bound are traced (a new seed
 or streaming token by token reuse the compiled loop); logits are processed in float32.
+
+Several processes (a model whose arrays span other hosts' devices, as `jlora train` holds it): every process
+calls generate_tokens with the same prompts and settings, so all run the same jitted calls in the same order
+(SPMD). The host inputs are placed replicated over the params' mesh, and what the host reads (the step, the
+done flags, the tokens) is gathered to every process, so each takes the same loop branches.
 """
 from __future__ import annotations
 
@@ -24,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jlora.generate.cache import KVCache
 from jlora.generate.sampler import SamplingConfig, next_tokens
@@ -134,6 +140,28 @@ def jitted(graphdef) -> tuple[Callable, Callable]:
     return prefill, decode
 
 
+def _replicated(state) -> NamedSharding | None:
+    """Where host inputs go when the params span several processes: replicated over their mesh (None when
+    every param is on this process's devices: jit places host arrays itself)."""
+    for leaf in jax.tree.leaves(state):
+        sharding = getattr(leaf, "sharding", None)
+        if sharding is None or leaf.is_fully_addressable:
+            continue
+        mesh = (sharding.mesh if isinstance(sharding, NamedSharding)
+                else Mesh(np.asarray(sorted(sharding.device_set, key=lambda d: d.id)), ("devices",)))
+        return NamedSharding(mesh, PartitionSpec())
+    return None
+
+
+def _host(x) -> np.ndarray:
+    """x on this host, whole: an array spread over other processes is gathered (a collective: every process
+    reads the same arrays in the same order)."""
+    if getattr(x, "is_fully_addressable", True):
+        return np.asarray(x)
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
 def _check_prompts(prompts, vocab: int) -> list[list[int]]:
     if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence) or not prompts:
         raise ValueError(f"prompts must be a non-empty list of token id lists, found {type(prompts).__name__}")
@@ -196,18 +224,19 @@ def generate_tokens(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: 
     eos = tuple(sorted({int(e) for e in eos_token_ids}))
     graphdef, state = nnx.split(model)
     prefill, decode = jitted(graphdef)
-    seed = jnp.int32(sampling.seed)
+    sharding = _replicated(state)  # several processes: inputs replicated over the params' mesh
+    put = jnp.asarray if sharding is None else (lambda x: jax.device_put(np.asarray(x), sharding))
+    seed = put(np.int32(sampling.seed))
     statics = dict(sampling=dataclasses.replace(sampling, seed=0), eos=eos, pad=int(pad_token_id))
-    carry = prefill(state, jnp.asarray(ids), jnp.asarray(start), jnp.asarray(filler), seed, max_len=max_len,
-                    **statics)
+    carry = prefill(state, put(ids), put(start), put(filler), seed, max_len=max_len, **statics)
     if on_step is not None:
-        on_step(np.asarray(carry.last)[:len(prompts)], np.asarray(carry.done)[:len(prompts)])
-    while int(carry.step) < limit and not bool(jnp.all(carry.done)):
-        stop = limit if on_step is None else int(carry.step) + 1  # streaming: one token per call
-        carry = decode(state, carry, jnp.int32(stop), seed, **statics)
+        on_step(_host(carry.last)[:len(prompts)], _host(carry.done)[:len(prompts)])
+    while int(_host(carry.step)) < limit and not _host(carry.done).all():
+        stop = limit if on_step is None else int(_host(carry.step)) + 1  # streaming: one token per call
+        carry = decode(state, carry, put(np.int32(stop)), seed, **statics)
         if on_step is not None:
-            on_step(np.asarray(carry.last)[:len(prompts)], np.asarray(carry.done)[:len(prompts)])
-    return _outputs(np.asarray(carry.out), int(carry.step), eos, prompts, max_new_tokens)
+            on_step(_host(carry.last)[:len(prompts)], _host(carry.done)[:len(prompts)])
+    return _outputs(_host(carry.out), int(_host(carry.step)), eos, prompts, max_new_tokens)
 
 
 def _outputs(out: np.ndarray, steps: int, eos: tuple, prompts, max_new_tokens: int) -> list[TokenOutput]:

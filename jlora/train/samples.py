@@ -14,6 +14,11 @@ The file is rewritten whole and atomically (jlora.atomic_files.write_text) after
 leaves every step's lines complete or absent. On --resume from step S the lines after S are dropped, and a
 step whose lines are already there is not sampled again: a resumed run's file equals an uninterrupted one's.
 At the end of a run `summary` gives the first and last sampled step's answers side by side (before/after).
+
+Several processes (jax.distributed): every process samples the same prompts at the same steps, running
+jlora.generate together on the params sharded over all of them (jlora.generate.decode: inputs replicated over
+the params' mesh, what the host reads gathered to each process, so all take the same loop branches); the
+answers are then the same on every process and process 0 alone writes the file (as it writes metrics.jsonl).
 """
 from __future__ import annotations
 
@@ -24,7 +29,7 @@ from typing import Any, Sequence
 
 from jlora.atomic_files import write_text
 from jlora.data.formats import record_format
-from jlora.train.jsonl_resume import cut_to_step
+from jlora.train.jsonl_resume import cut_to_step, line_step
 
 DEFAULT_COUNT = 3        # default prompts (the first eval records)
 MAX_NEW_TOKENS = 32      # per prompt and sampled step: samples show the trend, they are not the eval
@@ -77,22 +82,31 @@ def from_records(records: Sequence, count: int = DEFAULT_COUNT) -> list[Prompt]:
 
 
 def for_run(config, out: str | Path, prompts: list[Prompt], *, last_step: int, start: int) -> "Samples | None":
-    """A run's Samples; None without --sample-every, or with several processes (not sampled there yet)."""
-    import jax
-    if not config.sample_every or jax.process_count() > 1:
+    """A run's Samples; None without --sample-every. Every process takes them; process 0 writes the file."""
+    from jlora.train import hosts
+    if not config.sample_every:
         return None
-    return Samples(out, prompts, every=config.sample_every, last_step=last_step,
-                   resume_from=start if config.resume else None)
+    resume_from = start if config.resume else None
+
+    def make():
+        return Samples(out, prompts, every=config.sample_every, last_step=last_step, resume_from=resume_from,
+                       write=hosts.is_main())
+    if resume_from is None:
+        return make()
+    sampler = make() if hosts.is_main() else None  # process 0 cuts the file back to the resumed step,
+    hosts.barrier("jlora: samples.jsonl cut to the resumed step")  # then the others read the same steps
+    return sampler or make()
 
 
 class Samples:
     """The samples of one run: which steps are due, taking them, the file, the before/after summary."""
 
     def __init__(self, out: str | Path, prompts: list[Prompt], *, every: int, last_step: int,
-                 resume_from: int | None = None, max_new_tokens: int = MAX_NEW_TOKENS):
+                 resume_from: int | None = None, max_new_tokens: int = MAX_NEW_TOKENS, write: bool = True):
         self.path = Path(out) / FILE
         self.prompts, self.every, self.last_step, self.max_new_tokens = prompts, every, last_step, max_new_tokens
-        kept = [] if resume_from is None else cut_to_step(self.path, resume_from)  # jlora.train.jsonl_resume
+        self.write = write  # False on processes other than 0: they sample along (SPMD) but write nothing
+        kept = [] if resume_from is None else _kept(self.path, resume_from, cut=write)
         self.lines: list[str] = [line for _, line in kept]
         self.done = {step for step, _ in kept}
 
@@ -116,7 +130,8 @@ class Samples:
         self.lines += [json.dumps({"step": step, "prompt": p.value, "answer": answers[i]}, ensure_ascii=False)
                        for i, p in enumerate(self.prompts)]
         self.done.add(step)
-        write_text(self.path, "".join(line + "\n" for line in self.lines))
+        if self.write:
+            write_text(self.path, "".join(line + "\n" for line in self.lines))
 
     def records(self) -> list[dict]:
         return [json.loads(line) for line in self.lines]
@@ -134,6 +149,15 @@ class Samples:
                       f"    before: {_short(before['answer'], width)}",
                       f"    after:  {_short(after['answer'], width)}"]
         return lines
+
+
+def _kept(path: Path, step: int, *, cut: bool) -> list[tuple[int, str]]:
+    """(step, line) of the lines through `step`: the file cut back to them (jlora.train.jsonl_resume), or, by
+    a process that does not write (cut: False), read as process 0 left it after cutting."""
+    if cut:
+        return cut_to_step(path, step)
+    lines = path.read_text(encoding="utf-8").splitlines() if path.exists() else []
+    return [(line_step(line), line) for line in lines if line.strip()]
 
 
 def _short(value, width: int) -> str:

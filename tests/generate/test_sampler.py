@@ -8,7 +8,7 @@ from scipy import stats
 from transformers.generation.logits_process import (RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper,
                                                     TopKLogitsWarper, TopPLogitsWarper)
 
-from jlora.generate.sampler import SamplingConfig, filter_logits, next_tokens, penalize
+from jlora.generate.sampler import SamplingConfig, filter_logits, first_max_index, next_tokens, penalize
 
 
 def _logits(b=4, v=50, seed=0):
@@ -91,3 +91,19 @@ def test_sample_frequencies_match_float64_distribution(temperature, top_p):
 def test_bad_settings_name_themselves(kw, match):
     with pytest.raises(ValueError, match=match):
         SamplingConfig(**kw)
+
+
+def test_greedy_pick_is_numpy_argmax_first_on_ties():
+    """first_max_index (greedy's pick) equals np.argmax, which returns the first of tied maxima; a NaN row still
+    gives an index inside the vocabulary."""
+    rng = np.random.RandomState(0)
+    logits = rng.randn(6, 300).astype(np.float32)
+    logits[1, [7, 150, 299]] = 9.0                    # three-way tie: the first wins
+    logits[2] = 0.0                                   # all equal: index 0
+    logits[3, -1] = 5.0                               # the max at the last index
+    logits[4, :] = np.round(logits[4, :])             # many ties at the top value
+    picked = np.asarray(jax.jit(first_max_index)(jnp.asarray(logits)))
+    np.testing.assert_array_equal(picked, np.argmax(logits, axis=-1))
+    logits[5, 10] = np.nan
+    picked = np.asarray(first_max_index(jnp.asarray(logits)))
+    assert 0 <= picked[5] < 300

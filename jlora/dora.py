@@ -12,11 +12,20 @@ A DoRA projection has a trainable magnitude m [out] beside A and B (torch orient
 W is the frozen weight in float32: a dense kernel cast up, an NF4 one dequantized to the dtype it was
 quantized from and then cast up (PEFT's `dequantize_module_weight` + `.to(x.dtype)`, x in the adapters'
 float32). PEFT saves m as `<module>.lora_magnitude_vector` ([out], float32).
+
+At inference c = m / n is fixed: `inference_view(model)` computes it once per adapter (one jitted program over
+every DoRA projection) and hangs it on the adapter as an `InferenceScale` (data, not a parameter), so a jitted
+prefill / decode step reads c instead of recomputing s A B, W (dequantized), the sum and its norm every call;
+jlora.generate prepares every model this way. Training never sees a view: its c is recomputed, as the gradients
+of A, B and m need.
 """
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
 from jlora.nf4.dequantize import dequantize
 from jlora.nf4.tensor import NF4Tensor
@@ -41,6 +50,48 @@ def weight_norm(kernel, delta: jax.Array) -> jax.Array:
     """n = ||W + delta|| per output feature [out], float32, with no gradient to anything (PEFT detaches
     both the LoRA weight inside it and the norm itself). delta: s * A @ B [in, out], float32."""
     return jax.lax.stop_gradient(column_norm(dense_weight(kernel) + jax.lax.stop_gradient(delta)))
+
+
+def scale(kernel, a: jax.Array, b: jax.Array, magnitude: jax.Array, scaling: float) -> jax.Array:
+    """c = m / ||W + s A B|| [out], float32, the norm detached (A [in, r], B [r, out]; kernel as dense_weight)."""
+    delta = scaling * (a.astype(jnp.float32) @ b.astype(jnp.float32))
+    return magnitude.astype(jnp.float32) / weight_norm(kernel, delta)
+
+
+class InferenceScale(nnx.Variable):
+    """c = m / ||W + s A B|| [out] of one DoRA adapter, computed once by `inference_view`: carried through a
+    jitted program as data (a new adapter of the same shapes reuses its compilation), never trained."""
+
+
+def _dora_projections(model) -> list:
+    return [m for _, m in nnx.iter_modules(model) if getattr(getattr(m, "lora", None), "magnitude", None) is not None]
+
+
+@functools.partial(jax.jit, static_argnames="scalings")
+def _scales(operands, scalings):
+    out = []
+    for (kernel, a, b, m), s in zip(operands, scalings):
+        fn = functools.partial(scale, scaling=s)
+        for _ in range(m.ndim - 1):  # scanned layers (jlora.models.stacked): every array has a leading layer axis
+            fn = jax.vmap(fn)
+        out.append(fn(kernel, a, b, m))
+    return out
+
+
+def inference_view(model):
+    """`model` itself when it has no DoRA adapter; else a view of it for inference: a new module graph over the
+    same arrays (`model` is unchanged) in which every DoRA adapter carries c = m / ||W + s A B|| as an
+    InferenceScale, computed here once. The view is for forward passes of the weights as they are now: a
+    change to A, B or m after it is made is not seen by its c."""
+    if not _dora_projections(model):
+        return model
+    view = nnx.merge(*nnx.split(model))
+    found = _dora_projections(view)
+    scales = _scales([(m.kernel.get_value(), m.lora.a[...], m.lora.b[...], m.lora.magnitude[...]) for m in found],
+                     scalings=tuple(m.lora.scaling for m in found))
+    for m, c in zip(found, scales):
+        m.lora.inference_scale = InferenceScale(c)
+    return view
 
 
 def merge(kernel_f32: jax.Array, delta: jax.Array, magnitude: jax.Array) -> jax.Array:

@@ -10,7 +10,8 @@ Init as PEFT: True -> A ~ U(-1/sqrt(in), 1/sqrt(in)) (kaiming-uniform, a=sqrt(5)
 
 DoRA (`init_magnitude`, jlora/dora.py): a third LoRAParam, the magnitude m [out] = ||W + scaling B A||
 per output feature at init; the projection (jlora.models.layers.Linear) then rescales its output by
-m / ||W + scaling B A|| (the norm detached), as PEFT's `use_dora=True`.
+m / ||W + scaling B A|| (the norm detached), as PEFT's `use_dora=True`; in an inference view
+(`dora.inference_view`, what generation runs) that scale is precomputed data (`inference_scale`).
 """
 from __future__ import annotations
 
@@ -62,6 +63,7 @@ class LoRA(nnx.Module):
         self.scaling = float(scaling)
         self.dropout = nnx.data(nnx.Dropout(dropout, deterministic=True, rngs=rngs) if dropout > 0 else None)
         self.magnitude: LoRAParam | None = nnx.data(None)  # DoRA's m [out] (init_magnitude), float32
+        self.inference_scale: dora.InferenceScale | None = nnx.data(None)  # m / ||W + sBA||, inference views only
 
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
         """scaling * (dropout(x) @ A) @ B [..., out], computed and returned in the adapters' dtype.
@@ -102,8 +104,11 @@ class LoRA(nnx.Module):
         self.magnitude = LoRAParam(m)
 
     def dora_scale(self, kernel) -> jnp.ndarray:
-        """m / ||W + scaling B A|| [out], float32, the norm detached (DoRA only)."""
-        return self.magnitude[...].astype(jnp.float32) / dora.weight_norm(kernel, self.delta_kernel())
+        """m / ||W + scaling B A|| [out], float32, the norm detached (DoRA only); in an inference view, the
+        value it was given (`dora.inference_view`) without recomputing anything."""
+        if self.inference_scale is not None:
+            return self.inference_scale[...]
+        return dora.scale(kernel, self.a[...], self.b[...], self.magnitude[...], self.scaling)
 
     def merge_into(self, kernel_f32: jnp.ndarray) -> jnp.ndarray:
         """The merged Flax kernel [in, out] in float32: W + scaling A B, or with DoRA PEFT's

@@ -91,21 +91,30 @@ class Linear(nnx.Module):
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
         x = x.astype(self.dtype)
         kernel = self.kernel.get_value()
-        impl = self.kernel_impl
+        path = self._path(kernel)
         if getattr(self.lora, "magnitude", None) is not None:  # DoRA (a MultiLoRA has no magnitude)
-            return self._dora(x, kernel)
-        if impl is None:
-            return self._plain(x, kernel)
-        nf4_default = impl == DEFAULT_KERNELS and isinstance(kernel, NF4Tensor)
-        if self.lora is not None and not _dropout_active(self.lora) and not nf4_default:
+            return self._dora(x, kernel, path)
+        if path == "fused":
             return self._fused(x, kernel)
-        if self.lora is not None and _dropout_active(self.lora):
-            _warn_dropout_skips_kernels(impl, self.lora.dropout.rate)
-        return self._unfused(x, kernel, mixed_linear)
+        return self._unfused(x, kernel, self._dense_matmul(path))
 
-    def _plain(self, x: jnp.ndarray, kernel) -> jnp.ndarray:
-        """The reference: plain jnp ops and ordinary autodiff (dW included when asked for)."""
-        return self._unfused(x, kernel, lambda x, w: x @ w.astype(self.dtype))
+    def _path(self, kernel) -> str:
+        """How this call runs (warning once when LoRA dropout keeps it off the fused kernels):
+        "plain" (kernel_impl None: the jnp reference), "fused" (one jlora.kernels op: adapted, no active dropout,
+        not an NF4 kernel on DEFAULT_KERNELS) or "split" (the frozen product and the adapter as separate ops)."""
+        impl = self.kernel_impl
+        if impl is None:
+            return "plain"
+        if self.lora is None:
+            return "split"
+        if _dropout_active(self.lora):
+            _warn_dropout_skips_kernels(impl, self.lora.dropout.rate)
+            return "split"
+        return "split" if impl == DEFAULT_KERNELS and isinstance(kernel, NF4Tensor) else "fused"
+
+    def _dense_matmul(self, path: str):
+        """x W for a dense kernel: plain jnp on the reference path, else jlora.kernels.mixed_dot.linear."""
+        return (lambda x, w: x @ w.astype(x.dtype)) if path == "plain" else mixed_linear
 
     def _unfused(self, x: jnp.ndarray, kernel, dense_matmul) -> jnp.ndarray:
         """y = x W + b + lora(x) as separate ops; `dense_matmul(x, W)` is the product for a dense kernel."""
@@ -120,8 +129,9 @@ class Linear(nnx.Module):
         """x W (no bias, no adapter) in x's dtype."""
         return nf4_matmul(x, kernel) if isinstance(kernel, NF4Tensor) else dense_matmul(x, kernel)
 
-    def _dora(self, x: jnp.ndarray, kernel) -> jnp.ndarray:
-        """DoRA as PEFT computes it (jlora/dora.py), with c = m / ||W + s A B|| [out] (the norm detached):
+    def _dora(self, x: jnp.ndarray, kernel, path: str) -> jnp.ndarray:
+        """DoRA as PEFT computes it (jlora/dora.py), with c = m / ||W + s A B|| [out] (the norm detached;
+        precomputed data in an inference view, `jlora.dora.inference_view`), on the `path` plain LoRA takes:
 
             no active dropout:  y = c * (x W + s x A B) + b      x W + s x A B from the path plain LoRA takes
                                                                  (the fused kernels included), rescaled
@@ -129,19 +139,17 @@ class Linear(nnx.Module):
 
         The rescale and the sum run in float32 and are rounded to the compute dtype once.
         """
-        lora, impl, f32 = self.lora, self.kernel_impl, jnp.float32
+        lora, f32 = self.lora, jnp.float32
         c = lora.dora_scale(kernel)
-        dense = (lambda x, w: x @ w.astype(x.dtype)) if impl is None else mixed_linear
+        dense = self._dense_matmul(path)
         if _dropout_active(lora):
-            if impl is not None:
-                _warn_dropout_skips_kernels(impl, lora.dropout.rate)
             xd = lora.drop(x)  # float32, as PEFT's dropout(x.to(lora_A.dtype))
             dropped = self._frozen(xd, kernel, lambda x, w: x @ w.astype(x.dtype))
             y = self._frozen(x, kernel, dense).astype(f32) + (c - 1) * dropped + c * lora.low_rank(xd)
-        elif impl is None or (impl == DEFAULT_KERNELS and isinstance(kernel, NF4Tensor)):
-            y = c * (self._frozen(x, kernel, dense).astype(f32) + lora(x))
-        else:
+        elif path == "fused":
             y = c * self._fused(x, kernel, with_bias=False).astype(f32)
+        else:
+            y = c * (self._frozen(x, kernel, dense).astype(f32) + lora(x))
         if self.bias is not None:
             y = y + self.bias[...].astype(f32)
         return y.astype(self.dtype)

@@ -3,9 +3,10 @@
     python benchmarks/generate.py                        # batch 1 and 8, prompt 32, 64 new tokens (greedy)
     python benchmarks/generate.py --batches 8 --new 128 --layers 8
 
-A random Llama (hidden 256, 4 layers, 4 / 2 heads of 64, vocab 8192, float32) is built with transformers and
-saved; both sides load that directory. Per batch size, each side runs `max_new_tokens=1` (time to first
-token: the prefill and one pick) and `max_new_tokens=N` with no eos (every row makes N tokens), alternately,
+A random Llama (hidden 256, 4 layers, 4 / 2 heads of 64, vocab 8192, saved float32) is built with transformers
+and saved; both sides load that directory in --dtype (float32 by default). Per batch size, each side runs
+`max_new_tokens=1` (time to first token: the prefill and one pick) and `max_new_tokens=N` with no eos (every
+row makes N tokens), alternately,
 `--repeats` times; medians are printed. decode tokens/s = batch x (N - 1) / (time(N) - time(1)). jlora's
 compilation is excluded (its first call, timed apart and printed). Printed ratios are jlora / transformers
 from the same run, so load from other processes hits both sides alike.
@@ -47,6 +48,8 @@ def main(argv=None) -> int:
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=1, help="torch threads and XLA CPU intra-op threads (0: defaults)")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                   help="both sides load the checkpoint in this dtype")
     p.add_argument("--scan", action="store_true", help="jlora loads the layers scanned (load_hf(scan_layers=True)): "
                    "the stacked cache path, as samples during a scanned training run take")
     args = p.parse_args(argv)
@@ -66,12 +69,12 @@ def main(argv=None) -> int:
 
     with tempfile.TemporaryDirectory() as tmp:
         build(tmp, args.layers)
-        ref = transformers.AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32).eval()
-        model = jlora.load_hf(tmp, scan_layers=args.scan)
+        ref = transformers.AutoModelForCausalLM.from_pretrained(tmp, dtype=getattr(torch, args.dtype)).eval()
+        model = jlora.load_hf(tmp, args.dtype, scan_layers=args.scan)
     print(f"device: {jax.devices()[0].device_kind} ({platform.processor() or platform.machine()}, "
           f"{os.cpu_count()} cpus; torch threads {torch.get_num_threads()}); layers {args.layers}"
           f"{' (jlora scanned)' if args.scan else ''}, "
-          f"prompt {args.prompt}, new {args.new}, float32, greedy")
+          f"prompt {args.prompt}, new {args.new}, {args.dtype}, greedy")
     print(f"{'batch':>5}  {'side':<12}  {'ttft ms':>8}  {'decode tok/s':>12}  {'compile s':>9}")
     for b in args.batches:
         ids = np.random.RandomState(b).randint(3, 8192, (b, args.prompt))

@@ -2,6 +2,7 @@
 
     python benchmarks/generate.py                        # batch 1 and 8, prompt 32, 64 new tokens (greedy)
     python benchmarks/generate.py --batches 8 --new 128 --layers 8
+    python benchmarks/generate.py --shape 135m --threads 0         # SmolLM2-135M's shape (30 layers, vocab 49k)
 
 A random Llama (hidden 256, 4 layers, 4 / 2 heads of 64, vocab 8192, saved float32) is built with transformers
 and saved; both sides load that directory in --dtype (float32 by default). Per batch size, each side runs
@@ -30,14 +31,25 @@ if sys.path and os.path.abspath(sys.path[0] or ".") == os.path.dirname(os.path.a
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 
-def build(path, layers: int):
+SHAPES = {  # LlamaConfig fields; "135m": SmolLM2-135M's shape (benchmarks/train_step.py's 135m config)
+    "tiny": dict(vocab_size=8192, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
+                 num_attention_heads=4, num_key_value_heads=2, head_dim=64),
+    "135m": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                 num_attention_heads=9, num_key_value_heads=3, head_dim=64, tie_word_embeddings=True),
+}
+
+
+def build(path, layers: int | None = None, shape: str = "tiny"):
+    """A random Llama of `shape` (layers: override its depth) saved by transformers at `path`; its vocab size."""
     import torch
     import transformers
-    config = transformers.LlamaConfig(vocab_size=8192, hidden_size=256, intermediate_size=688,
-                                      num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                                      head_dim=64, max_position_embeddings=2048)
+    fields = dict(SHAPES[shape], max_position_embeddings=2048)
+    if layers:
+        fields["num_hidden_layers"] = layers
+    config = transformers.LlamaConfig(**fields)
     torch.manual_seed(0)
     transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(path)
+    return config.vocab_size
 
 
 def main(argv=None) -> int:
@@ -45,7 +57,8 @@ def main(argv=None) -> int:
     p.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     p.add_argument("--prompt", type=int, default=32)
     p.add_argument("--new", type=int, default=64)
-    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--shape", default="tiny", choices=sorted(SHAPES), help="the model's shape (see SHAPES)")
+    p.add_argument("--layers", type=int, default=None, help="override the shape's depth")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=1, help="torch threads and XLA CPU intra-op threads (0: defaults)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
@@ -68,16 +81,17 @@ def main(argv=None) -> int:
     from jlora.generate.decode import generate_tokens
 
     with tempfile.TemporaryDirectory() as tmp:
-        build(tmp, args.layers)
+        vocab = build(tmp, args.layers, args.shape)
         ref = transformers.AutoModelForCausalLM.from_pretrained(tmp, dtype=getattr(torch, args.dtype)).eval()
         model = jlora.load_hf(tmp, args.dtype, scan_layers=args.scan)
     print(f"device: {jax.devices()[0].device_kind} ({platform.processor() or platform.machine()}, "
-          f"{os.cpu_count()} cpus; torch threads {torch.get_num_threads()}); layers {args.layers}"
+          f"{os.cpu_count()} cpus; torch threads {torch.get_num_threads()}); shape {args.shape}, layers "
+          f"{args.layers or SHAPES[args.shape]['num_hidden_layers']}"
           f"{' (jlora scanned)' if args.scan else ''}, "
           f"prompt {args.prompt}, new {args.new}, {args.dtype}, greedy")
     print(f"{'batch':>5}  {'side':<12}  {'ttft ms':>8}  {'decode tok/s':>12}  {'compile s':>9}")
     for b in args.batches:
-        ids = np.random.RandomState(b).randint(3, 8192, (b, args.prompt))
+        ids = np.random.RandomState(b).randint(3, vocab, (b, args.prompt))
         prompts = ids.tolist()
 
         def ours(n):

@@ -3,8 +3,8 @@
     python benchmarks/profile_decode.py                  # batch 8, prompt 32, 64 new tokens, loop model
     python benchmarks/profile_decode.py --scan --new 128 # the scanned model (stacked cache)
 
-The model is benchmarks/generate.py's (a random Llama: hidden 256, 4 layers, 4 / 2 heads of 64, vocab 8192,
-float32, built by transformers and loaded by jlora). Prints the untraced time per decode step
+The model is benchmarks/generate.py's (`--shape tiny`: a random Llama, hidden 256, 4 layers, 4 / 2 heads of
+64, vocab 8192; `--shape 135m`: SmolLM2-135M's shape), float32, built by transformers and loaded by jlora. Prints the untraced time per decode step
 ((time of N new tokens - time of 2) / (N - 2), medians of 5) and, from one traced `generate_tokens` call,
 the thunk time per step summed by source op and class (benchmarks/profile_step.py's classifier). Thunk
 times include the tracer's own cost per instruction, so their sum exceeds the untraced step.
@@ -33,6 +33,7 @@ def main(argv=None) -> int:
     p.add_argument("--prompt", type=int, default=32)
     p.add_argument("--new", type=int, default=64)
     p.add_argument("--scan", action="store_true", help="load the layers scanned (the stacked cache path)")
+    p.add_argument("--shape", default="tiny", help="benchmarks/generate.py's SHAPES: tiny or 135m")
     p.add_argument("--top", type=int, default=15)
     args = p.parse_args(argv)
 
@@ -51,9 +52,9 @@ def main(argv=None) -> int:
     sys.path[:] = [x for x in sys.path if x != here]
 
     with tempfile.TemporaryDirectory() as tmp:
-        build(tmp, 4)
+        vocab = build(tmp, shape=args.shape)
         model = jlora.load_hf(tmp, scan_layers=args.scan)
-    prompts = np.random.RandomState(args.batch).randint(3, 8192, (args.batch, args.prompt)).tolist()
+    prompts = np.random.RandomState(args.batch).randint(3, vocab, (args.batch, args.prompt)).tolist()
 
     def run(n):
         decode.generate_tokens(model, prompts, max_new_tokens=n)
@@ -89,7 +90,7 @@ def main(argv=None) -> int:
             key = (source_of(name, instrs).replace("jit(_decode)/while/body/", ""), classify(name, instrs, comps))
             per_source[key] += e.get("dur", 0) / 1e3 / (args.new - 1)  # ms per decode step
     total = sum(per_source.values())
-    print(f"decode, batch {args.batch}, prompt {args.prompt}, {args.new} new tokens, "
+    print(f"decode, {args.shape} shape, batch {args.batch}, prompt {args.prompt}, {args.new} new tokens, "
           f"{'scanned' if args.scan else 'loop'} model: untraced {step_ms:.2f} ms/step "
           f"({args.batch / step_ms * 1e3:.0f} tokens/s); traced thunk time {total:.2f} ms/step; "
           f"{os.cpu_count()} cpus, load {os.getloadavg()[0]:.1f}")

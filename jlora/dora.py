@@ -16,8 +16,8 @@ float32). PEFT saves m as `<module>.lora_magnitude_vector` ([out], float32).
 At inference c = m / n is fixed: `inference_view(model)` computes it once per adapter (one jitted program over
 every DoRA projection) and hangs it on the adapter as an `InferenceScale` (data, not a parameter), so a jitted
 prefill / decode step reads c instead of recomputing s A B, W (dequantized), the sum and its norm every call;
-jlora.generate prepares every model this way. Training never sees a view: its c is recomputed, as the gradients
-of A, B and m need.
+jlora.generate splits every model this way (`inference_split`). Training never sees a view: its c is
+recomputed, as the gradients of A, B and m need.
 """
 from __future__ import annotations
 
@@ -64,7 +64,9 @@ class InferenceScale(nnx.Variable):
 
 
 def _dora_projections(model) -> list:
-    return [m for _, m in nnx.iter_modules(model) if getattr(getattr(m, "lora", None), "magnitude", None) is not None]
+    """(path, module) of every projection with a DoRA adapter (a `lora` with a magnitude)."""
+    return [(path, m) for path, m in nnx.iter_modules(model)
+            if getattr(getattr(m, "lora", None), "magnitude", None) is not None]
 
 
 @functools.partial(jax.jit, static_argnames="scalings")
@@ -78,6 +80,43 @@ def _scales(operands, scalings):
     return out
 
 
+_VIEWS: list = []  # (graphdef, view graphdef, ((projection path, scaling), ...)), most recent last
+_KEEP = 8
+
+
+def _view_structure(graphdef, state) -> tuple:
+    """(the view's graphdef, the (path, scaling) of each DoRA projection): built once per model structure."""
+    view = nnx.merge(graphdef, state)
+    found = _dora_projections(view)
+    for _, m in found:  # placeholders: only the structure is kept
+        m.lora.inference_scale = InferenceScale(jax.ShapeDtypeStruct(m.lora.magnitude.shape, jnp.float32))
+    return (nnx.split(view)[0] if found else graphdef), tuple((path, m.lora.scaling) for path, m in found)
+
+
+def inference_split(model) -> tuple:
+    """`nnx.split(inference_view(model))` without building the view: (graphdef, state) of `model` with, for each
+    DoRA adapter, c = m / ||W + s A B|| added to the state as an InferenceScale (one jitted program computes them
+    all). The view's structure is cached per model structure, so a call costs a split and that program."""
+    graphdef, state = nnx.split(model)
+    entry = next((e for e in _VIEWS if e[0] == graphdef), None)
+    if entry is None:
+        entry = (graphdef, *_view_structure(graphdef, state))
+    else:
+        _VIEWS.remove(entry)
+    _VIEWS.append(entry)
+    del _VIEWS[:-_KEEP]
+    _, view_graphdef, projections = entry
+    if not projections:
+        return graphdef, state
+    flat = dict(state.flat_state())
+    operands = [tuple(flat[path + key].get_value() for key in (("kernel",), ("lora", "a"), ("lora", "b"),
+                                                                ("lora", "magnitude"))) for path, _ in projections]
+    scales = _scales(operands, scalings=tuple(scaling for _, scaling in projections))
+    for (path, _), c in zip(projections, scales):
+        flat[path + ("lora", "inference_scale")] = InferenceScale(c)
+    return view_graphdef, nnx.State.from_flat_path(flat)
+
+
 def inference_view(model):
     """`model` itself when it has no DoRA adapter; else a view of it for inference: a new module graph over the
     same arrays (`model` is unchanged) in which every DoRA adapter carries c = m / ||W + s A B|| as an
@@ -85,13 +124,7 @@ def inference_view(model):
     change to A, B or m after it is made is not seen by its c."""
     if not _dora_projections(model):
         return model
-    view = nnx.merge(*nnx.split(model))
-    found = _dora_projections(view)
-    scales = _scales([(m.kernel.get_value(), m.lora.a[...], m.lora.b[...], m.lora.magnitude[...]) for m in found],
-                     scalings=tuple(m.lora.scaling for m in found))
-    for m, c in zip(found, scales):
-        m.lora.inference_scale = InferenceScale(c)
-    return view
+    return nnx.merge(*inference_split(model))
 
 
 def merge(kernel_f32: jax.Array, delta: jax.Array, magnitude: jax.Array) -> jax.Array:

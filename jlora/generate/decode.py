@@ -31,7 +31,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from jlora.dora import inference_view
+from jlora.dora import inference_split
 from jlora.generate.cache import KVCache
 from jlora.generate.sampler import SamplingConfig, next_tokens
 from jlora.models.stacked import is_stacked
@@ -223,7 +223,7 @@ def generate_tokens(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: 
     filler = np.arange(rows) >= len(prompts)
     limit = min(max_new_tokens, max_len - p + 1)
     eos = tuple(sorted({int(e) for e in eos_token_ids}))
-    graphdef, state = nnx.split(inference_view(model))  # DoRA: m / ||W + sBA|| once, carried as data
+    graphdef, state = inference_split(model)  # DoRA: m / ||W + sBA|| once, carried as data
     prefill, decode = jitted(graphdef)
     sharding = _replicated(state)  # several processes: inputs replicated over the params' mesh
     put = jnp.asarray if sharding is None else (lambda x: jax.device_put(np.asarray(x), sharding))

@@ -10,6 +10,7 @@ import torch
 from flax import nnx
 
 import jlora
+from jlora.dora import inference_view
 from jlora.generate import decode as decode_mod
 from jlora.generate.decode import generate_tokens
 from jlora.peft_model import adapted_modules
@@ -160,6 +161,12 @@ def test_generation_carries_the_dora_scale_as_data(layout, monkeypatch):
     graph, state = nnx.split(model)
     forward = jax.make_jaxpr(lambda s: nnx.merge(graph, s)(np.zeros((2, 16), np.int32)))(state)
     assert _weight_sized(forward.jaxpr, shapes), "the training forward computes the norm: the check must see it"
+    view = inference_view(model)  # the same function of x, with c precomputed; the model itself is left as it was
+    assert all(m.lora.inference_scale is None for _, m in adapted_modules(model))
+    assert all(m.lora.inference_scale is not None for _, m in adapted_modules(view))
+    logits = [jax.jit(lambda s, g=g: nnx.merge(g, s)(np.asarray([[5, 6, 7, 8]])))(s)
+              for g, s in map(nnx.split, (model, view))]
+    np.testing.assert_allclose(logits[1], logits[0], rtol=1e-5, atol=1e-5)
 
     traced, real = {}, decode_mod.jitted
 

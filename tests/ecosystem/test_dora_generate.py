@@ -14,6 +14,8 @@ from jlora.dora import inference_view
 from jlora.generate import decode as decode_mod
 from jlora.generate.decode import generate_tokens
 from jlora.peft_model import adapted_modules
+from tests.ecosystem.test_dora_nf4 import _bnb
+from tests.generate.test_greedy import hf_greedy
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 SIZES = dict(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -25,36 +27,6 @@ LENGTHS = (5, 11, 3)
 def _prompts():
     rng = np.random.RandomState(5)
     return [rng.randint(3, 96, n).tolist() for n in LENGTHS]
-
-
-def _hf_greedy(model, prompts):
-    """transformers' greedy tokens per row (left-padded batch, no eos) and the smallest top-2 logit gap."""
-    p = max(map(len, prompts))
-    ids = np.zeros((len(prompts), p), np.int64)
-    mask = np.zeros_like(ids)
-    for i, row in enumerate(prompts):
-        ids[i, p - len(row):], mask[i, p - len(row):] = row, 1
-    with torch.no_grad():
-        out = model.generate(torch.tensor(ids), attention_mask=torch.tensor(mask), do_sample=False,
-                             max_new_tokens=N, min_new_tokens=N, eos_token_id=None, pad_token_id=0,
-                             output_scores=True, return_dict_in_generate=True)
-    top2 = np.sort(torch.stack(out.scores, 1).numpy(), -1)[..., -2:]
-    return out.sequences[:, p:].tolist(), float((top2[..., 1] - top2[..., 0]).min())
-
-
-def _bnb(path, quantize=False):
-    import bitsandbytes as bnb
-    import transformers
-    kw = {}
-    if quantize:
-        kw["quantization_config"] = transformers.BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.float32)
-    model = transformers.AutoModelForCausalLM.from_pretrained(path, device_map="cpu", dtype=torch.float32, **kw)
-    for m in model.modules():
-        if isinstance(m, bnb.nn.Linear4bit):
-            m.support_avx512bf16_for_cpu = False  # as tests/qlora/conftest.py
-    return model.eval()
 
 
 def _peft_dora(base_model, out_dir):
@@ -101,9 +73,9 @@ def test_greedy_dora_generation_equals_peft(base_kind, dense_dora, hf_model, tmp
         base_dir = base
         ref = peft.PeftModel.from_pretrained(hf_model(base), adapter).eval()
         plain = hf_model(base)
-    want, gap = _hf_greedy(ref, prompts)
+    want, gap = hf_greedy(ref, prompts, N, None)
     assert gap > 1e-5, f"transformers' top-2 logits differ by only {gap}; pick other prompts"
-    assert _hf_greedy(plain, prompts)[0] != want, "the adapter must change the greedy tokens"
+    assert hf_greedy(plain, prompts, N, None)[0] != want, "the adapter must change the greedy tokens"
     model = jlora.load_adapter(jlora.load_hf(base_dir, dtype="float32"), adapter, rngs=nnx.Rngs(0))
     assert all(m.lora.magnitude is not None for _, m in adapted_modules(model))
     if base_kind == "nf4":

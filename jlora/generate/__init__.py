@@ -1,6 +1,7 @@
 """Generation: a preallocated KV cache, a jitted prefill and decode loop, sampling, text in and out.
 
-    cache.py     KVCache [layers, batch, max_len, kv_heads, head_dim]; the model's attention writes and reads it
+    cache.py     KVCache: per layer keys [b, kv_heads, d, max_len], values [b, kv_heads, max_len, d]; the model's
+                 attention writes and reads it
     sampler.py   greedy / temperature / top-k / top-p / repetition penalty, seeded, in float32
     decode.py    token ids in, token ids out: left padding, prompt buckets, per-row eos stop
     api.py       `generate(model, tokenizer, prompts, ...)`: tokenize (chat templates), decode, detokenize

@@ -6,12 +6,12 @@
            `layers` arrays [batch, ...] for a loop model (`per_layer=True`): the decode attention's dots then
            read a layer's keys in place, where a slice of the stack is a copy (4 MB a step for the 4-layer
            benchmark model at batch 8: a quarter of its decode step)
-
-The layout is the decode dots' own: (batch, kv_heads) lead as their batch axes, and keys are stored
-transposed so both dots are plain [rows, d] x [d, max_len] and [rows, max_len] x [max_len, d] products
-(XLA:CPU ran the decode attention 4x faster so than with [max_len, kv_heads, d] slots).
     index  int32 scalar: slots [0, index) are written; the next chunk goes to [index, index + t)
     start  int32 [batch]: row b's first real slot (its left padding fills [0, start_b))
+
+The layout is the decode dots' own: (batch, kv_heads) lead as their batch axes, and keys are stored
+transposed, so both dots are plain [rows, d] x [d, max_len] and [rows, max_len] x [max_len, d] products
+(XLA:CPU runs the decode attention 4x faster so than over [max_len, kv_heads, d] slots).
 
 Rows are left-padded so every row writes the same slot at each step; row b's token in slot s sits at
 rotary position s - start_b. A query in slot i of row b sees the key in slot j when
@@ -21,7 +21,8 @@ rotary position s - start_b. A query in slot i of row b sees the key in slot j w
 which is jlora.attention.masks.visible with the key segment 1 on [start_b, index + t) and 0 elsewhere.
 
 The model calls `cache.at_layer(i).attend(q, k, v, segment_ids, ...)` inside layer i's attention (the
-hook in jlora/models/attention.py; i is an int32 array, traced when the layers are scanned: a scanned
+hook in jlora/models/attention.py; i is a Python int in a loop model, a traced int32 when the layers are
+scanned: a scanned
 model carries the whole stacked cache through its scan and layer g * period + j updates its slice in
 place, see jlora.models.stacked.ScannedLayers): it writes this chunk's k and v at [index, index + t) and returns the
 attention output with the updated cache. A chunk of t > 1 is a prefill from slot 0 (index must be 0):

@@ -22,10 +22,9 @@ which is jlora.attention.masks.visible with the key segment 1 on [start_b, index
 
 The model calls `cache.at_layer(i).attend(q, k, v, segment_ids, ...)` inside layer i's attention (the
 hook in jlora/models/attention.py; i is a Python int in a loop model, a traced int32 when the layers are
-scanned: a scanned
-model carries the whole stacked cache through its scan and layer g * period + j updates its slice in
-place, see jlora.models.stacked.ScannedLayers): it writes this chunk's k and v at [index, index + t) and returns the
-attention output with the updated cache. A chunk of t > 1 is a prefill from slot 0 (index must be 0):
+scanned: a scanned model carries the whole stacked cache through its scan and layer g * period + j updates
+its slice in place, see jlora.models.stacked.ScannedLayers): it writes this chunk's k and v at
+[index, index + t) and returns the attention output with the updated cache. A chunk of t > 1 is a prefill from slot 0 (index must be 0):
 its attention is the model's own backend on the chunk (the left padding is segment 0), so the prompt
 runs as in training. A chunk of t == 1 is a decode step: one masked softmax over all max_len slots
 (scores [batch, kv_heads, group, max_len] in float32). After the model call the caller advances the

@@ -230,14 +230,15 @@ def generate_tokens(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: 
     seed = put(np.int32(sampling.seed))
     statics = dict(sampling=dataclasses.replace(sampling, seed=0), eos=eos, pad=int(pad_token_id))
     carry = prefill(state, put(ids), put(start), put(filler), seed, max_len=max_len, **statics)
-    if on_step is not None:
-        on_step(_host(carry.last)[:len(prompts)], _host(carry.done)[:len(prompts)])
-    while int(_host(carry.step)) < limit and not _host(carry.done).all():
-        stop = limit if on_step is None else int(_host(carry.step)) + 1  # streaming: one token per call
-        carry = decode(state, carry, put(np.int32(stop)), seed, **statics)
+    while True:  # step and done read to the host once per call (a gather when the params span processes)
+        step, done = int(_host(carry.step)), _host(carry.done)
         if on_step is not None:
-            on_step(_host(carry.last)[:len(prompts)], _host(carry.done)[:len(prompts)])
-    return _outputs(_host(carry.out), int(_host(carry.step)), eos, prompts, max_new_tokens)
+            on_step(_host(carry.last)[:len(prompts)], done[:len(prompts)])
+        if step >= limit or done.all():
+            break
+        stop = limit if on_step is None else step + 1  # streaming: one token per call
+        carry = decode(state, carry, put(np.int32(stop)), seed, **statics)
+    return _outputs(_host(carry.out), step, eos, prompts, max_new_tokens)
 
 
 def _outputs(out: np.ndarray, steps: int, eos: tuple, prompts, max_new_tokens: int) -> list[TokenOutput]:

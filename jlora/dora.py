@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jlora.models.structure_cache import StructureCache
 from jlora.nf4.dequantize import dequantize
 from jlora.nf4.tensor import NF4Tensor
 
@@ -80,8 +81,7 @@ def _scales(operands, scalings):
     return out
 
 
-_VIEWS: list = []  # (graphdef, view graphdef, ((projection path, scaling), ...)), most recent last
-_KEEP = 8
+_VIEWS = StructureCache()  # graphdef -> (view graphdef, ((projection path, scaling), ...))
 
 
 def _view_structure(graphdef, state) -> tuple:
@@ -98,14 +98,7 @@ def inference_split(model) -> tuple:
     DoRA adapter, c = m / ||W + s A B|| added to the state as an InferenceScale (one jitted program computes them
     all). The view's structure is cached per model structure, so a call costs a split and that program."""
     graphdef, state = nnx.split(model)
-    entry = next((e for e in _VIEWS if e[0] == graphdef), None)
-    if entry is None:
-        entry = (graphdef, *_view_structure(graphdef, state))
-    else:
-        _VIEWS.remove(entry)
-    _VIEWS.append(entry)
-    del _VIEWS[:-_KEEP]
-    _, view_graphdef, projections = entry
+    view_graphdef, projections = _VIEWS.get(graphdef, lambda: _view_structure(graphdef, state))
     if not projections:
         return graphdef, state
     flat = dict(state.flat_state())

@@ -35,6 +35,7 @@ from jlora.dora import inference_split
 from jlora.generate.cache import KVCache
 from jlora.generate.sampler import SamplingConfig, next_tokens
 from jlora.models.stacked import is_stacked
+from jlora.models.structure_cache import StructureCache
 
 MIN_BUCKET = 16  # short prompts share one prefill shape; buckets double after it (a padded slot costs a token of prefill)
 CACHE_MULTIPLE = 64
@@ -121,24 +122,17 @@ def _decode(graphdef, state, carry: Carry, stop, seed, *, sampling: SamplingConf
     return jax.lax.while_loop(cond, body, carry)
 
 
-_JITTED: list = []  # (graphdef, prefill, decode), most recent last
-_KEEP = 8
+_JITTED = StructureCache()
 
 
 def jitted(graphdef) -> tuple[Callable, Callable]:
-    """The jitted (prefill, decode) of a model structure. The graphdef is closed over, not a static
-    argument: a LoRA model's graphdef holds its LoraConfig, which compares but does not hash. Structures
-    are matched by equality; the last _KEEP are kept."""
-    for i, (g, prefill, decode) in enumerate(_JITTED):
-        if g == graphdef:
-            _JITTED.append(_JITTED.pop(i))
-            return prefill, decode
-    prefill = jax.jit(functools.partial(_prefill, graphdef), static_argnames=("max_len", "sampling", "eos", "pad"))
-    decode = jax.jit(functools.partial(_decode, graphdef), static_argnames=("sampling", "eos", "pad"),
-                     donate_argnames=("carry",))
-    _JITTED.append((graphdef, prefill, decode))
-    del _JITTED[:-_KEEP]
-    return prefill, decode
+    """The jitted (prefill, decode) of a model structure (kept per equal graphdef: jlora.models.structure_cache).
+    The graphdef is closed over, not a static argument: a LoRA model's graphdef holds its LoraConfig, which
+    compares but does not hash."""
+    return _JITTED.get(graphdef, lambda: (
+        jax.jit(functools.partial(_prefill, graphdef), static_argnames=("max_len", "sampling", "eos", "pad")),
+        jax.jit(functools.partial(_decode, graphdef), static_argnames=("sampling", "eos", "pad"),
+                donate_argnames=("carry",))))
 
 
 def _replicated(state) -> NamedSharding | None:

@@ -3,9 +3,9 @@
     python benchmarks/jlora_step.py --config 135m --dtype bf16     # the train step of train_step.py's config
     python benchmarks/jlora_step.py --attention 2048               # blockwise attention forward + backward
 
-Step: benchmarks/train_step.py's config (random weights, `init_random`), LoRA r=16 on the seven projections,
-the jitted, donated `make_train_step` over one micro-batch; 2 warm-up steps (the first compiles), then
-`--steps` timed, median printed. Attention: `jlora.attention.blockwise_attention` forward + backward (the
+Step: benchmarks/train_step.py's jlora side (its `make_jlora`: the config's random checkpoint written by
+transformers and loaded, LoRA r=16 on the seven projections, the jitted, donated `make_train_step` over one
+micro-batch); 2 warm-up steps (the first compiles), then `--steps` timed, median printed. Attention: `jlora.attention.blockwise_attention` forward + backward (the
 gradients of q, k, v) at T, batch 2, 3 kv heads x 3 queries each, head_dim 64, float32 and bf16, median of 5.
 Nothing here runs PEFT: ratios against PEFT come from benchmarks/train_step.py.
 """
@@ -15,6 +15,7 @@ import argparse
 import os
 import statistics
 import sys
+import tempfile
 import time
 
 if sys.path and os.path.abspath(sys.path[0] or ".") == os.path.dirname(os.path.abspath(__file__)):
@@ -23,43 +24,21 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 
 def step_seconds(config: str, dtype: str, steps: int) -> list[float]:
-    import jax
-    import jax.numpy as jnp
-    from flax import nnx
-
-    import jlora
-    from jlora.llama_config import LlamaConfig
-    from jlora.train.optimizer import learning_rate_schedule, make_optimizer
-    from jlora.train.state import SplitModel
-    from jlora.train.step import make_train_step
+    import numpy as np
     here = os.path.dirname(os.path.abspath(__file__))
     sys.path.insert(0, here)
-    from train_step import CONFIGS, TARGETS  # pylint: disable=import-outside-toplevel
+    from train_step import CONFIGS, DTYPES, hf_config, make_jlora, write_checkpoint  # pylint: disable=import-outside-toplevel
     sys.path[:] = [p for p in sys.path if p != here]
 
-    c = CONFIGS[config]
-    model = jlora.init_random(LlamaConfig(
-        vocab_size=c["vocab"], hidden_size=c["hidden"], intermediate_size=c["intermediate"],
-        num_hidden_layers=c["layers"], num_attention_heads=c["heads"], num_key_value_heads=c["kv_heads"],
-        head_dim=c["hidden"] // c["heads"], tie_word_embeddings=c["tied"]), dtype={"f32": "float32", "bf16": "bfloat16"}[dtype])
-    model = jlora.get_peft_model(model, jlora.LoraConfig(r=16, lora_alpha=16, target_modules=TARGETS),
-                                 rngs=nnx.Rngs(0))
-    split = SplitModel.of(model)
-    params, frozen = split.params(), split.frozen
-    del model
-    tx = make_optimizer(learning_rate_schedule(2e-4, 1000, 0))
-    opt = tx.init(params)
-    step = jax.jit(make_train_step(split, tx), donate_argnums=(0, 1))
-    b, t = c["batch"], c["seq"]
-    ids = jax.random.randint(jax.random.key(0), (1, b, t + 1), 0, c["vocab"], jnp.int32)
-    batch = {"inputs": ids[:, :, :t], "targets": ids[:, :, 1:], "loss_mask": jnp.ones((1, b, t), jnp.int32),
-             "positions": jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (1, b, t)),
-             "segment_ids": jnp.ones((1, b, t), jnp.int32)}
+    shape = argparse.Namespace(**CONFIGS[config])
+    tokens = np.random.default_rng(0).integers(0, shape.vocab, (shape.batch, shape.seq + 1), dtype=np.int32)
+    with tempfile.TemporaryDirectory() as ckpt:
+        write_checkpoint(hf_config(shape), ckpt)
+        run, _, _ = make_jlora(ckpt, DTYPES[dtype], tokens, shape)  # the step train_step.py times against PEFT
     times = []
-    for i in range(steps + 2):
+    for _ in range(steps + 2):
         began = time.perf_counter()
-        out = jax.block_until_ready(step(params, opt, frozen, batch, jax.random.key(0), jnp.asarray(i)))
-        params, opt = out[0], out[1]
+        run()
         times.append(time.perf_counter() - began)
     return times[2:]
 

@@ -18,6 +18,8 @@ is where the gap matters.
 """
 from __future__ import annotations
 
+import jlora  # noqa: F401  (first, as the `jlora` command: jlora/host_malloc.py covers the whole process)
+
 import argparse
 import json
 import os

@@ -7,6 +7,7 @@ projections. Steps alternate (one LoRA, one DoRA) so that load from other proces
 best of `--steps` is reported. DoRA adds per projection the weight norm ||W + s A B|| (a pass over W, and
 A @ B as an [in, out] float32 temporary, as PEFT computes it) and the rescale of the output.
 """
+import jlora  # noqa: F401  (first, as the `jlora` command: jlora/host_malloc.py covers the whole process)
 import argparse
 import os
 import time
@@ -18,7 +19,6 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-import jlora  # noqa: E402
 from jlora.lora_layer import LoRAParam  # noqa: E402
 
 CONFIG = dict(vocab_size=512, hidden_size=512, intermediate_size=1536, num_hidden_layers=2, num_attention_heads=8,

@@ -22,6 +22,8 @@ head: forward + input grad once). A square 2048^3 product gives the peak each li
 """
 from __future__ import annotations
 
+import jlora  # noqa: F401  (first, as the `jlora` command: jlora/host_malloc.py covers the whole process)
+
 import argparse
 import os
 import sys

@@ -17,6 +17,8 @@ under load, torch's 2-thread pool collapsed (batch 8, 64 tokens: 84 s with 2 thr
 """
 from __future__ import annotations
 
+import jlora  # noqa: F401  (first, as the `jlora` command: jlora/host_malloc.py covers the whole process)
+
 import argparse
 import os
 import platform
@@ -77,7 +79,6 @@ def main(argv=None) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    import jlora
     from jlora.generate.decode import generate_tokens
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -11,6 +11,8 @@ Nothing here runs PEFT: ratios against PEFT come from benchmarks/train_step.py.
 """
 from __future__ import annotations
 
+import jlora  # noqa: F401  (first, as the `jlora` command: jlora/host_malloc.py covers the whole process)
+
 import argparse
 import os
 import statistics

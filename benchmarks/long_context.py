@@ -34,6 +34,8 @@ Labelled "compiled 2+4 layers, extrapolated".
 """
 from __future__ import annotations
 
+import jlora  # noqa: F401  (first, as the `jlora` command: jlora/host_malloc.py covers the whole process)
+
 import argparse
 import datetime
 import os
@@ -74,7 +76,6 @@ def build_step(backend: str, rows: int, seq: int, dtype: str, loss_chunk_tokens=
     import optax
     from flax import nnx
 
-    import jlora
     from jlora.attention import use_attention
     from jlora.llama import init_random
     from jlora.llama_config import LlamaConfig

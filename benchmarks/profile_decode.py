@@ -11,6 +11,8 @@ times include the tracer's own cost per instruction, so their sum exceeds the un
 """
 from __future__ import annotations
 
+import jlora  # noqa: F401  (first, as the `jlora` command: jlora/host_malloc.py covers the whole process)
+
 import argparse
 import collections
 import glob
@@ -42,7 +44,6 @@ def main(argv=None) -> int:
     import numpy as np
     from flax import nnx
 
-    import jlora
     from jlora.generate import decode
     from jlora.generate.sampler import SamplingConfig
     here = os.path.dirname(os.path.abspath(__file__))

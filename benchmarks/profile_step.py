@@ -16,6 +16,8 @@ parallelism) both count, so the total can exceed the step time.
 """
 from __future__ import annotations
 
+import jlora  # noqa: F401  (first, as the `jlora` command: jlora/host_malloc.py covers the whole process)
+
 import argparse
 import collections
 import glob
@@ -103,7 +105,6 @@ def main():
     import jax.numpy as jnp
     from flax import nnx
 
-    import jlora
     from jlora.llama_config import LlamaConfig
     from jlora.train.optimizer import learning_rate_schedule, make_optimizer
     from jlora.train.state import SplitModel

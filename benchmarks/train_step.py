@@ -27,8 +27,14 @@ and the median is reported. Printed per config and dtype: s/step and tokens/s of
 jlora / PEFT, an achieved-TFLOP/s estimate, and the device with the CPU's matmul flags (avx512f,
 avx512_bf16, amx_bf16). `--with-plain` also times jlora's plain jnp reference path
 (`jlora.use_kernels(model, None)`) in the same rotation, so the default path's gain is read off one run.
+Each library runs in its own process with its own defaults: jlora in this one, where `import jlora` comes
+first as in the `jlora` command (its host malloc setting, jlora/host_malloc.py: XLA:CPU's per-step
+temporaries reuse their pages), PEFT in a spawned child with glibc's defaults, driven one step at a time
+over a pipe so that the steps still alternate.
 """
 from __future__ import annotations
+
+import jlora  # noqa: F401  (first, as the `jlora` command: jlora/host_malloc.py covers the whole process)
 
 import argparse
 import gc
@@ -125,7 +131,6 @@ def make_jlora(ckpt, dtype, tokens_np, args, *, plain=False):
     import jax.numpy as jnp
     from flax import nnx
 
-    import jlora
     from jlora.train.optimizer import learning_rate_schedule, make_optimizer
     from jlora.train.state import SplitModel
     from jlora.train.step import make_train_step
@@ -191,6 +196,49 @@ def make_peft(ckpt, dtype, tokens_np, args):
     return run_one, state
 
 
+def _peft_worker(conn, ckpt, dtype, tokens_np, args):
+    """The PEFT side in its own process: one step per "step" message, answered with the step's loss."""
+    run_one, state = make_peft(ckpt, dtype, tokens_np, args)
+    conn.send("ready")
+    while conn.recv() == "step":
+        run_one()
+        conn.send(state["loss"])
+
+
+def make_peft_process(ckpt, dtype, tokens_np, args):
+    """`make_peft` in a spawned process with glibc's malloc defaults (JLORA_KEEP_HOST_MEMORY=0: the setting
+    `import jlora` applies to this process is jlora's, not torch's, and in one process it slowed PEFT's bf16
+    step by ~25%). Returns (run_one, state, stop); run_one blocks until the child's step is done."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    parent, child = ctx.Pipe()
+    saved = os.environ.get("JLORA_KEEP_HOST_MEMORY")
+    os.environ["JLORA_KEEP_HOST_MEMORY"] = "0"
+    try:
+        proc = ctx.Process(target=_peft_worker, args=(child, ckpt, dtype, tokens_np, args), daemon=True)
+        proc.start()
+    finally:
+        if saved is None:
+            del os.environ["JLORA_KEEP_HOST_MEMORY"]
+        else:
+            os.environ["JLORA_KEEP_HOST_MEMORY"] = saved
+    if not parent.poll(600) or parent.recv() != "ready":
+        proc.kill()
+        raise RuntimeError("the PEFT process did not start (see its traceback above)")
+    state = {"loss": None}
+
+    def run_one():
+        parent.send("step")
+        state["loss"] = parent.recv()
+
+    def stop():
+        parent.send("stop")
+        proc.join(60)
+
+    return run_one, state, stop
+
+
 def cpu_model() -> str:
     try:
         with open("/proc/cpuinfo") as f:
@@ -234,7 +282,6 @@ def busy_warning() -> None:
 
 def run_config(name, args, dtypes, with_plain):
     """Times every dtype of one config; returns the table rows."""
-    import torch
     config = hf_config(args)
     tokens_np = np.random.default_rng(0).integers(0, args.vocab, (args.batch, args.seq + 1), dtype=np.int32)
     tokens = args.batch * args.seq
@@ -252,8 +299,9 @@ def run_config(name, args, dtypes, with_plain):
             states = {"jlora": j_state}
             if with_plain:
                 sides["plain"], states["plain"], _ = make_jlora(ckpt, dtype, tokens_np, args, plain=True)
-            sides["peft"], states["peft"] = make_peft(ckpt, dtype, tokens_np, args)
+            sides["peft"], states["peft"], stop_peft = make_peft_process(ckpt, dtype, tokens_np, args)
             first, times = interleaved(sides, args.warmup, args.steps)
+            stop_peft()
             med = {k: statistics.median(v) for k, v in times.items()}
             flops = step_flops(config, lora_params, tokens, args.seq)
             rows.append(dict(config=name, dtype=d, tokens=tokens, s=med, ratio=med["peft"] / med["jlora"],
@@ -264,7 +312,6 @@ def run_config(name, args, dtypes, with_plain):
                       f"min {min(times[k]):.3f} max {max(times[k]):.3f})", flush=True)
             del sides, states, j_run, j_state
             gc.collect()
-            torch.set_num_threads(os.cpu_count())
     return rows
 
 

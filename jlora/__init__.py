@@ -7,10 +7,15 @@
 
 The public names load on first use (PEP 562 `__getattr__`), so `import jlora.kernels` or
 `import jlora.nf4` loads only what that package needs, not the model, converters and trainer;
-`import jlora` alone loads nothing. `jlora.<submodule>` (e.g. `jlora.nf4`, `jlora.convert`) also
-works without importing it first, as it did when this file imported everything.
+`import jlora` alone loads nothing but jlora/host_malloc.py (which runs first: see there).
+`jlora.<submodule>` (e.g. `jlora.nf4`, `jlora.convert`) also works without importing it first, as it
+did when this file imported everything.
 """
 import importlib
+
+from jlora.host_malloc import keep_freed_host_memory
+
+keep_freed_host_memory()  # before jax starts its threads: see jlora/host_malloc.py
 
 __version__ = "0.1.0"
 

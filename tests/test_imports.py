@@ -3,7 +3,7 @@
 Layers, lowest first (a module may import its own layer and the ones below):
 
     0 base      jlora (the package: public names load lazily, see jlora/__init__.py),
-                jlora.atomic_files                                 (import nothing from jlora)
+                jlora.atomic_files, jlora.host_malloc              (import nothing from jlora)
     1 nf4       jlora.nf4.*                                        NF4 tensor type, (de)quantization, bnb layout
     2 kernels   jlora.kernels.*  (kernels/)                        jax + the NF4 tensor type only
     3 model     jlora.llama_config, presets, rope, lora_layer, lora_config, module_patterns, dora,
@@ -47,6 +47,7 @@ LAYERS = ["base", "nf4", "kernels", "model", "convert", "data", "train", "tools"
 LAYER_OF = {
     "jlora": "base",
     "jlora.atomic_files": "base",
+    "jlora.host_malloc": "base",
     "jlora.nf4": "nf4",
     "jlora.kernels": "kernels",
     **{f"jlora.{m}": "model" for m in (
@@ -248,15 +249,19 @@ def test_package_imports_alone(package):
     assert not above, f"`import {package}` ({layer(package)}) loaded modules of higher layers: {above}"
 
 
+# What `import jlora` itself loads: the package and the host malloc setting it applies first.
+BARE = {"jlora", "jlora.host_malloc"}
+
+
 def test_kernels_load_only_kernels_and_the_nf4_type():
     loaded = set(_loaded("jlora.kernels"))
-    assert loaded - KERNEL_NF4 - {"jlora"} == {m for m in loaded if m.startswith("jlora.kernels")}, loaded
+    assert loaded - KERNEL_NF4 - BARE == {m for m in loaded if m.startswith("jlora.kernels")}, loaded
     assert "jlora.nf4.bnb_layout" not in loaded
 
 
 def test_bare_package_loads_nothing():
-    """`import jlora` runs no submodule: the public names load on first use."""
-    assert _loaded("jlora") == ["jlora"]
+    """`import jlora` runs no submodule but the malloc setting: the public names load on first use."""
+    assert _loaded("jlora") == sorted(BARE)
 
 
 def test_public_names_resolve():

@@ -1,0 +1,92 @@
+"""Keep the process's freed host memory for reuse instead of handing it back to the OS every step.
+
+Why: XLA:CPU allocates one buffer for all temporaries of an executable each time it runs and frees it
+when the run ends (the 135m-shaped LoRA step of benchmarks/train_step.py: 2.6 GB per step). glibc
+serves a block that large with a fresh `mmap` and returns it with `munmap`, so every step touches
+brand-new pages: ~656,000 page faults per step there (the kernel zeroes each 4 KiB page again), 1.3 s
+of system time per 3.7 s step, and steps ~10% slower than with the memory kept (benchmarks/RESULTS.md,
+"Host page faults"). Setting, through glibc's `mallopt`, before jax starts its threads:
+
+    M_ARENA_MAX = 1         every thread allocates from the main heap (a per-thread arena maps any
+                            block over 64 MiB on its own, whatever the settings below say)
+    M_MMAP_MAX = 0          large blocks come from that heap, not from their own mappings
+    M_TRIM_THRESHOLD = -1   freed memory at the top of the heap is kept, never trimmed
+
+so a step's temporaries reuse the previous step's pages (0 faults per step). The cost: the process
+keeps its peak host memory until it exits, as a caching allocator does; it does not raise the peak.
+
+When: `import jlora` calls `keep_freed_host_memory()` first thing, so the `jlora` command and scripts
+that import jlora before jax (and numpy) get all of it; imported after jax, threads that already have
+their own arena keep mapping large blocks, and only part of the faults go away. Applied only on Linux
+with glibc and when the process looks CPU-only (no GPU or TPU device node, or JAX_PLATFORMS=cpu):
+accelerator temporaries live in device memory, and a host data pipeline's threads are better off with
+their own arenas. `JLORA_KEEP_HOST_MEMORY=0` leaves glibc's defaults, `=1` applies it anyway.
+"""
+from __future__ import annotations
+
+import ctypes
+import glob
+import os
+import sys
+
+ENV = "JLORA_KEEP_HOST_MEMORY"
+
+# glibc's <malloc.h> parameter numbers.
+M_TRIM_THRESHOLD = -1
+M_MMAP_MAX = -4
+M_ARENA_MAX = -8
+
+# Device nodes of accelerators jax can use: NVIDIA and AMD GPUs, TPU v2-v4 (accel) and v5+ (vfio groups).
+ACCELERATOR_NODES = ("/dev/nvidia[0-9]*", "/dev/kfd", "/dev/accel[0-9]*", "/dev/vfio/[0-9]*")
+
+_outcome: str | None = None
+
+
+def accelerator_present() -> bool:
+    """True when JAX_PLATFORMS names something other than cpu, or an accelerator device node exists."""
+    platforms = os.environ.get("JAX_PLATFORMS", "").strip().lower()
+    if platforms:
+        return any(p.strip() not in ("", "cpu") for p in platforms.split(","))
+    return any(glob.glob(pattern) for pattern in ACCELERATOR_NODES)
+
+
+def glibc_version() -> str | None:
+    """'2.36' under glibc, None otherwise (musl, macOS, Windows)."""
+    try:
+        name, _, version = os.confstr("CS_GNU_LIBC_VERSION").partition(" ")
+    except (AttributeError, ValueError, OSError):
+        return None
+    return version if name == "glibc" else None
+
+
+def keep_freed_host_memory() -> str:
+    """Applies the settings above once per process when they fit (see the module docstring).
+
+    Returns what happened, for diagnostics: "applied", or why not ("disabled by ...", "not Linux
+    with glibc", "an accelerator is present", "mallopt refused ...").
+    """
+    global _outcome
+    if _outcome is None:
+        _outcome = _apply()
+    return _outcome
+
+
+def _apply() -> str:
+    setting = os.environ.get(ENV, "").strip()
+    if setting not in ("", "0", "1"):
+        return f"disabled: {ENV}={setting!r} is not 0 or 1"
+    if setting == "0":
+        return f"disabled by {ENV}=0"
+    if not sys.platform.startswith("linux") or glibc_version() is None:
+        return "not Linux with glibc"
+    if setting != "1" and accelerator_present():
+        return f"an accelerator is present (set {ENV}=1 to apply anyway)"
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError as e:
+        return f"not Linux with glibc ({e})"
+    for name, param, value in (("M_ARENA_MAX", M_ARENA_MAX, 1), ("M_MMAP_MAX", M_MMAP_MAX, 0),
+                               ("M_TRIM_THRESHOLD", M_TRIM_THRESHOLD, -1)):
+        if libc.mallopt(param, value) != 1:
+            return f"mallopt refused {name}={value}"
+    return "applied"

@@ -1,6 +1,6 @@
 """One LoRA training step, jlora against transformers + PEFT, on the same checkpoint, batch and LoRA config.
 
-    python benchmarks/train_step.py                    # the toy config, bf16 and f32, ~4 minutes on 2 idle CPU cores
+    python benchmarks/train_step.py                    # the toy config, bf16 and f32, ~3 minutes on 2 idle CPU cores
     python benchmarks/train_step.py --quick            # a smaller model, a few steps
     python benchmarks/train_step.py --dtype f32 --steps 20
     python benchmarks/train_step.py --config toy,135m --with-plain   # real shapes; also time the plain jnp path
@@ -21,23 +21,22 @@ with global-norm clipping at 1.0 on both sides (jlora's `make_optimizer` default
 - baseline: `AutoModelForCausalLM.from_pretrained` -> `peft.get_peft_model` -> forward with labels,
   backward, `clip_grad_norm_`, `AdamW.step`, `zero_grad`; `torch.set_num_threads(os.cpu_count())`.
 
-Each side is warmed up (jit compile / first allocations), then N steps of each are timed, alternating
-one jlora step and one PEFT step so that load from other processes on a shared CPU hits both alike,
-and the median is reported. Printed per config and dtype: s/step and tokens/s of each, the ratio
-jlora / PEFT, an achieved-TFLOP/s estimate, and the device with the CPU's matmul flags (avx512f,
-avx512_bf16, amx_bf16). `--with-plain` also times jlora's plain jnp reference path
-(`jlora.use_kernels(model, None)`) in the same rotation, so the default path's gain is read off one run.
-Each library runs in its own process with its own defaults: jlora in this one, where `import jlora` comes
-first as in the `jlora` command (its host malloc setting, jlora/host_malloc.py: XLA:CPU's per-step
-temporaries reuse their pages), PEFT in a spawned child with glibc's defaults, driven one step at a time
-over a pipe so that the steps still alternate.
+Each side runs alone, in a fresh process of its own, as a user runs it: jlora with `import jlora` first
+(its host malloc setting, jlora/host_malloc.py), PEFT with glibc's defaults. A process builds its side,
+runs one untimed step (the compile) and `--warmup` more, then `--steps` timed ones, and exits; the sides
+take turns for `--rounds` rounds (jlora, PEFT, jlora, PEFT, ...) so that a change in machine load hits
+both alike, and the median over all timed steps is reported. (They used to alternate step by step in one
+process; that coupled them: in this 2-core VM a process that keeps its freed memory made the other one's
+page faults several times dearer, and in one process jlora's setting slowed PEFT's bf16 step.)
+Printed per config and dtype: s/step and tokens/s of each, the ratio jlora / PEFT, an achieved-TFLOP/s
+estimate, and the device with the CPU's matmul flags (avx512f, avx512_bf16, amx_bf16). `--with-plain`
+also times jlora's plain jnp reference path (`jlora.use_kernels(model, None)`) in the same rotation.
 """
 from __future__ import annotations
 
 import jlora  # noqa: F401  (first, as the `jlora` command: jlora/host_malloc.py covers the whole process)
 
 import argparse
-import gc
 import os
 import platform
 import statistics
@@ -107,23 +106,6 @@ def timed(fn) -> float:
     t0 = time.perf_counter()
     fn()
     return time.perf_counter() - t0
-
-
-def interleaved(sides: dict, warmup: int, steps: int) -> tuple[dict, dict]:
-    """First-call seconds and per-step seconds of each side, timed alternately one step each.
-
-    Alternating (A, B, A, B, ...) rather than all of A then all of B means a change in machine load
-    (a shared CPU) hits both sides alike, so the ratio stays meaningful even when absolute numbers move.
-    """
-    first = {name: timed(fn) for name, fn in sides.items()}
-    for _ in range(warmup):
-        for fn in sides.values():
-            fn()
-    times = {name: [] for name in sides}
-    for _ in range(steps):
-        for name, fn in sides.items():
-            times[name].append(timed(fn))
-    return first, times
 
 
 def make_jlora(ckpt, dtype, tokens_np, args, *, plain=False):
@@ -196,47 +178,68 @@ def make_peft(ckpt, dtype, tokens_np, args):
     return run_one, state
 
 
-def _peft_worker(conn, ckpt, dtype, tokens_np, args):
-    """The PEFT side in its own process: one step per "step" message, answered with the step's loss."""
-    run_one, state = make_peft(ckpt, dtype, tokens_np, args)
-    conn.send("ready")
-    while conn.recv() == "step":
+def _side_worker(conn, side, ckpt, dtype, tokens_np, args):
+    """One side in a fresh process: build it, run 1 + warmup untimed steps, then `args.steps` timed ones."""
+    if side == "peft":
+        run_one, state = make_peft(ckpt, dtype, tokens_np, args)
+        lora_params = None
+    else:
+        run_one, state, lora_params = make_jlora(ckpt, dtype, tokens_np, args, plain=side == "plain")
+    first = timed(run_one)
+    for _ in range(args.warmup):
         run_one()
-        conn.send(state["loss"])
+    times = [timed(run_one) for _ in range(args.steps)]
+    conn.send(dict(first=first, times=times, loss=state["loss"], lora_params=lora_params))
 
 
-def make_peft_process(ckpt, dtype, tokens_np, args):
-    """`make_peft` in a spawned process with glibc's malloc defaults (JLORA_KEEP_HOST_MEMORY=0: the setting
-    `import jlora` applies to this process is jlora's, not torch's, and in one process it slowed PEFT's bf16
-    step by ~25%). Returns (run_one, state, stop); run_one blocks until the child's step is done."""
+def run_isolated(side, ckpt, dtype, tokens_np, args) -> dict:
+    """Runs one side (jlora | plain | peft) in a spawned process of its own, alone on the machine, and
+    returns {first, times, loss, lora_params}. PEFT's process starts with JLORA_KEEP_HOST_MEMORY=0 (glibc's
+    defaults, as a PEFT user has them: this module imports jlora, whose host malloc setting is jlora's)."""
     import multiprocessing
 
     ctx = multiprocessing.get_context("spawn")
     parent, child = ctx.Pipe()
     saved = os.environ.get("JLORA_KEEP_HOST_MEMORY")
-    os.environ["JLORA_KEEP_HOST_MEMORY"] = "0"
+    if side == "peft":
+        os.environ["JLORA_KEEP_HOST_MEMORY"] = "0"
     try:
-        proc = ctx.Process(target=_peft_worker, args=(child, ckpt, dtype, tokens_np, args), daemon=True)
+        proc = ctx.Process(target=_side_worker, args=(child, side, ckpt, dtype, tokens_np, args))
         proc.start()
     finally:
         if saved is None:
-            del os.environ["JLORA_KEEP_HOST_MEMORY"]
+            os.environ.pop("JLORA_KEEP_HOST_MEMORY", None)
         else:
             os.environ["JLORA_KEEP_HOST_MEMORY"] = saved
-    if not parent.poll(600) or parent.recv() != "ready":
-        proc.kill()
-        raise RuntimeError("the PEFT process did not start (see its traceback above)")
-    state = {"loss": None}
+    child.close()
+    try:
+        result = parent.recv()
+    except EOFError:
+        raise RuntimeError(f"the {side} process failed (its traceback is above)") from None
+    finally:
+        proc.join()
+    return result
 
-    def run_one():
-        parent.send("step")
-        state["loss"] = parent.recv()
 
-    def stop():
-        parent.send("stop")
-        proc.join(60)
+def rotated(sides: list[str], rounds: int, run) -> dict:
+    """{side: [result of each round]}, running the sides in turn (A, B, A, B, ...) so that a change in
+    machine load over the run hits every side alike."""
+    out = {side: [] for side in sides}
+    for _ in range(rounds):
+        for side in sides:
+            out[side].append(run(side))
+    return out
 
-    return run_one, state, stop
+
+def _write_checkpoint_process(config, out_dir):
+    """write_checkpoint in a spawned process, so that this one never starts torch's thread pool."""
+    import multiprocessing
+
+    proc = multiprocessing.get_context("spawn").Process(target=write_checkpoint, args=(config, out_dir))
+    proc.start()
+    proc.join()
+    if proc.exitcode != 0:
+        raise RuntimeError(f"writing the checkpoint failed (exit status {proc.exitcode}; traceback above)")
 
 
 def cpu_model() -> str:
@@ -267,7 +270,7 @@ def device_line() -> str:
     d = jax.devices()[0]
     load = " ".join(f"{x:.1f}" for x in os.getloadavg())
     return (f"jax {jax.__version__} on {d.platform} ({d.device_kind}), torch {torch.__version__} "
-            f"({torch.get_num_threads()} threads); cpu: {cpu_model()}, {os.cpu_count()} cores, "
+            f"({os.cpu_count()} threads); cpu: {cpu_model()}, {os.cpu_count()} cores, "
             f"flags {cpu_flags()}; "
             f"load average {load}")
 
@@ -288,30 +291,26 @@ def run_config(name, args, dtypes, with_plain):
     print(f"[{name}] Llama: hidden {args.hidden}, {args.layers} layers, {args.heads} heads / {args.kv_heads} kv, "
           f"intermediate {args.intermediate}, vocab {args.vocab}, {'tied' if args.tied else 'untied'} head; "
           f"batch {args.batch} x seq {args.seq} = {tokens} tokens/step; LoRA r=16 alpha=16 on 7 projections; "
-          f"{args.steps} timed steps (median)", flush=True)
+          f"{args.steps} timed steps x {args.rounds} rounds, each side alone in its own process (median)", flush=True)
     rows = []
     with tempfile.TemporaryDirectory() as ckpt:
-        write_checkpoint(config, ckpt)
+        _write_checkpoint_process(config, ckpt)
         for d in dtypes:
             dtype = DTYPES[d]
-            j_run, j_state, lora_params = make_jlora(ckpt, dtype, tokens_np, args)
-            sides = {"jlora": j_run}
-            states = {"jlora": j_state}
-            if with_plain:
-                sides["plain"], states["plain"], _ = make_jlora(ckpt, dtype, tokens_np, args, plain=True)
-            sides["peft"], states["peft"], stop_peft = make_peft_process(ckpt, dtype, tokens_np, args)
-            first, times = interleaved(sides, args.warmup, args.steps)
-            stop_peft()
+            names = ["jlora"] + (["plain"] if with_plain else []) + ["peft"]
+            results = rotated(names, args.rounds, lambda side: run_isolated(side, ckpt, dtype, tokens_np, args))
+            times = {k: [t for r in v for t in r["times"]] for k, v in results.items()}
             med = {k: statistics.median(v) for k, v in times.items()}
+            lora_params = results["jlora"][0]["lora_params"]
             flops = step_flops(config, lora_params, tokens, args.seq)
             rows.append(dict(config=name, dtype=d, tokens=tokens, s=med, ratio=med["peft"] / med["jlora"],
                              best=min(times["peft"]) / min(times["jlora"]), tflops=flops / med["jlora"] / 1e12,
                              gflop=flops / 1e9))
-            for k in sides:
-                print(f"  {d} {k}: {med[k]:.3f} s/step (first {first[k]:.1f} s, loss {states[k]['loss']:.4f}, "
-                      f"min {min(times[k]):.3f} max {max(times[k]):.3f})", flush=True)
-            del sides, states, j_run, j_state
-            gc.collect()
+            for k in names:
+                rounds = ", ".join(f"{statistics.median(r['times']):.3f}" for r in results[k])
+                print(f"  {d} {k}: {med[k]:.3f} s/step (first {results[k][0]['first']:.1f} s, "
+                      f"loss {results[k][-1]['loss']:.4f}, min {min(times[k]):.3f} max {max(times[k]):.3f}; "
+                      f"medians of the rounds {rounds})", flush=True)
     return rows
 
 
@@ -321,8 +320,10 @@ def main():
     ap.add_argument("--dtype", default="bf16,f32", help="comma list of bf16, f32")
     ap.add_argument("--quick", action="store_true", help="the small 'quick' config, few steps")
     ap.add_argument("--with-plain", action="store_true", help="also time jlora's plain jnp reference path")
-    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--steps", type=int, default=4, help="timed steps per side and round")
     ap.add_argument("--warmup", type=int, default=1, help="untimed steps after the first (compile) step")
+    ap.add_argument("--rounds", type=int, default=2,
+                    help="times each side runs in a fresh process of its own, in turn (jlora, PEFT, jlora, ...)")
     for field in SHAPE_FIELDS:
         if field == "tied":
             ap.add_argument("--tied", type=int, choices=(0, 1), default=None, help="tie embeddings (1) or not (0)")
@@ -331,7 +332,7 @@ def main():
     args = ap.parse_args()
     names = ["quick"] if args.quick else [c.strip() for c in args.config.split(",") if c.strip()]
     if args.quick:
-        args.steps, args.warmup = 3, 0
+        args.steps, args.warmup, args.rounds = 3, 0, 1
     for c in names:
         if c not in CONFIGS:
             raise SystemExit(f"--config: expected a comma list of {sorted(CONFIGS)}, found {c!r}")
@@ -340,8 +341,6 @@ def main():
         if d not in DTYPES:
             raise SystemExit(f"--dtype: expected a comma list of {sorted(DTYPES)}, found {d!r}")
 
-    import torch
-    torch.set_num_threads(os.cpu_count())
     print(f"device: {device_line()}", flush=True)
     busy_warning()
     rows = []

@@ -18,7 +18,7 @@ is where the gap matters.
 """
 from __future__ import annotations
 
-import jlora  # noqa: F401  (first, as the `jlora` command: jlora/host_malloc.py covers the whole process)
+import jlora  # noqa: F401  (before jax and numpy: see jlora/host_malloc.py)
 
 import argparse
 import json

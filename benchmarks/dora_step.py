@@ -7,7 +7,7 @@ projections. Steps alternate (one LoRA, one DoRA) so that load from other proces
 best of `--steps` is reported. DoRA adds per projection the weight norm ||W + s A B|| (a pass over W, and
 A @ B as an [in, out] float32 temporary, as PEFT computes it) and the rescale of the output.
 """
-import jlora  # noqa: F401  (first, as the `jlora` command: jlora/host_malloc.py covers the whole process)
+import jlora  # noqa: F401  (before jax and numpy: see jlora/host_malloc.py)
 import argparse
 import os
 import time

@@ -22,7 +22,7 @@ head: forward + input grad once). A square 2048^3 product gives the peak each li
 """
 from __future__ import annotations
 
-import jlora  # noqa: F401  (first, as the `jlora` command: jlora/host_malloc.py covers the whole process)
+import jlora  # noqa: F401  (before jax and numpy: see jlora/host_malloc.py)
 
 import argparse
 import os

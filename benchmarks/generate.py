@@ -17,7 +17,7 @@ under load, torch's 2-thread pool collapsed (batch 8, 64 tokens: 84 s with 2 thr
 """
 from __future__ import annotations
 
-import jlora  # noqa: F401  (first, as the `jlora` command: jlora/host_malloc.py covers the whole process)
+import jlora  # noqa: F401  (before jax and numpy: see jlora/host_malloc.py)
 
 import argparse
 import os

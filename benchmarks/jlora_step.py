@@ -11,10 +11,12 @@ Nothing here runs PEFT: ratios against PEFT come from benchmarks/train_step.py.
 """
 from __future__ import annotations
 
-import jlora  # noqa: F401  (first, as the `jlora` command: jlora/host_malloc.py covers the whole process)
+import os
+
+os.environ.setdefault("JLORA_KEEP_HOST_MEMORY", "1")  # as `jlora train` runs (jlora/host_malloc.py)
+import jlora  # noqa: F401  (before jax and numpy: see jlora/host_malloc.py)
 
 import argparse
-import os
 import statistics
 import sys
 import tempfile

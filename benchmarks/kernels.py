@@ -28,7 +28,7 @@ bytes decide: the ideal NF4 speed-up is 16 / 4.127 = 3.9x (REFERENCE.md 5).
 
 from __future__ import annotations
 
-import jlora  # noqa: F401  (first, as the `jlora` command: jlora/host_malloc.py covers the whole process)
+import jlora  # noqa: F401  (before jax and numpy: see jlora/host_malloc.py)
 
 import argparse
 import statistics

@@ -11,7 +11,7 @@ times include the tracer's own cost per instruction, so their sum exceeds the un
 """
 from __future__ import annotations
 
-import jlora  # noqa: F401  (first, as the `jlora` command: jlora/host_malloc.py covers the whole process)
+import jlora  # noqa: F401  (before jax and numpy: see jlora/host_malloc.py)
 
 import argparse
 import collections

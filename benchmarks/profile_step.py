@@ -16,14 +16,16 @@ parallelism) both count, so the total can exceed the step time.
 """
 from __future__ import annotations
 
-import jlora  # noqa: F401  (first, as the `jlora` command: jlora/host_malloc.py covers the whole process)
+import os
+
+os.environ.setdefault("JLORA_KEEP_HOST_MEMORY", "1")  # as `jlora train` runs (jlora/host_malloc.py)
+import jlora  # noqa: F401  (before jax and numpy: see jlora/host_malloc.py)
 
 import argparse
 import collections
 import glob
 import gzip
 import json
-import os
 import re
 import sys
 import tempfile

@@ -21,8 +21,8 @@ with global-norm clipping at 1.0 on both sides (jlora's `make_optimizer` default
 - baseline: `AutoModelForCausalLM.from_pretrained` -> `peft.get_peft_model` -> forward with labels,
   backward, `clip_grad_norm_`, `AdamW.step`, `zero_grad`; `torch.set_num_threads(os.cpu_count())`.
 
-Each side runs alone, in a fresh process of its own, as a user runs it: jlora with `import jlora` first
-(its host malloc setting, jlora/host_malloc.py), PEFT with glibc's defaults. A process builds its side,
+Each side runs alone, in a fresh process of its own, as a user runs it: jlora with the host malloc setting
+`jlora train` applies (jlora/host_malloc.py), PEFT with glibc's defaults. A process builds its side,
 runs one untimed step (the compile) and `--warmup` more, then `--steps` timed ones, and exits; the sides
 take turns for `--rounds` rounds (jlora, PEFT, jlora, PEFT, ...) so that a change in machine load hits
 both alike, and the median over all timed steps is reported. (They used to alternate step by step in one
@@ -34,7 +34,7 @@ also times jlora's plain jnp reference path (`jlora.use_kernels(model, None)`) i
 """
 from __future__ import annotations
 
-import jlora  # noqa: F401  (first, as the `jlora` command: jlora/host_malloc.py covers the whole process)
+import jlora  # noqa: F401  (before jax and numpy: see jlora/host_malloc.py)
 
 import argparse
 import os
@@ -194,15 +194,14 @@ def _side_worker(conn, side, ckpt, dtype, tokens_np, args):
 
 def run_isolated(side, ckpt, dtype, tokens_np, args) -> dict:
     """Runs one side (jlora | plain | peft) in a spawned process of its own, alone on the machine, and
-    returns {first, times, loss, lora_params}. PEFT's process starts with JLORA_KEEP_HOST_MEMORY=0 (glibc's
-    defaults, as a PEFT user has them: this module imports jlora, whose host malloc setting is jlora's)."""
+    returns {first, times, loss, lora_params}. jlora's process starts with JLORA_KEEP_HOST_MEMORY=1, as
+    `jlora train` runs (jlora/host_malloc.py); PEFT's with =0, glibc's defaults as a PEFT user has them."""
     import multiprocessing
 
     ctx = multiprocessing.get_context("spawn")
     parent, child = ctx.Pipe()
     saved = os.environ.get("JLORA_KEEP_HOST_MEMORY")
-    if side == "peft":
-        os.environ["JLORA_KEEP_HOST_MEMORY"] = "0"
+    os.environ["JLORA_KEEP_HOST_MEMORY"] = "0" if side == "peft" else "1"  # jlora as `jlora train` runs
     try:
         proc = ctx.Process(target=_side_worker, args=(child, side, ckpt, dtype, tokens_np, args))
         proc.start()

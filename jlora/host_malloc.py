@@ -15,12 +15,14 @@ of system time per 3.7 s step, and steps ~10% slower than with the memory kept (
 so a step's temporaries reuse the previous step's pages (0 faults per step). The cost: the process
 keeps its peak host memory until it exits, as a caching allocator does; it does not raise the peak.
 
-When: `import jlora` calls `keep_freed_host_memory()` first thing, so the `jlora` command and scripts
-that import jlora before jax (and numpy) get all of it; imported after jax, threads that already have
-their own arena keep mapping large blocks, and only part of the faults go away. Applied only on Linux
-with glibc and when the process looks CPU-only (no GPU or TPU device node, or JAX_PLATFORMS=cpu):
-accelerator temporaries live in device memory, and a host data pipeline's threads are better off with
-their own arenas. `JLORA_KEEP_HOST_MEMORY=0` leaves glibc's defaults, `=1` applies it anyway.
+It also costs (measured, benchmarks/RESULTS.md): with one arena, malloc-heavy work from several threads waits
+on its lock: compiling is ~35% slower (a decode program 1.8 -> 2.4 s) and batch-8 decode ~15% slower.
+So it is on by default only where the step dominates: the `jlora train` command. `import jlora` calls
+`keep_freed_host_memory()` first thing, before jax (and numpy) start threads, which is when it must run;
+it applies when the process is `jlora train` (or `python -m jlora.cli train`), on Linux with glibc, and
+looks CPU-only (no GPU or TPU device node, or JAX_PLATFORMS=cpu: accelerator temporaries live in device
+memory). `JLORA_KEEP_HOST_MEMORY=1` applies it to any process (a training script: set it before Python
+starts, or import jlora before jax and numpy), `=0` never.
 """
 from __future__ import annotations
 
@@ -50,6 +52,12 @@ def accelerator_present() -> bool:
     return any(glob.glob(pattern) for pattern in ACCELERATOR_NODES)
 
 
+def training_command(argv: list[str]) -> bool:
+    """True for `jlora train ...` and `python -m jlora.cli train ...` (argv[0] is "-m" while the package
+    imports)."""
+    return len(argv) >= 2 and argv[1] == "train" and os.path.basename(argv[0]) in ("jlora", "-m", "cli.py")
+
+
 def glibc_version() -> str | None:
     """'2.36' under glibc, None otherwise (musl, macOS, Windows)."""
     try:
@@ -62,8 +70,8 @@ def glibc_version() -> str | None:
 def keep_freed_host_memory() -> str:
     """Applies the settings above once per process when they fit (see the module docstring).
 
-    Returns what happened, for diagnostics: "applied", or why not ("disabled by ...", "not Linux
-    with glibc", "an accelerator is present", "mallopt refused ...").
+    Returns what happened, for diagnostics: "applied", or why not ("disabled by ...", "not the `jlora
+    train` command ...", "not Linux with glibc", "an accelerator is present", "mallopt refused ...").
     """
     global _outcome
     if _outcome is None:
@@ -77,6 +85,8 @@ def _apply() -> str:
         return f"disabled: {ENV}={setting!r} is not 0 or 1"
     if setting == "0":
         return f"disabled by {ENV}=0"
+    if setting != "1" and not training_command(sys.argv):
+        return f"not the `jlora train` command (set {ENV}=1 to apply it)"
     if not sys.platform.startswith("linux") or glibc_version() is None:
         return "not Linux with glibc"
     if setting != "1" and accelerator_present():

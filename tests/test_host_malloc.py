@@ -1,4 +1,5 @@
-"""jlora/host_malloc.py: `import jlora` keeps freed host memory, so XLA:CPU's per-run temporaries stop page-faulting.
+"""jlora/host_malloc.py: `jlora train` (or JLORA_KEEP_HOST_MEMORY=1) keeps freed host memory, so XLA:CPU's per-run
+temporaries stop page-faulting.
 
 The reference is the kernel's own count of minor page faults (getrusage) against the executable's
 temporary bytes as XLA reports them (`memory_analysis().temp_size_in_bytes`): with glibc's defaults
@@ -80,6 +81,13 @@ def test_settings_and_where_it_applies(monkeypatch):
 
     assert outcome(JLORA_KEEP_HOST_MEMORY="0") == "disabled by JLORA_KEEP_HOST_MEMORY=0"
     assert outcome(JLORA_KEEP_HOST_MEMORY="yes") == "disabled: JLORA_KEEP_HOST_MEMORY='yes' is not 0 or 1"
+    # By default only the `jlora train` command keeps its memory (compiling and decoding pay for one arena).
+    monkeypatch.setattr(host_malloc.sys, "argv", ["python", "script.py", "train"])
+    assert outcome(JAX_PLATFORMS="cpu").startswith("not the `jlora train` command")
+    for argv in (["/venv/bin/jlora", "train", "--steps", "3"], ["-m", "train"]):
+        assert host_malloc.training_command(argv), argv
+    assert not host_malloc.training_command(["/venv/bin/jlora", "generate"])
+    monkeypatch.setattr(host_malloc.sys, "argv", ["/venv/bin/jlora", "train"])
     if host_malloc.glibc_version() is None:
         assert outcome() == "not Linux with glibc"
         return
@@ -87,6 +95,9 @@ def test_settings_and_where_it_applies(monkeypatch):
     assert outcome(JAX_PLATFORMS="cuda,cpu").startswith("an accelerator is present")
     assert outcome(JAX_PLATFORMS="cpu") == "applied"
     assert outcome(JAX_PLATFORMS="tpu", JLORA_KEEP_HOST_MEMORY="1") == "applied"
+    monkeypatch.setattr(host_malloc.sys, "argv", ["python", "script.py"])
+    assert outcome(JLORA_KEEP_HOST_MEMORY="1") == "applied"
+    monkeypatch.setattr(host_malloc.sys, "argv", ["/venv/bin/jlora", "train"])
     monkeypatch.setattr(host_malloc.glob, "glob", lambda pattern: ["/dev/nvidia0"] if "nvidia" in pattern else [])
     assert outcome().startswith("an accelerator is present")
     monkeypatch.setattr(host_malloc.glob, "glob", lambda pattern: [])

@@ -30,6 +30,7 @@ import ctypes
 import glob
 import os
 import sys
+import warnings
 
 ENV = "JLORA_KEEP_HOST_MEMORY"
 
@@ -82,7 +83,9 @@ def keep_freed_host_memory() -> str:
 def _apply() -> str:
     setting = os.environ.get(ENV, "").strip()
     if setting not in ("", "0", "1"):
-        return f"disabled: {ENV}={setting!r} is not 0 or 1"
+        outcome = f"disabled: {ENV}={setting!r} is not 0 or 1"
+        warnings.warn(f"{outcome} (glibc's malloc defaults kept; see jlora/host_malloc.py)", stacklevel=2)
+        return outcome
     if setting == "0":
         return f"disabled by {ENV}=0"
     if setting != "1" and not training_command(sys.argv):

@@ -22,7 +22,7 @@ import jlora  # first, as the `jlora` command does
 import json, resource, time
 import jax, jax.numpy as jnp
 
-def f(x):  # ~256 MB of temporaries, alive at once
+def f(x):  # ~512 MB of temporaries (the 256 MB stack and the product), alive at once
     stack = jnp.stack([jnp.sin(x * i) for i in range(64)])
     return jnp.einsum("nij,jk->nik", stack, x).sum()
 

@@ -73,9 +73,9 @@ def saved_activation_bytes(model: nnx.Module, *, batch_size: int, seq_len: int,
         if _on_host(v.aval):
             host += _aval_bytes(v.aval)
         elif len(shape) >= 4 and shape[-2:] == (seq_len, seq_len):
-            # Attention scores: autodiff keeps four [.., T, T] arrays per layer (mask, masked f32 scores,
-            # f32 and bf16 probabilities); XLA's fusions keep about one bf16 copy (calibrated on v5e).
-            sharded += math.prod(shape) // 2
+            # Attention scores: the reference backend's backward keeps the probabilities in the compute
+            # dtype (jlora.attention.reference), tanh(s / cap) too under a soft cap.
+            sharded += _aval_bytes(v.aval)
             scores = max(scores, math.prod(shape))
         elif len(shape) <= 2 or shape[-1] in (hidden, 1):
             replicated += _aval_bytes(v.aval)

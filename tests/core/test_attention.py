@@ -41,6 +41,28 @@ def test_blockwise_equals_float64(window, blocks):
         assert np.abs(np.asarray(x, np.float64) - ref).max() <= bound * np.abs(ref).max(), f"d{name}"
 
 
+@pytest.mark.parametrize("window", [None, 5])
+def test_reference_equals_float64(window):
+    """The reference backend's own backward (a custom_vjp, not autodiff): value and dq, dk, dv against the
+    float64 attention, packed segments and padding as above. Bound: float32 rounding over the reductions."""
+    b, t, kv, g, d = 2, 23, 2, 3, 8
+    rng = np.random.RandomState(3)
+    q, k, v = rng.randn(b, t, kv, g, d), rng.randn(b, t, kv, d), rng.randn(b, t, kv, d)
+    dout = rng.randn(b, t, kv, g, d)
+    seg = np.array([[1] * 10 + [2] * 9 + [0] * 4, [3] * 12 + [4] * 11])
+    want, grads = numpy_attention(q, k, v, seg, window, 0.3, dout)
+
+    def f(q, k, v):
+        return reference_attention(q, k, v, jnp.asarray(seg), sliding_window=window, scale=0.3)
+
+    out, vjp = jax.vjp(jax.jit(f), *(jnp.asarray(a, jnp.float32) for a in (q, k, v)))
+    got = vjp(jnp.asarray(dout, jnp.float32))
+    bound = 16 * (d + t) * EPS32
+    for name, x, ref in zip(["out", "dq", "dk", "dv"], [out, *got], [want, *grads]):
+        assert x.dtype == jnp.float32, name
+        assert np.abs(np.asarray(x, np.float64) - ref).max() <= bound * np.abs(ref).max(), name
+
+
 @pytest.mark.parametrize("backend", ["blockwise", "reference"])
 def test_logit_softcap_equals_float64(backend):
     """Gemma 2's soft cap (cap 2 bends scores that reach ~5 here), a window and packed segments: value and
@@ -141,7 +163,8 @@ def test_auto_is_reference_within_one_block():
     assert resolve("auto", 4096, dtype=jnp.bfloat16, head_dim=128, logit_softcap=50.0, on="gpu") == "flash"
 
 
-def test_blockwise_bfloat16_against_float64():
+@pytest.mark.parametrize("backend", ["blockwise", "reference"])
+def test_bfloat16_against_float64(backend):
     """bf16 operands (as a bf16 model runs): value and gradients within a few bf16 roundings (2^-8) of the
     float64 attention of the same bf16-rounded inputs; float32 accumulation inside."""
     b, t, kv, g, d = 2, 40, 2, 2, 16
@@ -151,8 +174,8 @@ def test_blockwise_bfloat16_against_float64():
     seg = np.ones((b, t), np.int32)
     want, grads = numpy_attention(*(np.asarray(a, np.float64) for a in args[:3]), seg, 16, 0.25,
                                    np.asarray(args[3], np.float64))
-    out, vjp = jax.vjp(lambda q, k, v: blockwise_attention(q, k, v, jnp.asarray(seg), sliding_window=16, scale=0.25,
-                                                           block_sizes=BlockSizes(8, 8)), *args[:3])
+    out, vjp = jax.vjp(lambda q, k, v: attend(q, k, v, jnp.asarray(seg), backend=backend, sliding_window=16,
+                                              scale=0.25, block_sizes=BlockSizes(8, 8)), *args[:3])
     assert out.dtype == jnp.bfloat16
     for name, x, ref in zip(["out", "dq", "dk", "dv"], [out, *vjp(args[3])], [want, *grads]):
         assert x.dtype == jnp.bfloat16, name

@@ -1,10 +1,10 @@
 """jlora/host_malloc.py: `jlora train` (or JLORA_KEEP_HOST_MEMORY=1) keeps freed host memory, so XLA:CPU's per-run
-temporaries stop page-faulting.
+temporaries stop page-faulting, and asks for huge pages on that memory.
 
 The reference is the kernel's own count of minor page faults (getrusage) against the executable's
 temporary bytes as XLA reports them (`memory_analysis().temp_size_in_bytes`): with glibc's defaults
 every run maps its temporaries afresh and faults on each 4 KiB page of them; with the setting it reuses
-the previous run's pages.
+the previous run's pages. For huge pages, the kernel's AnonHugePages count in /proc/self/smaps.
 """
 from __future__ import annotations
 
@@ -42,9 +42,17 @@ for _ in range(2):
     run()
 resident = resident_pages()
 faults = min(run() for _ in range(6))
+growth = resident_pages() - resident
+import ctypes
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+block = libc.malloc(256 << 20)  # 256 MiB as XLA allocates (plain malloc; numpy advises its own), touched:
+ctypes.memset(block, 1, 256 << 20)  # how much of it do huge pages back?
+huge_kb = sum(int(line.split()[1]) for line in open("/proc/self/smaps") if line.startswith("AnonHugePages:"))
 print(json.dumps({"outcome": jlora.host_malloc.keep_freed_host_memory(), "faults": faults,
                   "temp_pages": compiled.memory_analysis().temp_size_in_bytes / 4096,
-                  "resident_growth_pages": resident_pages() - resident}))
+                  "resident_growth_pages": growth, "huge_pages": jlora.host_malloc.huge_pages(),
+                  "huge_kb": huge_kb, "array_kb": 256 << 10}))
 """
 
 
@@ -69,6 +77,14 @@ def test_runs_stop_faulting_on_their_temporaries():
     # before the last one's temporaries are freed, on a loaded machine, takes a second block once.)
     assert kept["faults"] < 0.05 * kept["temp_pages"], kept
     assert kept["resident_growth_pages"] < 2.5 * kept["temp_pages"], kept
+    # Huge pages (the kernel's /proc/self/smaps count): where the kernel gives them only on request
+    # ("madvise"), the kept heap is advised and backs a 256 MiB malloc block (and XLA's temporaries) with
+    # them; glibc's defaults map that block on its own, with 4 KiB pages.
+    if host_malloc.thp_mode() == "madvise":
+        assert kept["huge_pages"].startswith("advised"), kept
+        assert kept["huge_kb"] >= 0.5 * kept["array_kb"], kept
+        assert default["huge_kb"] < 0.25 * default["array_kb"], default
+    assert default["huge_pages"] == "not asked (the setting is off)", default
 
 
 def test_settings_and_where_it_applies(monkeypatch):
@@ -103,3 +119,12 @@ def test_settings_and_where_it_applies(monkeypatch):
     assert outcome().startswith("an accelerator is present")
     monkeypatch.setattr(host_malloc.glob, "glob", lambda pattern: [])
     assert outcome() == "applied"
+
+
+def test_huge_pages_only_where_the_kernel_takes_advice(monkeypatch):
+    """The heap is advised only under the "madvise" mode; "always" needs no advice, "never" takes none."""
+    for mode, said in (("always", "not needed (transparent huge pages: always)"),
+                       ("never", "not available (transparent huge pages: never)"),
+                       (None, "not available (transparent huge pages: unknown)")):
+        monkeypatch.setattr(host_malloc, "thp_mode", lambda mode=mode: mode)
+        assert host_malloc._advise_huge_pages() == said  # pylint: disable=protected-access

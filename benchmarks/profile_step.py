@@ -99,6 +99,8 @@ def main():
     ap.add_argument("--dtype", default="f32", choices=("f32", "bf16"))
     ap.add_argument("--path", default="default", choices=("default", "plain"),
                     help="default: the model as built; plain: jlora.use_kernels(model, None)")
+    ap.add_argument("--scan", action="store_true",
+                    help="scan the decoder layers (jlora.models.stacked.stack_layers: what `jlora train` does by default)")
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--top", type=int, default=15)
     args = ap.parse_args()
@@ -127,6 +129,9 @@ def main():
                                  rngs=nnx.Rngs(0))
     if args.path == "plain":
         jlora.use_kernels(model, None)
+    if args.scan:
+        from jlora.models.stacked import stack_layers  # pylint: disable=import-outside-toplevel
+        model = stack_layers(model)
     split = SplitModel.of(model)
     params, frozen = split.params(), split.frozen
     del model

@@ -72,7 +72,8 @@ HELP = {
     "quantize": "nf4: QLoRA (base weights in NF4)",
     "kernels": "fused LoRA kernels: auto | xla | pallas | triton; unset: the default path (custom VJP over XLA dots)",
     "scan_layers": "scan the decoder layers (stacked on a layer axis: one compiled layer for any depth); unset: "
-                   "auto, scan unless a setting needs the loop (--lora-dropout > 0)",
+                   "auto, scan on accelerators unless a setting needs the loop (--lora-dropout > 0); the loop on CPU, "
+                   "where it runs faster",
     "mesh": "device mesh, e.g. data=2,fsdp=2,tensor=2; unset: all devices on data",
     "seed": "seed of the adapter init, dropout and data order",
     "log_every": "write metrics.jsonl every N steps",
@@ -153,7 +154,7 @@ class TrainConfig:
     loss_chunk_tokens: int = LOSS_CHUNK_TOKENS  # 0: the whole logits at once (jlora.train.chunked_loss)
     quantize: str | None = None       # "nf4": QLoRA
     kernels: str | None = None        # fused LoRA kernels: auto | xla | pallas | triton; None: the default path
-    scan_layers: bool | None = None   # None: auto (jlora.train.scan_layers: scan unless a setting needs the loop)
+    scan_layers: bool | None = None   # None: auto (jlora.train.scan_layers: scan on accelerators unless a setting needs the loop)
     # parallelism
     mesh: str | None = None           # e.g. "data=2,fsdp=2,tensor=2"; default all devices on data
     # bookkeeping

@@ -10,9 +10,18 @@ So a run scans by default, unless it uses something the scanned model refuses or
                                       during a run generate through the scan (jlora.generate)
     per-layer ranks that do not repeat  no period to scan (stacked.structural_period): compiled as the loop
 
+    on CPU                            the scanned step runs slower there (below); auto loops, with a note
+
     auto  (scan_layers unset)  scan unless one of the above; a one-line note names what made it loop
     True  (--scan-layers)      scan; one of the above is an error naming both settings
     False (--no-scan-layers)   the loop
+
+Why not on CPU: XLA:CPU widens a bfloat16 dynamic-update-slice to float32, so the scan's backward
+residuals (stacked [layers, ...] bf16 arrays, one row written per layer) are converted and copied whole
+at every layer; with float32 the scan still reads each layer's weights through a dynamic slice. Steady
+state, SmolLM2-135M shape (benchmarks/train_step.py's `135m`): bf16 2.79 s scanned vs 1.66 s loop, float32
+3.37 vs 3.01 s; the loop compiles in ~2x the time (20 vs 10 s), which a run recovers in its first dozen
+steps (benchmarks/RESULTS.md). Accelerators keep the scan (flat compile time for deep models, no such copy).
 
 Checkpoints keep the layout's parameter names (`model.layers.group.0...` stacked, `model.layers.3...` per
 layer); a run resumed with the other setting maps them exactly (jlora/train/layer_layout.py).
@@ -37,9 +46,10 @@ def loop_reasons(config) -> list[str]:
     return reasons
 
 
-def decide(config) -> tuple[bool, str | None]:
+def decide(config, platform: str | None = None) -> tuple[bool, str | None]:
     """(scan, note): whether the run scans its layers, and the one line to print when auto chose the loop.
-    `--scan-layers` with a setting that needs the loop is a ConfigError naming both."""
+    `--scan-layers` with a setting that needs the loop is a ConfigError naming both. `platform`: jax's
+    default backend ("cpu", "gpu", "tpu"; None: this process's)."""
     reasons = loop_reasons(config)
     if config.scan_layers is False:
         return False, None
@@ -52,7 +62,15 @@ def decide(config) -> tuple[bool, str | None]:
     if reasons:
         return False, (f"layers: the loop model (scanned layers need the loop with {', '.join(reasons)}; "
                        f"--no-scan-layers silences this)")
+    if (platform or _default_platform()) == "cpu":
+        return False, ("layers: the loop model (on CPU a scanned step runs 10-70% slower: jlora/train/"
+                       "scan_layers.py; --scan-layers to scan anyway, --no-scan-layers silences this)")
     return True, None
+
+
+def _default_platform() -> str:
+    import jax
+    return jax.default_backend()
 
 
 def settle(model, log=print):

@@ -69,7 +69,7 @@ def _assert_same_metrics(scan, loop):
 
 @pytest.mark.parametrize("family", ["llama", pytest.param("gemma2", marks=pytest.mark.slow)])
 def test_scanned_run_writes_the_loop_runs_metrics(family, base, tmp_path):
-    scan, scan_log = _train(tmp_path / "scan", base(family))  # unset: auto, which scans here
+    scan, scan_log = _train(tmp_path / "scan", base(family), scan_layers=True)  # (auto loops on CPU)
     loop, loop_log = _train(tmp_path / "loop", base(family), scan_layers=False)
     assert "layers: scanned (" in scan_log and "layers: scanned" not in loop_log
     if family == "gemma2":
@@ -116,11 +116,17 @@ def test_feature_on_a_scanned_model_gives_the_loops_gradients(feature, checkpoin
 
 
 def test_auto_loops_with_a_note_where_a_setting_needs_it():
-    assert decide(TrainConfig()) == (True, None)
-    assert decide(TrainConfig(scan_layers=False)) == (False, None)
-    scan, note = decide(TrainConfig(lora_dropout=0.1))
-    assert not scan and note.startswith("layers: the loop model") and "--lora-dropout 0.1" in note
-    assert "\n" not in note
+    for platform in ("tpu", "gpu"):
+        assert decide(TrainConfig(), platform) == (True, None)
+        assert decide(TrainConfig(scan_layers=False), platform) == (False, None)
+        scan, note = decide(TrainConfig(lora_dropout=0.1), platform)
+        assert not scan and note.startswith("layers: the loop model") and "--lora-dropout 0.1" in note
+        assert "\n" not in note
+    # On CPU auto loops (the scanned step is slower there); --scan-layers still scans.
+    scan, note = decide(TrainConfig(), "cpu")
+    assert not scan and note.startswith("layers: the loop model (on CPU") and "\n" not in note
+    assert decide(TrainConfig(scan_layers=True), "cpu") == (True, None)
+    assert decide(TrainConfig(scan_layers=False), "cpu") == (False, None)
     with pytest.raises(ConfigError, match="--scan-layers cannot be combined with --lora-dropout 0.1"):
         decide(TrainConfig(scan_layers=True, lora_dropout=0.1))
 
@@ -168,7 +174,7 @@ ENV = {**os.environ, "JAX_PLATFORMS": "cpu"}
 
 
 def _command(out, *extra):
-    return [sys.executable, "-m", "jlora.cli", "train", "--out", str(out), *ARGS, *extra]
+    return [sys.executable, "-m", "jlora.cli", "train", "--out", str(out), *ARGS, "--scan-layers", *extra]
 
 
 def _losses(out):

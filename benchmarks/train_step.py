@@ -108,7 +108,9 @@ def timed(fn) -> float:
     return time.perf_counter() - t0
 
 
-def make_jlora(ckpt, dtype, tokens_np, args, *, plain=False):
+def make_jlora(ckpt, dtype, tokens_np, args, *, plain=False, scan=False):
+    """The jlora side: the loop model, as `jlora train` runs on CPU (`scan`: stacked layers under lax.scan,
+    its default on accelerators)."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
@@ -117,7 +119,7 @@ def make_jlora(ckpt, dtype, tokens_np, args, *, plain=False):
     from jlora.train.state import SplitModel
     from jlora.train.step import make_train_step
 
-    model = jlora.load_hf(ckpt, dtype=dtype)
+    model = jlora.load_hf(ckpt, dtype=dtype, scan_layers=scan)
     model = jlora.get_peft_model(model, jlora.LoraConfig(r=16, lora_alpha=16, target_modules=TARGETS),
                                  rngs=nnx.Rngs(0))
     if plain:

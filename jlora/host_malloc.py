@@ -19,7 +19,8 @@ Then the heap it keeps is asked for transparent huge pages (2 MiB instead of 4 K
 mode is "madvise" (the usual default), 3/4 of physical memory's worth of heap address space is reserved
 and marked MADV_HUGEPAGE (address space only: nothing is touched until used), as glibc's
 `glibc.malloc.hugetlb=1` tunable would, which has to be set before the process starts. The step's
-multi-megabyte operands then cost the CPU fewer TLB misses: steps 2-6% faster (benchmarks/RESULTS.md).
+multi-megabyte operands then cost the CPU fewer TLB misses: steps 2-6% faster, while the first step
+(compile) takes longer (135m shape: +3 s on 16 s), repaid in ~20 steps (benchmarks/RESULTS.md).
 
 It also costs (measured, benchmarks/RESULTS.md): with one arena, malloc-heavy work from several threads waits
 on its lock: compiling is ~35% slower (a decode program 1.8 -> 2.4 s) and batch-8 decode ~15% slower.

@@ -19,9 +19,9 @@ So a run scans by default, unless it uses something the scanned model refuses or
 Why not on CPU: XLA:CPU widens a bfloat16 dynamic-update-slice to float32, so the scan's backward
 residuals (stacked [layers, ...] bf16 arrays, one row written per layer) are converted and copied whole
 at every layer; with float32 the scan still reads each layer's weights through a dynamic slice. Steady
-state, SmolLM2-135M shape (benchmarks/train_step.py's `135m`): bf16 2.79 s scanned vs 1.66 s loop, float32
-3.37 vs 3.01 s; the loop compiles in ~2x the time (20 vs 10 s), which a run recovers in its first dozen
-steps (benchmarks/RESULTS.md). Accelerators keep the scan (flat compile time for deep models, no such copy).
+state, SmolLM2-135M shape (`python benchmarks/jlora_step.py --config 135m --dtype D [--scan]`): bf16 2.9-6.9 s
+per step scanned (median 4.86) vs 1.69 s loop, float32 3.42 vs 3.11 s; the loop compiles in ~2x the time
+(20 vs 10 s), which a run recovers in its first dozen steps (benchmarks/RESULTS.md). Accelerators keep the scan (flat compile time for deep models, no such copy).
 
 Checkpoints keep the layout's parameter names (`model.layers.group.0...` stacked, `model.layers.3...` per
 layer); a run resumed with the other setting maps them exactly (jlora/train/layer_layout.py).
@@ -62,15 +62,14 @@ def decide(config, platform: str | None = None) -> tuple[bool, str | None]:
     if reasons:
         return False, (f"layers: the loop model (scanned layers need the loop with {', '.join(reasons)}; "
                        f"--no-scan-layers silences this)")
-    if (platform or _default_platform()) == "cpu":
+    if platform is None:
+        from jlora.attention.backends import platform as default_platform  # pylint: disable=import-outside-toplevel
+        platform = default_platform()
+    if platform == "cpu":
         return False, ("layers: the loop model (on CPU a scanned step runs 10-70% slower: jlora/train/"
                        "scan_layers.py; --scan-layers to scan anyway, --no-scan-layers silences this)")
     return True, None
 
-
-def _default_platform() -> str:
-    import jax
-    return jax.default_backend()
 
 
 def settle(model, log=print):

@@ -17,50 +17,39 @@ from tests.long_context.attention_float64 import numpy_attention
 EPS32 = 2.0 ** -23
 
 
-@pytest.mark.parametrize("window", [None, 5])
-@pytest.mark.parametrize("blocks", [BlockSizes(4, 4), BlockSizes(8, 4), BlockSizes(3, 7), BlockSizes()])
-def test_blockwise_equals_float64(window, blocks):
-    """23 positions (padded to the blocks), packed segments in both rows and padding (segment 0) in row 0,
-    2 kv heads x 3 queries each. Bound: float32 rounding over the head and key reductions."""
+def _assert_packed_rows_equal_float64(attention, window, seed):
+    """`attention(q, k, v, segment_ids)` on 23 positions, packed segments in both rows and padding (segment 0)
+    in row 0, 2 kv heads x 3 queries each: value and dq, dk, dv in float32 against the float64 attention.
+    Bound: float32 rounding over the head and key reductions."""
     b, t, kv, g, d = 2, 23, 2, 3, 8
-    rng = np.random.RandomState(0)
+    rng = np.random.RandomState(seed)
     q, k, v = rng.randn(b, t, kv, g, d), rng.randn(b, t, kv, d), rng.randn(b, t, kv, d)
     dout = rng.randn(b, t, kv, g, d)
     seg = np.array([[1] * 10 + [2] * 9 + [0] * 4, [3] * 12 + [4] * 11])  # some block pairs see nothing
     want, grads = numpy_attention(q, k, v, seg, window, 0.3, dout)
-
-    def f(q, k, v):
-        return blockwise_attention(q, k, v, jnp.asarray(seg), sliding_window=window, scale=0.3, block_sizes=blocks)
-
-    args = [jnp.asarray(a, jnp.float32) for a in (q, k, v)]
-    out, vjp = jax.vjp(jax.jit(f), *args)
-    got = vjp(jnp.asarray(dout, jnp.float32))
-    bound = 16 * (d + t) * EPS32
-    assert np.abs(np.asarray(out, np.float64) - want).max() <= bound * np.abs(want).max()
-    for name, x, ref in zip("qkv", got, grads):
-        assert np.abs(np.asarray(x, np.float64) - ref).max() <= bound * np.abs(ref).max(), f"d{name}"
-
-
-@pytest.mark.parametrize("window", [None, 5])
-def test_reference_equals_float64(window):
-    """The reference backend's own backward (a custom_vjp, not autodiff): value and dq, dk, dv against the
-    float64 attention, packed segments and padding as above. Bound: float32 rounding over the reductions."""
-    b, t, kv, g, d = 2, 23, 2, 3, 8
-    rng = np.random.RandomState(3)
-    q, k, v = rng.randn(b, t, kv, g, d), rng.randn(b, t, kv, d), rng.randn(b, t, kv, d)
-    dout = rng.randn(b, t, kv, g, d)
-    seg = np.array([[1] * 10 + [2] * 9 + [0] * 4, [3] * 12 + [4] * 11])
-    want, grads = numpy_attention(q, k, v, seg, window, 0.3, dout)
-
-    def f(q, k, v):
-        return reference_attention(q, k, v, jnp.asarray(seg), sliding_window=window, scale=0.3)
-
-    out, vjp = jax.vjp(jax.jit(f), *(jnp.asarray(a, jnp.float32) for a in (q, k, v)))
+    out, vjp = jax.vjp(jax.jit(lambda q, k, v: attention(q, k, v, jnp.asarray(seg))),
+                       *(jnp.asarray(a, jnp.float32) for a in (q, k, v)))
     got = vjp(jnp.asarray(dout, jnp.float32))
     bound = 16 * (d + t) * EPS32
     for name, x, ref in zip(["out", "dq", "dk", "dv"], [out, *got], [want, *grads]):
         assert x.dtype == jnp.float32, name
         assert np.abs(np.asarray(x, np.float64) - ref).max() <= bound * np.abs(ref).max(), name
+
+
+@pytest.mark.parametrize("window", [None, 5])
+@pytest.mark.parametrize("blocks", [BlockSizes(4, 4), BlockSizes(8, 4), BlockSizes(3, 7), BlockSizes()])
+def test_blockwise_equals_float64(window, blocks):
+    """Rows padded to the blocks; block pairs between two segments are skipped."""
+    _assert_packed_rows_equal_float64(
+        lambda q, k, v, seg: blockwise_attention(q, k, v, seg, sliding_window=window, scale=0.3, block_sizes=blocks),
+        window, seed=0)
+
+
+@pytest.mark.parametrize("window", [None, 5])
+def test_reference_equals_float64(window):
+    """The reference backend's own backward (a custom_vjp, not autodiff)."""
+    _assert_packed_rows_equal_float64(
+        lambda q, k, v, seg: reference_attention(q, k, v, seg, sliding_window=window, scale=0.3), window, seed=3)
 
 
 @pytest.mark.parametrize("backend", ["blockwise", "reference"])

@@ -6,10 +6,10 @@ inv_freq_j = 1 / theta^(2j / d) for j < d/2, then
            original_ctx/high_freq_factor kept, and the band between interpolated smoothly.
 rotate(x, p) = x * cos(p * inv_freq) + rotate_half(x) * sin(p * inv_freq), halves not interleaved.
 Backward (rotate is linear in x): dx = dy * cos + rotate_half^T(dy * sin), rotate_half^T(z) = [z_2, -z_1]
-for halves z_1, z_2: the same operations autodiff emits, in the same dtype, so the same numbers. It is
-written out only so that on CPU dy can be materialised first (an optimization barrier): dy arrives as the
-transpose of the attention's head-major gradient, and XLA:CPU fused that transpose with the halves'
-slices and pads into one loop at 7-8 ns per element (135m bf16 step: -4%, benchmarks/RESULTS.md).
+for halves z_1, z_2: the same products and sums autodiff forms, in the same dtype, so the same numbers.
+Written out for its form: autodiff transposes the forward's concatenate into two zero-pads summed, and
+XLA:CPU fused those pads with the transpose of the attention's head-major gradient into one loop at 7-8 ns
+per element; a concatenate of the two halves fuses at 1-3 ns (135m bf16 step: -4%, benchmarks/RESULTS.md).
 
 Tables by LayerSpec.rope: "global" uses rope_theta + rope_scaling; "local" (Gemma 3's sliding layers) uses
 rope_local_theta + rope_local_scaling (None: unscaled); "none" layers are not rotated.
@@ -22,7 +22,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jlora.attention.backends import platform
 from jlora.models.config import ModelConfig
 from jlora.models.family import ROPE_GLOBAL, ROPE_LOCAL
 
@@ -129,8 +128,6 @@ def _rotate_fwd(x, cos, sin):
 
 def _rotate_bwd(residuals, dy):
     cos, sin = residuals
-    if platform() == "cpu":
-        dy = jax.lax.optimization_barrier(dy)
     return dy * cos + _rotate_half_transposed(dy * sin), None, None
 
 

@@ -14,8 +14,8 @@ from typing import Iterable, Sequence
 
 from jlora import module_patterns
 from jlora.lora_layer import lora_scaling
+from jlora.models.family import ALL_LINEAR  # the seven Llama-style projections, one spelling
 
-ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 TARGET_PRESETS: dict[str, tuple[str, ...]] = {
     "all-linear": ALL_LINEAR,
     "attention": ("q_proj", "k_proj", "v_proj", "o_proj"),

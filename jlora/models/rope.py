@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jlora.attention.backends import platform
 from jlora.models.config import ModelConfig
 from jlora.models.family import ROPE_GLOBAL, ROPE_LOCAL
 
@@ -93,8 +94,22 @@ def rope_tables(config: ModelConfig, positions: jnp.ndarray) -> dict[str, tuple[
     and ignore it, so every layer is called the same way)."""
     kinds = dict.fromkeys((ROPE_GLOBAL, *config.rope_kinds))
     longrope = (config.rope_scaling_dict or {}).get("rope_type") == "longrope"
-    return {k: longrope_cos_sin(positions, config) if longrope and k == ROPE_GLOBAL
-            else cos_sin(positions, inverse_frequencies(config, k)) for k in kinds}
+    tables = {k: longrope_cos_sin(positions, config) if longrope and k == ROPE_GLOBAL
+              else cos_sin(positions, inverse_frequencies(config, k)) for k in kinds}
+    return jax.tree.map(_materialized, tables)
+
+
+def _materialized(table):
+    """On CPU, table @ I: the same numbers (each output is one product with 1.0 plus exact zeros), computed once.
+
+    XLA:CPU fuses an elementwise producer into every consumer and evaluates it there; with the float32 tables
+    that meant cos and sin re-evaluated per element (and per head) inside every layer's rope forward and
+    backward (toy f32 step: fusions at 11-15 ns per element, ~7% of the step; benchmarks/RESULTS.md). A dot
+    is never fused into its consumers, and an optimization barrier does not survive to XLA's fusion pass.
+    """
+    if platform() != "cpu":
+        return table
+    return jnp.dot(table, jnp.eye(table.shape[-1], dtype=table.dtype), precision="highest")
 
 
 def apply_rotary(x: jnp.ndarray, cos: jnp.ndarray, sin: jnp.ndarray) -> jnp.ndarray:

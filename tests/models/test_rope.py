@@ -73,3 +73,22 @@ def test_rotary_gradient_is_autodiffs_bit_for_bit():
     got = jax.jit(lambda v, g: jax.vjp(lambda u: apply_rotary(u, cos, sin), v)[1](g)[0])(x, dy)
     want = jax.jit(lambda v, g: jax.vjp(plain, v)[1](g)[0])(x, dy)
     np.testing.assert_array_equal(np.asarray(got.astype(jnp.float32)), np.asarray(want.astype(jnp.float32)))
+
+
+def test_rope_tables_are_the_cos_sin_values():
+    """rope_tables hands every layer cos/sin of positions * inv_freq: against float64 numpy, and bit for bit
+    the plain cos_sin (on CPU the tables pass through an identity product, which must change nothing)."""
+    from jlora.llama_config import LlamaConfig
+    from jlora.models.rope import inverse_frequencies, rope_tables
+    config = LlamaConfig(vocab_size=32, hidden_size=48, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, head_dim=24, rope_theta=500000.0)
+    positions = jax.random.randint(jax.random.key(0), (2, 9), 0, 4096)
+    cos, sin = jax.jit(lambda p: rope_tables(config, p)["global"])(positions)
+    plain_cos, plain_sin = jax.jit(lambda p: cos_sin(p, inverse_frequencies(config)))(positions)
+    np.testing.assert_array_equal(np.asarray(cos), np.asarray(plain_cos))
+    np.testing.assert_array_equal(np.asarray(sin), np.asarray(plain_sin))
+    inv = np.asarray(inverse_frequencies(config), np.float64)
+    angles = np.asarray(positions, np.float64)[..., None] * np.concatenate([inv, inv])
+    # float32 angles of size up to ~4096 carry ~4096 * 2^-24 absolute error; cos/sin add one rounding
+    np.testing.assert_allclose(np.asarray(cos, np.float64), np.cos(angles), rtol=0, atol=4096 * 2.0 ** -23)
+    np.testing.assert_allclose(np.asarray(sin, np.float64), np.sin(angles), rtol=0, atol=4096 * 2.0 ** -23)

@@ -71,7 +71,6 @@ def decide(config, platform: str | None = None) -> tuple[bool, str | None]:
     return True, None
 
 
-
 def settle(model, log=print):
     """After the adapters are attached: a scanned model whose layers do not repeat (per-layer ranks that
     differ layer by layer: one scanned group) goes back to the loop, with a note. Returns the model."""

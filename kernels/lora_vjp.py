@@ -7,13 +7,15 @@
     dw = 0        (w is frozen: never computed; a symbolic zero, like stop_gradient)
 
 The two [M, K] x [K, N]-sized products (y and dx) go through ``fused_matmul``
-(Pallas, Triton or XLA); the small rank-r products (xa, g, da, db) are plain XLA dots
-with fp32 accumulation. Residuals are x, w, a, b, scale and xa; xa is saved
-rather than recomputed because it is only [M, r].
+(Pallas, Triton or XLA); the small rank-r products (xa, g, da, db) are XLA dots
+with fp32 accumulation (small_dot.py: on CPU in the forms XLA:CPU runs fast).
+Residuals are x, w, a, b, scale and xa; xa is saved rather than recomputed because it is
+only [M, r].
 
 Precision of the rank-r path: with impl="xla" it runs in the adapters' dtype (float32 adapters on
 a bf16 base: x is cast up, xa and g stay float32 and are summed with the frozen product in the
-float32 accumulator), as PEFT's ``lora.Linear`` casts x to ``lora_A.weight.dtype``. The Pallas and
+float32 accumulator), as PEFT's ``lora.Linear`` casts x to ``lora_A.weight.dtype``; on CPU the float32
+operand is split exactly into bf16 parts instead of casting x and dy up (the same products). The Pallas and
 Triton kernels take xa and g rounded to x's dtype (one dtype per kernel operand).
 """
 
@@ -27,7 +29,8 @@ import jax.numpy as jnp
 from jlora.kernels.block_sizes import BlockSizes
 from jlora.kernels.fused_matmul import fused_matmul_pallas
 from jlora.kernels.fused_matmul import fused_matmul_xla
-from jlora.kernels.small_dot import small_dot as _small_dot
+from jlora.kernels.small_dot import thin_dot
+from jlora.kernels.small_dot import thin_t_dot
 
 
 def fused_matmul(lhs, rhs, lo, lo_rhs, *, transpose_rhs: bool, impl: str,
@@ -68,7 +71,7 @@ def low_rank_dtype(impl: str, x_dtype, a_dtype):
 def _lora_matmul_fwd(x, w, a, b, scale, impl, block_sizes, interpret):
     dt = x.dtype
     lo = low_rank_dtype(impl, dt, a.dtype)
-    xa = _small_dot(x.astype(lo), a.astype(lo), scale).astype(lo)
+    xa = thin_dot(x, a, lo, scale).astype(lo)
     y = fused_matmul(x, w.astype(dt), xa, b.astype(lo), transpose_rhs=False,
                      impl=impl, block_sizes=block_sizes, interpret=interpret)
     return y, (x, w, a, b, scale, xa)
@@ -79,11 +82,11 @@ def _lora_matmul_bwd(impl, block_sizes, interpret, residuals, dy):
     dt = x.dtype
     lo = xa.dtype
     dy = dy.astype(dt)
-    g = _small_dot(dy.astype(lo), b.astype(lo).T, scale).astype(lo)
+    g = thin_dot(dy, b.T, lo, scale).astype(lo)
     dx = fused_matmul(dy, w.astype(dt), g, a.astype(lo), transpose_rhs=True,
                       impl=impl, block_sizes=block_sizes, interpret=interpret)
-    da = _small_dot(x.astype(lo).T, g).astype(a.dtype)
-    db = _small_dot(xa.T, dy.astype(lo)).astype(b.dtype)
+    da = thin_t_dot(g, x, lo).T.astype(a.dtype)
+    db = thin_t_dot(xa, dy, lo).astype(b.dtype)
     return dx, None, da, db, None
 
 

@@ -34,7 +34,8 @@ from jlora.kernels.nf4_matmul import absmax_tiles
 from jlora.kernels.nf4_matmul import dequantize_xla
 from jlora.kernels.nf4_matmul import nf4_matmul_dx_pallas
 from jlora.kernels.nf4_matmul import nf4_matmul_fwd_pallas
-from jlora.kernels.small_dot import small_dot as _small_dot
+from jlora.kernels.small_dot import thin_dot
+from jlora.kernels.small_dot import thin_t_dot
 
 
 class NF4Config(NamedTuple):
@@ -125,7 +126,7 @@ def nf4_lora_matmul(x, codes, absmax, a, b, scale, cfg: NF4Config):
 def _nf4_lora_matmul_fwd(x, codes, absmax, a, b, scale, cfg):
     dt = x.dtype
     lo = low_rank_dtype(cfg.impl, dt, a.dtype)
-    xa = _small_dot(x.astype(lo), a.astype(lo), scale).astype(lo)
+    xa = thin_dot(x, a, lo, scale).astype(lo)
     y = _forward(x, codes, absmax, xa, b.astype(lo), cfg)
     return y, (x, codes, absmax, a, b, scale, xa)
 
@@ -135,10 +136,10 @@ def _nf4_lora_matmul_bwd(cfg, residuals, dy):
     dt = x.dtype
     lo = xa.dtype
     dy = dy.astype(dt)
-    g = _small_dot(dy.astype(lo), b.astype(lo).T, scale).astype(lo)
+    g = thin_dot(dy, b.T, lo, scale).astype(lo)
     dx = _input_grad(dy, codes, absmax, g, a.astype(lo), cfg)
-    da = _small_dot(x.astype(lo).T, g).astype(a.dtype)
-    db = _small_dot(xa.T, dy.astype(lo)).astype(b.dtype)
+    da = thin_t_dot(g, x, lo).T.astype(a.dtype)
+    db = thin_t_dot(xa, dy, lo).astype(b.dtype)
     return dx, None, None, da, db, None
 
 

@@ -18,7 +18,7 @@ Each run is benchmarks/jlora_step.py's step (train_step.py's config, LoRA r=16 o
 A part's cost is the full step's median minus the step's median without it. The stand-ins keep every shape,
 so the rest of the step does the same work; the numbers are for reading where time goes, the losses are
 meaningless. Why not a profile: a traced step (benchmarks/profile_step.py) runs ~1.6x slower than an
-untraced one on XLA:CPU (~0.1 ms of tracing per thunk, 3,700 thunks a 135m step) and charges that to the
+untraced one on XLA:CPU (~0.1 ms of tracing per thunk, ~7,400 thunks a 135m bf16 step) and charges that to the
 small operations, so its shares mislead; this measures the step as it runs.
 """
 from __future__ import annotations

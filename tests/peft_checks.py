@@ -78,3 +78,57 @@ def merged_export_loads_in_transformers(path, lora_kwargs: dict, ids, out_dir, *
     # the merged weights' own float32 rounding sits inside close32's factor
     float32_close(ours, merged, merged64, what=what)
     return model
+
+
+def peft_loss_and_lora_grads(ref, batch: dict, dtype):
+    """sum(loss_mask * CE) and every adapter gradient (jlora's names and [in, out] layout) of a PEFT model by
+    torch autograd in `dtype` (the model is cast to it in place)."""
+    ref = ref.to(dtype)
+    ref.zero_grad()
+    logits = ref(torch.tensor(np.asarray(batch["inputs"]), dtype=torch.long)).logits
+    ce = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                           torch.tensor(np.asarray(batch["targets"]), dtype=torch.long).reshape(-1),
+                                           reduction="none")
+    loss = (ce * torch.tensor(np.asarray(batch["loss_mask"]), dtype=dtype).reshape(-1)).sum()
+    loss.backward()
+    grads = {}
+    for name, p in ref.named_parameters():
+        if p.requires_grad:  # base_model.model.model.layers.1.mlp.down_proj.lora_A.default.weight
+            module = name.removeprefix("base_model.model.").split(".lora_")[0]
+            grads[f"{module}.lora.{'a' if '.lora_A.' in name else 'b'}"] = p.grad.double().numpy().T
+    return loss.item(), grads
+
+
+def lora_grads_equal_peft(model, path, batch: dict, out_dir, *, chunk_tokens=None, n_grads: int | None = None):
+    """The training loss sum(loss_mask * CE) and its adapter gradients through jlora's default path (one jitted
+    value_and_grad of the train step's loss over the trainable parameters) equal torch autograd through PEFT on
+    transformers (`path`) with jlora's adapter saved to `out_dir`: within PEFT's own float32 error against its
+    float64 copy. Every gradient must be non-zero (or the check proves nothing); `n_grads` checks the count."""
+    import jax
+    from jlora.train.loss import token_loss_sum
+    from jlora.train.state import SplitModel
+    split = SplitModel.of(model)
+    kwargs = {} if chunk_tokens is None else {"chunk_tokens": chunk_tokens}
+    value, grads = jax.jit(jax.value_and_grad(
+        lambda params: token_loss_sum(split.model(params, split.frozen), batch, **kwargs)[0]))(split.params())
+    jlora.save_pretrained(model, out_dir)
+    ref = peft.PeftModel.from_pretrained(transformers_model(path), out_dir, is_trainable=True)
+    loss32, grads32 = peft_loss_and_lora_grads(ref, batch, torch.float32)
+    loss64, grads64 = peft_loss_and_lora_grads(ref, batch, torch.float64)
+    float32_close(np.float64(value), np.float64(loss32), np.float64(loss64), what="loss")
+    assert set(grads) == set(grads64), sorted(set(grads) ^ set(grads64))
+    if n_grads is not None:
+        assert len(grads) == n_grads, len(grads)
+    for k in grads64:
+        assert np.abs(grads64[k]).max() > 0, k
+        float32_close(np.asarray(grads[k]), grads32[k], grads64[k], what=k)
+
+
+def lm_batch(ids, vocab: int, *, seed: int = 9, drop: float = 0.3) -> dict:
+    """A training batch of unpacked rows: `ids` as inputs, random targets below `vocab`, a random loss mask
+    dropping ~`drop` of the positions, positions 0.., one segment a row."""
+    ids = np.asarray(ids)
+    rng = np.random.RandomState(seed)
+    return dict(inputs=ids, targets=rng.randint(0, vocab, ids.shape),
+                loss_mask=(rng.rand(*ids.shape) > drop).astype(np.float32), segment_ids=np.ones_like(ids),
+                positions=np.broadcast_to(np.arange(ids.shape[1]), ids.shape))

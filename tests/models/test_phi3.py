@@ -19,8 +19,8 @@ from flax import nnx
 import jlora
 from jlora.vllm_rules import vllm_violations
 from tests.hf_checkpoints import built_once, save_random_model
-from tests.peft_checks import (jlora_adapter_loads_in_peft, merged_export_loads_in_transformers,
-                               peft_adapter_loads_in_jlora)
+from tests.peft_checks import (jlora_adapter_loads_in_peft, lm_batch, lora_grads_equal_peft,
+                               merged_export_loads_in_transformers, peft_adapter_loads_in_jlora)
 
 VOCAB = 96
 TINY = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -189,44 +189,13 @@ def test_merged_export_loads_in_transformers(phi3, tmp_path):
     merged_export_loads_in_transformers(phi3("longrope"), dict(r=4, target_modules=FUSED), _ids(), tmp_path / "merged")
 
 
-def test_lora_gradients_equal_peft(phi3, hf_model, close32, tmp_path):
+def test_lora_gradients_equal_peft(phi3, tmp_path):
     """The training step's gradient (jit, traced positions choosing longrope's long factors, partial rotary,
     the fused modules through the default custom-VJP LoRA op) equals torch autograd through PEFT."""
-    import jax
-    from jlora.train.loss import token_loss_sum
-    from jlora.train.state import SplitModel
     path = phi3("longrope")
     model = jlora.get_peft_model(jlora.load_hf(path), jlora.LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
                                                                        target_modules=FUSED), rngs=nnx.Rngs(3))
-    ids = _ids(seed=8)
-    rng = np.random.RandomState(9)
-    targets, mask = rng.randint(0, VOCAB, ids.shape), (rng.rand(*ids.shape) > 0.3).astype(np.float32)
-    batch = dict(inputs=ids, targets=targets, loss_mask=mask, segment_ids=np.ones_like(ids),
-                 positions=np.broadcast_to(np.arange(ids.shape[1]), ids.shape))
-    split = SplitModel.of(model)
-    value, grads = jax.jit(jax.value_and_grad(
-        lambda params: token_loss_sum(split.model(params, split.frozen), batch)[0]))(split.params())
-
-    jlora.save_pretrained(model, tmp_path / "a")
-    ref = peft.PeftModel.from_pretrained(hf_model(path), tmp_path / "a", is_trainable=True)
-    want = {}
-    for dtype in (torch.float32, torch.float64):
-        ref = ref.to(dtype)
-        ref.zero_grad()
-        logits = ref(torch.tensor(ids)).logits
-        ce = torch.nn.functional.cross_entropy(logits.reshape(-1, VOCAB), torch.tensor(targets).reshape(-1),
-                                               reduction="none")
-        loss = (ce * torch.tensor(mask, dtype=dtype).reshape(-1)).sum()
-        loss.backward()
-        want[dtype] = loss.item(), {
-            f"{n.removeprefix('base_model.model.').split('.lora_')[0]}.lora.{'a' if '.lora_A.' in n else 'b'}":
-            p.grad.double().numpy().T for n, p in ref.named_parameters() if p.requires_grad}
-    (loss32, g32), (loss64, g64) = want[torch.float32], want[torch.float64]
-    close32(np.float64(value), np.float64(loss32), np.float64(loss64), what="loss")
-    assert set(grads) == set(g64) and len(grads) == 2 * 4 * 2
-    for k in g64:
-        assert np.abs(g64[k]).max() > 0, k
-        close32(np.asarray(grads[k]), g32[k], g64[k], what=k)
+    lora_grads_equal_peft(model, path, lm_batch(_ids(seed=8), VOCAB), tmp_path / "a", n_grads=2 * 4 * 2)
 
 
 # -- NF4 / QLoRA: transformers + bitsandbytes quantize the fused weights whole --------------------------

@@ -16,7 +16,7 @@ from flax import nnx
 
 import jlora
 from tests.hf_checkpoints import built_once, save_random_model
-from tests.peft_checks import jlora_adapter_loads_in_peft, peft_adapter_loads_in_jlora
+from tests.peft_checks import jlora_adapter_loads_in_peft, lm_batch, lora_grads_equal_peft, peft_adapter_loads_in_jlora
 
 TINY = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, head_dim=16, max_position_embeddings=256, rms_norm_eps=1e-6,
@@ -93,6 +93,17 @@ def test_peft_adapter_loads_in_jlora(qwen3, tmp_path):
                            rank_pattern=LORA["rank_pattern"], target_modules=list(jlora.LoraConfig().target_modules),
                            init_lora_weights=False, task_type="CAUSAL_LM")
     peft_adapter_loads_in_jlora(qwen3("qwen3-sliding-tied"), pcfg, _ids(), tmp_path / "peft", forward=forward)
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_lora_gradients_equal_peft(name, qwen3, tmp_path):
+    """The training gradient through q_norm / k_norm (per head, before rope), the sliding layer and the tied
+    head, on the default custom-VJP path, equals torch autograd through PEFT on transformers."""
+    path = qwen3(name)
+    model = jlora.get_peft_model(jlora.load_hf(path), jlora.LoraConfig(r=4, lora_alpha=8, init_lora_weights=False),
+                                 rngs=nnx.Rngs(3))
+    lora_grads_equal_peft(model, path, lm_batch(_ids(seed=8), TINY["vocab_size"]), tmp_path / "a",
+                          n_grads=2 * 7 * 2)
 
 
 def _bitsandbytes(path, quantize: bool = True):

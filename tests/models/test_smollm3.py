@@ -15,8 +15,8 @@ from flax import nnx
 
 import jlora
 from tests.hf_checkpoints import built_once, save_random_model
-from tests.peft_checks import (jlora_adapter_loads_in_peft, merged_export_loads_in_transformers,
-                               peft_adapter_loads_in_jlora)
+from tests.peft_checks import (jlora_adapter_loads_in_peft, lm_batch, lora_grads_equal_peft,
+                               merged_export_loads_in_transformers, peft_adapter_loads_in_jlora)
 
 VOCAB = 96
 TINY = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
@@ -90,6 +90,16 @@ def test_peft_saved_adapter_loads_in_jlora(smol, tmp_path):
 @pytest.mark.slow  # the merged path names nothing SmolLM3-specific; test_phi3 and tests/core run it by default
 def test_merged_export_loads_in_transformers(smol, tmp_path):
     merged_export_loads_in_transformers(smol("nope"), dict(r=4), _ids(), tmp_path / "merged")
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_lora_gradients_equal_peft(variant, smol, tmp_path):
+    """The training gradient through the NoPE layers (and the sliding ones, biases, untied head), on the
+    default custom-VJP path, equals torch autograd through PEFT on transformers."""
+    path = smol(variant)
+    model = jlora.get_peft_model(jlora.load_hf(path), jlora.LoraConfig(r=4, lora_alpha=8, init_lora_weights=False),
+                                 rngs=nnx.Rngs(3))
+    lora_grads_equal_peft(model, path, lm_batch(_ids(seed=8), VOCAB), tmp_path / "a", n_grads=4 * 7 * 2)
 
 
 @pytest.mark.slow  # nothing SmolLM3-specific in the NF4 path (Llama's names); tests/qlora and test_phi3 cover it

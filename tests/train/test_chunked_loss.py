@@ -1,17 +1,14 @@
 """The chunked cross-entropy equals the whole computation: value and gradients against float64 (numpy)
 and, through a LoRA model, against PEFT (torch autograd in float32 and float64)."""
 import numpy as np
-import peft
 import pytest
-import torch
 from flax import nnx
 
 import jax
 import jax.numpy as jnp
 import jlora
 from jlora.train.chunked_loss import chunk_positions, chunked_cross_entropy_sum
-from jlora.train.loss import token_loss_sum
-from jlora.train.state import SplitModel
+from tests.peft_checks import lora_grads_equal_peft
 
 EPS32 = 2.0 ** -23
 
@@ -90,42 +87,10 @@ def _batch(rows=2, t=23):
             "segment_ids": np.ones((rows, t), np.int32)}
 
 
-def _peft(ref, batch, dtype):
-    ref = ref.to(dtype)
-    ref.zero_grad()
-    logits = ref(torch.tensor(batch["inputs"], dtype=torch.long)).logits
-    ce = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
-                                           torch.tensor(batch["targets"], dtype=torch.long).reshape(-1),
-                                           reduction="none")
-    loss = (ce * torch.tensor(batch["loss_mask"], dtype=dtype).reshape(-1)).sum()
-    loss.backward()
-    grads = {}
-    for name, p in ref.named_parameters():
-        if p.requires_grad:
-            module = name.removeprefix("base_model.model.").split(".lora_")[0]
-            grads[f"{module}.lora.{'a' if '.lora_A.' in name else 'b'}"] = p.grad.double().numpy().T
-    return loss.item(), grads
-
-
 @pytest.mark.parametrize("family", ["llama", "llama-tied"])
-def test_model_loss_and_lora_grads_equal_peft(family, checkpoint, hf_model, tmp_path, close32):
+def test_model_loss_and_lora_grads_equal_peft(family, checkpoint, tmp_path):
     """lm_head and tied embeddings: the chunked loss (8 tokens a chunk: 4 positions of 2 rows, 23
     positions padded to 24) and every LoRA gradient equal PEFT's, within PEFT's own float32 error."""
     model = jlora.get_peft_model(jlora.load_hf(checkpoint(family)),
                                  jlora.LoraConfig(r=4, lora_alpha=8, init_lora_weights=False), rngs=nnx.Rngs(3))
-    batch = _batch()
-    split = SplitModel.of(model)
-
-    def loss(p):
-        return token_loss_sum(split.model(p, split.frozen), {k: jnp.asarray(v) for k, v in batch.items()},
-                              chunk_tokens=8)[0]
-
-    value, grads = jax.jit(jax.value_and_grad(loss))(split.params())
-    jlora.save_pretrained(model, tmp_path / "a")
-    ref = peft.PeftModel.from_pretrained(hf_model(checkpoint(family)), tmp_path / "a", is_trainable=True)
-    loss32, grads32 = _peft(ref, batch, torch.float32)
-    loss64, grads64 = _peft(ref, batch, torch.float64)
-    close32(np.float64(value), np.float64(loss32), np.float64(loss64), what="loss")
-    assert set(grads) == set(grads64)
-    for k in grads64:
-        close32(np.asarray(grads[k]), grads32[k], grads64[k], what=k)
+    lora_grads_equal_peft(model, checkpoint(family), _batch(), tmp_path / "a", chunk_tokens=8)

@@ -21,6 +21,11 @@ with global-norm clipping at 1.0 on both sides (jlora's `make_optimizer` default
 - baseline: `AutoModelForCausalLM.from_pretrained` -> `peft.get_peft_model` -> forward with labels,
   backward, `clip_grad_norm_`, `AdamW.step`, `zero_grad`; `torch.set_num_threads(os.cpu_count())`.
 
+On a GPU (jax[cuda] and a CUDA torch) both sides run on it: PEFT's model and batch move to "cuda", jlora
+scans its layers as `jlora train` does off CPU (the loop on CPU), and `--peak-tflops P` (the device's dense
+peak for the dtype) adds each side's MFU = step FLOPs (estimate) / step time / P. Scale the shapes up with
+the overrides, e.g. `--config 1b --layers 16 --batch 8 --seq 2048 --dtype bf16 --peak-tflops 989`.
+
 Each side runs alone, in a fresh process of its own, as a user runs it: jlora with the host malloc setting
 `jlora train` applies (jlora/host_malloc.py), PEFT with glibc's defaults. A process builds its side,
 runs one untimed step (the compile) and `--warmup` more, then `--steps` timed ones, and exits; the sides
@@ -158,7 +163,8 @@ def make_peft(ckpt, dtype, tokens_np, args):
     import transformers
 
     torch.set_num_threads(os.cpu_count())
-    model = transformers.AutoModelForCausalLM.from_pretrained(ckpt, dtype=getattr(torch, dtype))
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # as jax: the accelerator if any
+    model = transformers.AutoModelForCausalLM.from_pretrained(ckpt, dtype=getattr(torch, dtype)).to(device)
     model.config.use_cache = False
     model = peft.get_peft_model(model, peft.LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0,
                                                        target_modules=TARGETS, bias="none"))
@@ -166,7 +172,7 @@ def make_peft(ckpt, dtype, tokens_np, args):
     trainable = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trainable, lr=2e-4, weight_decay=0.0)
     # The same T input tokens as jlora; HF shifts labels itself, so its loss covers T - 1 of them.
-    ids = torch.from_numpy(tokens_np[:, :args.seq].astype(np.int64))
+    ids = torch.from_numpy(tokens_np[:, :args.seq].astype(np.int64)).to(device)
     state = {"loss": None}
 
     def run_one():
@@ -175,18 +181,28 @@ def make_peft(ckpt, dtype, tokens_np, args):
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        state["loss"] = float(out.loss.detach())
+        state["loss"] = float(out.loss.detach())  # waits for the device
 
     return run_one, state
 
 
+def jlora_scans() -> bool:
+    """Whether `jlora train` would scan the layers here (its auto rule: the loop on CPU, the scan elsewhere)."""
+    from jlora.train.config import TrainConfig
+    from jlora.train.scan_layers import decide
+    return decide(TrainConfig(lora_dropout=0.0))[0]
+
+
 def _side_worker(conn, side, ckpt, dtype, tokens_np, args):
     """One side in a fresh process: build it, run 1 + warmup untimed steps, then `args.steps` timed ones."""
+    if os.environ.pop(_PARENT_MARK, None):  # jax's own memory default on an accelerator, as a user has it
+        os.environ.pop("XLA_PYTHON_CLIENT_PREALLOCATE", None)
     if side == "peft":
         run_one, state = make_peft(ckpt, dtype, tokens_np, args)
         lora_params = None
     else:
-        run_one, state, lora_params = make_jlora(ckpt, dtype, tokens_np, args, plain=side == "plain")
+        run_one, state, lora_params = make_jlora(ckpt, dtype, tokens_np, args, plain=side == "plain",
+                                                 scan=jlora_scans())
     first = timed(run_one)
     for _ in range(args.warmup):
         run_one()
@@ -265,10 +281,19 @@ def cpu_flags() -> str:
     return " ".join(f for f in wanted if f in flags) or "none of avx2/avx512/amx"
 
 
+_PARENT_MARK = "JLORA_TRAIN_STEP_PARENT_NO_PREALLOCATE"
+
+
 def device_line() -> str:
+    if "XLA_PYTHON_CLIENT_PREALLOCATE" not in os.environ:  # read when jax's backend starts, below
+        # this parent only asks jax which device it has: it must not take 75% of a GPU from the sides' processes
+        os.environ.update({"XLA_PYTHON_CLIENT_PREALLOCATE": "false", _PARENT_MARK: "1"})
     import jax
     import torch
     d = jax.devices()[0]
+    if torch.cuda.is_available():
+        return (f"jax {jax.__version__} on {d.platform} ({d.device_kind}), torch {torch.__version__} on "
+                f"{torch.cuda.get_device_name(0)}; cpu: {cpu_model()}, {os.cpu_count()} cores")
     load = " ".join(f"{x:.1f}" for x in os.getloadavg())
     return (f"jax {jax.__version__} on {d.platform} ({d.device_kind}), torch {torch.__version__} "
             f"({os.cpu_count()} threads); cpu: {cpu_model()}, {os.cpu_count()} cores, "
@@ -323,6 +348,9 @@ def main():
     ap.add_argument("--with-plain", action="store_true", help="also time jlora's plain jnp reference path")
     ap.add_argument("--steps", type=int, default=4, help="timed steps per side and round")
     ap.add_argument("--warmup", type=int, default=1, help="untimed steps after the first (compile) step")
+    ap.add_argument("--peak-tflops", type=float, default=None,
+                    help="the device's dense peak TFLOP/s for the dtype (e.g. 989 for an H100/H200 in bf16): "
+                         "adds each side's MFU, the step's FLOP estimate over time over this peak")
     ap.add_argument("--rounds", type=int, default=2,
                     help="times each side runs in a fresh process of its own, in turn (jlora, PEFT, jlora, ...)")
     for field in SHAPE_FIELDS:
@@ -353,14 +381,19 @@ def main():
 
     plain = args.with_plain
     print("\n| config | dtype | jlora s/step | PEFT s/step | jlora tokens/s | PEFT tokens/s | jlora / PEFT (median) "
-          "| (best step) | jlora TFLOP/s |" + (" plain s/step | plain / PEFT |" if plain else ""))
-    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |" + (" ---: | ---: |" if plain else ""))
+          "| (best step) | jlora TFLOP/s |" + (" plain s/step | plain / PEFT |" if plain else "")
+          + (" jlora MFU | PEFT MFU |" if args.peak_tflops else ""))
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |" + (" ---: | ---: |" if plain else "")
+          + (" ---: | ---: |" if args.peak_tflops else ""))
     for r in rows:
         s = r["s"]
         line = (f"| {r['config']} | {r['dtype']} | {s['jlora']:.3f} | {s['peft']:.3f} | {r['tokens'] / s['jlora']:,.0f} "
                 f"| {r['tokens'] / s['peft']:,.0f} | {r['ratio']:.2f}x | {r['best']:.2f}x | {r['tflops']:.3f} |")
         if plain:
             line += f" {s['plain']:.3f} | {s['peft'] / s['plain']:.2f}x |"
+        if args.peak_tflops:
+            mfu = {k: r["gflop"] / 1e3 / s[k] / args.peak_tflops for k in ("jlora", "peft")}
+            line += f" {100 * mfu['jlora']:.1f}% | {100 * mfu['peft']:.1f}% |"
         print(line)
     print("step FLOPs (estimate, see step_flops): " + ", ".join(
         f"{r['config']} {r['gflop']:.1f} GFLOP" for r in rows if r["dtype"] == rows[0]["dtype"]))

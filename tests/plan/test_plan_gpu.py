@@ -1,4 +1,6 @@
 """`jlora plan` for GPUs: no compiler here, so memory comes from abstract evaluation and the plan says so."""
+import pytest
+
 from jlora.plan.planner import PlanRequest, plan
 from jlora.plan.report import format_text, to_json
 
@@ -18,6 +20,7 @@ def test_8b_qlora_on_eight_h100s_is_an_estimate_that_fits():
     assert "ESTIMATE" in format_text(p)
 
 
+@pytest.mark.slow  # abstract evaluation of 80 layers (~16 s on 2 cores); the 8B case above runs by default
 def test_70b_in_bf16_on_one_h100_does_not_fit():
     r = to_json(plan(PlanRequest(model="llama-3.1-70b", topology="h100", batch_size=1, seq_len=1024,
                                  suggest=False)))

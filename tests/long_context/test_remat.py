@@ -20,6 +20,7 @@ from jlora.attention import BlockSizes, use_attention
 from jlora.remat import POLICIES, call_layer, checkpoint_policy, policy_name, projection_output
 from jlora.train.loss import token_loss_sum
 from jlora.train.state import SplitModel
+from tests.peft_checks import peft_loss_and_lora_grads
 
 
 def _batch(rows=2, t=23):
@@ -29,24 +30,6 @@ def _batch(rows=2, t=23):
             "loss_mask": (rng.rand(rows, t) > 0.2).astype(np.int32),
             "positions": np.broadcast_to(np.arange(t, dtype=np.int32), (rows, t)),
             "segment_ids": np.ones((rows, t), np.int32)}
-
-
-def _peft(ref, batch, dtype):
-    """(loss, {jlora param name: gradient [in, out] orientation}) of PEFT's model in `dtype`."""
-    ref = ref.to(dtype)
-    ref.zero_grad()
-    logits = ref(torch.tensor(batch["inputs"], dtype=torch.long)).logits
-    ce = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
-                                           torch.tensor(batch["targets"], dtype=torch.long).reshape(-1),
-                                           reduction="none")
-    loss = (ce * torch.tensor(batch["loss_mask"], dtype=dtype).reshape(-1)).sum()
-    loss.backward()
-    grads = {}
-    for name, p in ref.named_parameters():
-        if p.requires_grad:
-            module = name.removeprefix("base_model.model.").split(".lora_")[0]
-            grads[f"{module}.lora.{'a' if '.lora_A.' in name else 'b'}"] = p.grad.double().numpy().T
-    return loss.item(), grads
 
 
 def test_every_policy_gives_peft_gradients(checkpoint, hf_model, tmp_path, close32):
@@ -60,8 +43,8 @@ def test_every_policy_gives_peft_gradients(checkpoint, hf_model, tmp_path, close
     jbatch = {k: jnp.asarray(v) for k, v in batch.items()}
     jlora.save_pretrained(model, tmp_path / "a")
     ref = peft.PeftModel.from_pretrained(hf_model(path), tmp_path / "a", is_trainable=True)
-    loss32, grads32 = _peft(ref, batch, torch.float32)
-    loss64, grads64 = _peft(ref, batch, torch.float64)
+    loss32, grads32 = peft_loss_and_lora_grads(ref, batch, torch.float32)
+    loss64, grads64 = peft_loss_and_lora_grads(ref, batch, torch.float64)
     for policy in POLICIES:
         model.remat = policy
         split = SplitModel.of(model)

@@ -64,7 +64,7 @@ def _probe(setting: str) -> dict:
     return json.loads(run.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.slow  # two probe processes of six runs each (~20 s on 2 cores); where the setting applies is checked by default
+@pytest.mark.slow  # two probe processes x six runs (~20 s on 2 cores); where it applies runs by default
 @pytest.mark.skipif(host_malloc.glibc_version() is None or not sys.platform.startswith("linux"),
                     reason="the setting is glibc's (Linux)")
 def test_runs_stop_faulting_on_their_temporaries():
